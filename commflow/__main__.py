@@ -1,0 +1,3 @@
+from commflow.cli import main
+
+main()

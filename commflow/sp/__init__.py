@@ -1,0 +1,11 @@
+"""Sequence parallelism: attention over a sequence split across ranks.
+
+Every function takes local shards in the ``[batch, seq, heads, head_dim]`` layout
+and a ``group`` (default: the default process group). The main APIs are the
+attention functions; :func:`shard` / :func:`unshard` move between global tensors
+and shards.
+"""
+
+from .layout import LAYOUTS, positions, shard, unshard
+
+__all__ = ["LAYOUTS", "positions", "shard", "unshard"]
