@@ -27,6 +27,15 @@ BUS_FACTOR = {
 }
 
 
+def _call(op: str, full: torch.Tensor, part: torch.Tensor, out: torch.Tensor):
+    return {
+        "all_reduce": lambda: dist.all_reduce(full),
+        "all_gather": lambda: all_gather_tensor(out, part),
+        "reduce_scatter": lambda: reduce_scatter_tensor(part, full),
+        "all_to_all": lambda: dist.all_to_all_single(out, full),
+    }[op]
+
+
 def _worker(ops: list[str], sizes_mib: list[float], dtype: str, device: str, iters: int) -> list[dict]:
     info = init_distributed(device=device)
     n, dev = info.world_size, info.device
@@ -37,14 +46,8 @@ def _worker(ops: list[str], sizes_mib: list[float], dtype: str, device: str, ite
         full = torch.randn(numel, device=dev).to(dt)
         part = torch.empty(numel // n, device=dev, dtype=dt)
         out = torch.empty_like(full)
-        calls = {
-            "all_reduce": lambda: dist.all_reduce(full),
-            "all_gather": lambda: all_gather_tensor(out, part),
-            "reduce_scatter": lambda: reduce_scatter_tensor(part, full),
-            "all_to_all": lambda: dist.all_to_all_single(out, full),
-        }
         for op in ops:
-            t = time_ms(calls[op], warmup=3, iters=iters, device=dev, barrier=True)
+            t = time_ms(_call(op, full, part, out), warmup=3, iters=iters, device=dev, barrier=True)
             ms = max_over_ranks(t["median_ms"])
             algbw = numel * dt.itemsize / (ms / 1e3) / 1e9
             rows.append({"op": op, "size_mib": size_mib, "time_ms": ms, "algbw_gbps": algbw,

@@ -258,7 +258,7 @@ def spawn(
             if time.monotonic() > deadline:
                 pending = [r for r in range(nprocs) if r not in outputs]
                 raise RankFailure(
-                    {r: f"no result after {timeout_s:.0f} s (still running)" for r in pending},
+                    dict.fromkeys(pending, f"no result after {timeout_s:.0f} s (still running)"),
                     reason="timed out",
                 )
         for p in procs:

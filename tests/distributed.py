@@ -14,6 +14,7 @@ Use :func:`commflow.dist.spawn` instead for tests of process lifecycle itself.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -123,10 +124,8 @@ class DistPool:
         if not self._procs:
             return
         for q in self._tasks:
-            try:
+            with contextlib.suppress(ValueError, OSError):
                 q.put(None)
-            except (ValueError, OSError):
-                pass
         deadline = time.monotonic() + 2.0
         for p in self._procs:
             p.join(max(0.0, deadline - time.monotonic()))
