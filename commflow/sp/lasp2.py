@@ -1,0 +1,284 @@
+"""LASP-2: linear-attention sequence parallelism with ONE all-gather of d x d states.
+
+Sun et al., "LASP-2: Rethinking Sequence Parallelism for Linear Attention and Its
+Hybrid" (arXiv 2502.07563), extended to per-head scalar decay (docs/lasp2.md derives it).
+
+Sharding: the global sequence ``[B, S, H, D]`` is split *contiguously* over the ``W``
+ranks of ``group``; rank ``r`` holds tokens ``[r S/W, (r+1) S/W)`` as ``[B, S/W, H, D]``
+(:func:`commflow.sp.shard` with ``layout="contiguous"``). State passing needs the
+contiguous order: rank ``r``'s incoming state is a function of ranks ``< r``.
+
+Causal forward on rank ``r`` (``G_t``: local inclusive cumulative log decay):
+
+1. local states with zero initial state: per-chunk ``h`` and the final ``S_r`` (fp32, ``[B, H, D_k, D_v]``);
+2. ONE asynchronous all-gather of ``S_r`` and, for a data-dependent ``g``, the chunk's
+   total log decay ``log Gamma_r = G_last`` ``[B, H]`` (a constant ``g_gamma`` needs no
+   communication: ``log Gamma = gamma * S/W`` on every rank);
+3. meanwhile the local output from ``h`` (the intra-rank part, the bulk of the work);
+4. exclusive scan with ``(Ga, Sa) o (Gb, Sb) = (Ga Gb, Gb Sa + Sb)`` in fp32:
+   ``S_in(r) = sum_{j<r} (prod_{j<i<r} Gamma_i) S_j``;
+5. ``o = o_local + scale * (q * exp(G)) @ S_in``.
+
+Backward: ``D_r = scale * (q * exp(G))^T do`` (the part of ``dS_in(r)`` from rank r's own
+output) is all-gathered (ONE all-gather, overlapped with recomputing the states);
+the suffix scan ``dS_out(r) = sum_{j>r} (prod_{r<i<j} Gamma_i) D_j`` is the gradient of
+the state leaving rank ``r``; the local kernel backward with initial state ``S_in(r)``
+and final-state gradient ``dS_out(r)`` then yields ``dq, dk, dv`` and ``dg`` including
+the cross-rank term ``Gamma_r <dS_out(r), S_in(r)>`` (added to every position of rank r).
+
+Non-causal (no decay): every rank uses the full ``sum_j k_j^T v_j`` (one all-reduce; the
+backward all-reduces ``sum_j q_j^T do_j``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from commflow.dist import all_gather_tensor
+
+from .linear_kernels import LinearKernels, decay_mode, select_kernels
+
+__all__ = ["check_lasp2_inputs", "lasp2_attention", "scan_weights"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _rank_world(group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def check_lasp2_inputs(
+    q, k, v, *, g=None, g_gamma=None, causal: bool = True, scale=None, check_decay_sign: bool = True
+) -> None:
+    """Raise a ValueError naming the argument, its value and the rule; no communication.
+
+    Checks use only this rank's tensors, so every rank that got the same kind of bad
+    input raises before the first collective. The sign checks of ``g`` / ``g_gamma``
+    read a device value (one host sync); ``check_decay_sign=False`` skips them.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [batch, seq, heads, head_dim] (4-D), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}.dtype must be one of {_FLOAT_DTYPES}, got {t.dtype}")
+    if k.shape != q.shape:
+        raise ValueError(f"k.shape must equal q.shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v.shape[:3] (batch, seq, heads) must equal q.shape[:3] {tuple(q.shape[:3])}, "
+                         f"got {tuple(v.shape[:3])}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[1] < 1:
+        raise ValueError(f"q.shape[1] (local sequence) must be >= 1, got {q.shape[1]}")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    if g is not None and g_gamma is not None:
+        raise ValueError("pass at most one of g (data-dependent decay) and g_gamma (constant decay), got both")
+    if not causal and (g is not None or g_gamma is not None):
+        raise ValueError("causal=False supports no decay (the bidirectional sum has no order to decay along): "
+                         "pass g=None and g_gamma=None")
+    B, S, H = q.shape[:3]
+    if g is not None:
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != (B, S, H):
+            shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+            raise ValueError(f"g must have shape [batch, seq, heads] = {(B, S, H)}, got {shape}")
+        if g.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"g.dtype must be float32 or float64 (the decay chain is kept in fp32), got {g.dtype}; "
+                             "cast with g.float()")
+        if g.device != q.device:
+            raise ValueError(f"g must be on q's device {q.device}, got {g.device}")
+        if check_decay_sign and bool((g > 0).any()):
+            raise ValueError(f"g is a log decay and must be <= 0 everywhere, got max {g.max().item():.4g} "
+                             "(e.g. g = F.logsigmoid(x))")
+    if g_gamma is not None:
+        if not isinstance(g_gamma, torch.Tensor) or tuple(g_gamma.shape) != (H,):
+            shape = tuple(g_gamma.shape) if isinstance(g_gamma, torch.Tensor) else type(g_gamma).__name__
+            raise ValueError(f"g_gamma must have shape [heads] = ({H},), got {shape}")
+        if g_gamma.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"g_gamma.dtype must be float32 or float64, got {g_gamma.dtype}")
+        if g_gamma.device != q.device:
+            raise ValueError(f"g_gamma must be on q's device {q.device}, got {g_gamma.device}")
+        if check_decay_sign and bool((g_gamma > 0).any()):
+            raise ValueError(f"g_gamma is a log decay and must be <= 0, got {g_gamma.tolist()}")
+
+
+def scan_weights(log_gammas: torch.Tensor, rank: int, *, reverse: bool) -> torch.Tensor:
+    """Weights of the rank scans, the closed form of folding ``(Ga, Sa) o (Gb, Sb) = (Ga Gb, Gb Sa + Sb)``.
+
+    ``log_gammas`` ``[W, B, H]`` (fp32). Forward (``reverse=False``): ``w_j = prod_{j<i<r} Gamma_i``
+    for ``j < r`` else 0, so ``S_in(r) = sum_j w_j S_j``. Backward (``reverse=True``):
+    ``w_j = prod_{r<i<j} Gamma_i`` for ``j > r`` else 0, so ``dS_out(r) = sum_j w_j D_j``.
+    Every exponent is a sum of log decays (<= 0): nothing overflows.
+    """
+    world = log_gammas.shape[0]
+    before = torch.cumsum(log_gammas, 0) - log_gammas  # L_j = sum_{i<j} log Gamma_i
+    j = torch.arange(world, device=log_gammas.device)
+    if not reverse:  # log w_j = L_r - L_{j+1}
+        log_w = before[rank] - (before + log_gammas)
+        keep = j < rank
+    else:  # log w_j = L_j - L_{r+1}
+        log_w = before - (before[rank] + log_gammas[rank])
+        keep = j > rank
+    keep = keep.view(world, *([1] * (log_gammas.dim() - 1)))
+    return torch.where(keep, torch.exp(torch.where(keep, log_w, torch.zeros_like(log_w))), torch.zeros_like(log_w))
+
+
+def _local_log_decay(q, g, g_gamma) -> torch.Tensor | None:
+    """``G`` ``[B, S, H]`` fp32 (fp64 for fp64 inputs): inclusive cumulative log decay over the shard."""
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if g is not None:
+        return torch.cumsum(g.to(cdt), dim=1)
+    if g_gamma is not None:
+        steps = torch.arange(1, q.shape[1] + 1, device=q.device, dtype=cdt)
+        return (steps[:, None] * g_gamma.to(cdt)[None, :])[None]
+    return None
+
+
+def _add_inter(o, q, s_in, G, scale):
+    """``o + scale * (q * exp(G)) @ S_in``: the incoming state's share of the output."""
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # The product runs in q's dtype (bf16 on GPU, like fla's inter-chunk term); the sum in fp32.
+    inter = torch.einsum("bshk,bhkv->bshv", q, s_in.to(q.dtype)).to(cdt)
+    weight = scale if G is None else scale * torch.exp(G)[..., None]
+    return (o.to(cdt) + weight * inter).to(o.dtype)
+
+
+class _Lasp2Causal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, g_gamma, scale, group, kernels: LinearKernels):
+        rank, world = _rank_world(group)
+        B, S, H, K = q.shape
+        Vd = v.shape[-1]
+        dec = kernels.prepare(g, g_gamma, S)
+        h, s_local = kernels.states(k, v, dec, None, world > 1)
+        s_in = log_gammas = None
+        if world == 1:
+            o = kernels.output(q, k, v, dec, h, scale)
+        else:
+            mode = dec.mode
+            sdt = torch.float64 if q.dtype == torch.float64 else torch.float32  # the state chain's dtype
+            payload = s_local.to(sdt).reshape(-1)
+            if mode == "g":
+                payload = torch.cat([payload, g.to(sdt).sum(1).reshape(-1)])
+            gathered = payload.new_empty(world * payload.numel())
+            work = all_gather_tensor(gathered, payload, group=group, async_op=True)
+            o = kernels.output(q, k, v, dec, h, scale)  # overlapped with the all-gather
+            work.wait()
+            parts = gathered.view(world, -1)
+            states = parts[:, : B * H * K * Vd].view(world, B, H, K, Vd)
+            if mode == "g":
+                log_gammas = parts[:, B * H * K * Vd:].view(world, B, H)
+            elif mode == "gamma":
+                log_gammas = (g_gamma.to(sdt) * S)[None, None, :].expand(world, B, H)
+            else:
+                log_gammas = states.new_zeros(world, B, H)
+            w = scan_weights(log_gammas, rank, reverse=False)
+            s_in = torch.einsum("wbh,wbhkv->bhkv", w, states)
+            o = _add_inter(o, q, s_in, _local_log_decay(q, g, g_gamma), scale)
+        ctx.save_for_backward(q, k, v, g, g_gamma, s_in, log_gammas)
+        ctx.scale, ctx.group, ctx.kernels, ctx.rank, ctx.world = scale, group, kernels, rank, world
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, g, g_gamma, s_in, log_gammas = ctx.saved_tensors
+        kernels, scale, rank, world = ctx.kernels, ctx.scale, ctx.rank, ctx.world
+        do = do.contiguous()
+        dec = kernels.prepare(g, g_gamma, q.shape[1])
+        ds_out = None
+        if world == 1:
+            h, _ = kernels.states(k, v, dec, None, False, states_in_fp32=True)
+        else:
+            sdt = s_in.dtype
+            G = _local_log_decay(q, g, g_gamma)
+            q_dec = q.to(sdt) if G is None else q.to(sdt) * torch.exp(G)[..., None]
+            d_own = scale * torch.einsum("bshk,bshv->bhkv", q_dec, do.to(sdt))  # D_r in the chain's dtype
+            gathered = d_own.new_empty(world * d_own.numel())
+            work = all_gather_tensor(gathered, d_own.reshape(-1), group=ctx.group, async_op=True)
+            # Overlapped with the all-gather: the states with the incoming state (fp32 for the backward).
+            h, _ = kernels.states(k, v, dec, s_in, False, states_in_fp32=True)
+            work.wait()
+            w = scan_weights(log_gammas, rank, reverse=True)
+            ds_out = torch.einsum("wbh,wbhkv->bhkv", w, gathered.view(world, *d_own.shape))
+        dq, dk, dv, dg, _ = kernels.backward(q, k, v, dec, h, do, s_in if world > 1 else None, ds_out, scale)
+        return dq, dk, dv, dg, None, None, None, None
+
+
+class _Lasp2Bidirectional(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, group):
+        _, world = _rank_world(group)
+        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        total = torch.einsum("bshk,bshv->bhkv", k.to(cdt), v.to(cdt))
+        if world > 1:
+            dist.all_reduce(total, group=group)
+        o = (scale * torch.einsum("bshk,bhkv->bshv", q.to(cdt), total)).to(q.dtype)
+        ctx.save_for_backward(q, k, v, total)
+        ctx.scale, ctx.group, ctx.world = scale, group, world
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, total = ctx.saved_tensors
+        cdt, scale = total.dtype, ctx.scale
+        do_c = do.to(cdt)
+        d_total = scale * torch.einsum("bshk,bshv->bhkv", q.to(cdt), do_c)
+        work = dist.all_reduce(d_total, group=ctx.group, async_op=True) if ctx.world > 1 else None
+        dq = scale * torch.einsum("bshv,bhkv->bshk", do_c, total)  # overlapped with the all-reduce
+        if work is not None:
+            work.wait()
+        dk = torch.einsum("bshv,bhkv->bshk", v.to(cdt), d_total)
+        dv = torch.einsum("bshk,bhkv->bshv", k.to(cdt), d_total)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def lasp2_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    g: torch.Tensor | None = None,
+    g_gamma: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    kernels: LinearKernels | str | None = None,
+    check_decay_sign: bool = True,
+) -> torch.Tensor:
+    """Sequence-parallel linear attention over ``group`` (LASP-2).
+
+    Args:
+        q, k: ``[B, S/W, H, D_k]``, this rank's contiguous shard of the global ``[B, S, H, D_k]``
+            (rank ``r`` holds tokens ``[r S/W, (r+1) S/W)``); every rank passes the same shape.
+        v: ``[B, S/W, H, D_v]``, sharded like ``q``.
+        g: data-dependent log decay ``[B, S/W, H]`` (float32/64, ``<= 0``), sharded like ``q``.
+        g_gamma: constant per-head log decay ``[H]`` (``<= 0``), the same on every rank; no gradient.
+        group: the sequence-parallel group (default: the default group; world 1 works).
+        causal: False: bidirectional ``o_t = scale q_t^T sum_s k_s v_s^T`` (no decay allowed).
+        scale: score scale, default ``D_k ** -0.5``.
+        kernels: a :class:`~commflow.sp.linear_kernels.LinearKernels`, a backend name
+            (``"torch"``, ``"fla"``, ``"fla-torch-dqkg"``) or None (fla on CUDA, torch otherwise).
+        check_decay_sign: check ``g <= 0`` / ``g_gamma <= 0`` (one host sync).
+
+    Returns:
+        ``o`` ``[B, S/W, H, D_v]`` in ``q.dtype``, sharded like ``q``. Differentiable in
+        ``q, k, v, g``. Communication: one all-gather of ``B H D_k D_v`` fp32 (+ ``B H`` for ``g``)
+        per direction, independent of the sequence length.
+    """
+    check_lasp2_inputs(q, k, v, g=g, g_gamma=g_gamma, causal=causal, scale=scale,
+                       check_decay_sign=check_decay_sign)
+    if not isinstance(kernels, LinearKernels):
+        kernels = select_kernels(q.device, backend=kernels)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not causal:
+        return _Lasp2Bidirectional.apply(q, k, v, scale, group)
+    if decay_mode(g, g_gamma) == "g" and not g.is_contiguous():
+        g = g.contiguous()
+    return _Lasp2Causal.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, g_gamma, scale, group, kernels)
