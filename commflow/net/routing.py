@@ -85,9 +85,10 @@ class PathTable:
         self.host_in = {int(h): np.flatnonzero(host_links & (dst == h)) for h in topo.hosts}
         self._dist: dict[int, np.ndarray] = {}
         self._sw: dict[tuple[int, int], np.ndarray | None] = {}
+        self._parts: dict[tuple[int, int], list] = {}
         self._cand: dict[tuple[int, int], np.ndarray] = {}
-        self._trie: dict[int, tuple] = {}
-        self._spray: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._trie: dict[tuple, tuple | None] = {}
+        self._spray: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     def dist_to(self, t: int) -> np.ndarray:
         """Hops from every node to switch ``t`` over working switch links (inf: unreachable)."""
@@ -125,20 +126,21 @@ class PathTable:
         self._sw[key] = res
         return res
 
-    def candidates(self, a: int, b: int) -> np.ndarray:
-        """Equal-cost host paths from host index ``a`` to host index ``b``, ``[P, L]`` link ids."""
+    def parts(self, a: int, b: int) -> list[tuple[int, int, int, int]]:
+        """Fewest-hop routes from host index ``a`` to ``b`` as ``(out link, first switch, last
+        switch, in link)`` combinations (``(link, -1, -1, -1)`` for a direct host-host cable)."""
         key = (a, b)
-        c = self._cand.get(key)
-        if c is not None:
-            return c
+        hit = self._parts.get(key)
+        if hit is not None:
+            return hit
         t = self.topo
         na, nb = int(t.hosts[a]), int(t.hosts[b])
         outs, ins = self.host_out[na], self.host_in[nb]
         direct = outs[t.link_dst[outs] == nb]
         if len(direct):
-            c = direct[:, None]
+            res = [(int(lk), -1, -1, -1) for lk in direct]
         else:
-            best, parts = math.inf, []
+            best, res = math.inf, []
             for lo in outs:
                 s = int(t.link_dst[lo])
                 if t.is_host[s]:
@@ -149,44 +151,113 @@ class PathTable:
                         continue
                     d = self.dist_to(u)[s]
                     if d < best:
-                        best, parts = d, []
+                        best, res = d, []
                     if d == best and np.isfinite(d):
-                        parts.append((lo, self.switch_paths(s, u), li))
-            if not parts:
+                        res.append((int(lo), s, u, int(li)))
+            if not res:
                 raise ValueError(f"flow {t.nodes[na]}->{t.nodes[nb]}: no path over working links")
-            rows = [np.column_stack([np.full(len(p), lo), p, np.full(len(p), li)]) for lo, p, li in parts]
+        self._parts[key] = res
+        return res
+
+    def candidates(self, a: int, b: int) -> np.ndarray:
+        """Equal-cost host paths from host index ``a`` to host index ``b``, ``[P, L]`` link ids,
+        rows in lexicographic order."""
+        key = (a, b)
+        c = self._cand.get(key)
+        if c is not None:
+            return c
+        parts = self.parts(a, b)
+        if parts[0][1] < 0:
+            c = np.asarray([[p[0]] for p in parts], np.int64)
+        else:
+            rows = []
+            for lo, s, u, li in parts:
+                sw = self.switch_paths(s, u)
+                rows.append(np.column_stack([np.full(len(sw), lo), sw, np.full(len(sw), li)]))
             c = np.concatenate(rows).astype(np.int64)
-            c = c[np.lexsort(c.T[::-1])]
+            if len(parts) > 1:
+                c = c[np.lexsort(c.T[::-1])]
         c.setflags(write=False)
         self._cand[key] = c
         return c
 
-    def trie(self, c: np.ndarray) -> tuple | None:
-        """Next-hop tree of a candidate array: (deciding node, links, subtrees) per hop."""
-        key = id(c)
+    def _trie_of(self, key, rows_fn) -> tuple | None:
         hit = self._trie.get(key)
-        if hit is None:
-            hit = self._build_trie(c)
+        if hit is None and key not in self._trie:
+            hit = _build_trie(self.topo.link_src, rows_fn())
             self._trie[key] = hit
         return hit
 
-    def _build_trie(self, c: np.ndarray) -> tuple | None:
-        if c.shape[1] == 0:
-            return None
-        col = c[:, 0]
-        uniq = np.unique(col)
-        return (int(self.topo.link_src[uniq[0]]), tuple(int(u) for u in uniq),
-                tuple(self._build_trie(c[col == u, 1:]) for u in uniq))
+    def ecmp_path(self, a: int, b: int, choose) -> list[int]:
+        """One path from host index ``a`` to ``b``: at every node with several next hops,
+        ``choose(node, n)`` returns the index (in link-id order) of the next hop to take."""
+        parts = self.parts(a, b)
+        if parts[0][1] < 0:
+            return [parts[0][0] if len(parts) == 1 else parts[choose(int(self.topo.hosts[a]), len(parts))][0]]
+        los = sorted({p[0] for p in parts})
+        lo = los[0] if len(los) == 1 else los[choose(int(self.topo.hosts[a]), len(los))]
+        mine = [p for p in parts if p[0] == lo]
+        if len(mine) == 1:
+            _, s, u, li = mine[0]
+            trie = self._trie_of(("sw", s, u), lambda: self.switch_paths(s, u))
+            return [lo, *_walk(trie, choose), li]
+        c = self.candidates(a, b)
+        trie = self._trie_of(("host", a, b, lo), lambda: c[c[:, 0] == lo][:, 1:])
+        return [lo, *_walk(trie, choose)]
 
-    def spray(self, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Links and fractions of a flow split evenly over the rows of ``c``."""
-        key = id(c)
-        hit = self._spray.get(key)
-        if hit is None:
-            links, counts = np.unique(c, return_counts=True)
-            hit = (links, counts / c.shape[0])
-            self._spray[key] = hit
-        return hit
+    def spray(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Links and fractions of a flow ``a -> b`` split evenly over all its equal-cost paths."""
+        parts = self.parts(a, b)
+        if len(parts) == 1 and parts[0][1] >= 0:
+            lo, s, u, li = parts[0]
+            key = ("sw", s, u)
+            hit = self._spray.get(key)
+            if hit is None:
+                sw = self.switch_paths(s, u)
+                hit = np.unique(sw, return_counts=True) if sw.size else (np.zeros(0, np.int64), np.zeros(0))
+                hit = (hit[0], hit[1] / max(sw.shape[0], 1))
+                self._spray[key] = hit
+            return np.concatenate([[lo], hit[0], [li]]), np.concatenate([[1.0], hit[1], [1.0]])
+        c = self.candidates(a, b)
+        links, counts = np.unique(c, return_counts=True)
+        return links, counts / c.shape[0]
+
+
+def _build_trie(link_src: np.ndarray, c: np.ndarray) -> tuple | None:
+    """Next-hop tree of lexicographically sorted paths ``c`` (``[P, L]``).
+
+    Nodes: ``("fixed", links, next)`` for hops without choice, ``("choice", node, links,
+    kids)`` where ``node`` decides among ``links`` and ``kids[i]`` follows ``links[i]``.
+    """
+    if c.shape[1] == 0:
+        return None
+    if c.shape[0] == 1:
+        return ("fixed", tuple(int(x) for x in c[0]), None)
+    differ = np.flatnonzero((c != c[0]).any(0))
+    h = int(differ[0])
+    col = c[:, h]
+    cut = np.flatnonzero(col[1:] != col[:-1]) + 1
+    starts = np.concatenate([[0], cut])
+    ends = np.concatenate([cut, [len(col)]])
+    links = tuple(int(col[s]) for s in starts)
+    kids = tuple(_build_trie(link_src, c[s:e, h + 1:]) for s, e in zip(starts, ends))
+    node = ("choice", int(link_src[links[0]]), links, kids)
+    return ("fixed", tuple(int(x) for x in c[0, :h]), node) if h else node
+
+
+def _walk(trie, choose) -> list[int]:
+    path: list[int] = []
+    node = trie
+    while node is not None:
+        if node[0] == "fixed":
+            path.extend(node[1])
+            node = node[2]
+        else:
+            _, sw, links, kids = node
+            i = choose(sw, len(links))
+            path.append(links[i])
+            node = kids[i]
+    return path
 
 
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -318,18 +389,12 @@ def _route_ecmp(topo, pt, job_id, step, splits, seed, switch_seed) -> RoutedStep
     paths = []
     hosts = topo.hosts
     for f in range(step.num_flows):
-        c = pt.candidates(int(step.src[f]), int(step.dst[f]))
-        trie = pt.trie(c)
-        a, b = int(hosts[step.src[f]]), int(hosts[step.dst[f]])
+        a, b = int(step.src[f]), int(step.dst[f])
+        na, nb = int(hosts[a]), int(hosts[b])
         for q in range(splits):
             sport = sports[f * splits + q]
-            path, node = [], trie
-            while node is not None:
-                sw, links, kids = node
-                i = 0 if len(links) == 1 else ecmp_hash(a, b, sport, switch_seed[sw]) % len(links)
-                path.append(links[i])
-                node = kids[i]
-            paths.append(np.asarray(path, np.int64))
+            paths.append(np.asarray(pt.ecmp_path(
+                a, b, lambda node, n, sport=sport, na=na, nb=nb: ecmp_hash(na, nb, sport, switch_seed[node]) % n), np.int64))
     size = np.repeat(step.size / splits, splits)
     flow = np.repeat(np.arange(step.num_flows), splits)
     return RoutedStep(_matrix(paths, topo.num_links), size, flow, paths)
@@ -338,7 +403,7 @@ def _route_ecmp(topo, pt, job_id, step, splits, seed, switch_seed) -> RoutedStep
 def _route_spray(topo, pt, step) -> RoutedStep:
     idx, val, ptr = [], [], [0]
     for f in range(step.num_flows):
-        links, w = pt.spray(pt.candidates(int(step.src[f]), int(step.dst[f])))
+        links, w = pt.spray(int(step.src[f]), int(step.dst[f]))
         idx.append(links)
         val.append(w)
         ptr.append(ptr[-1] + len(links))
@@ -512,11 +577,8 @@ def _greedy_plan(cands: list[np.ndarray], size: np.ndarray, cap: np.ndarray, loa
             lv = (load[c] + size[i]) / cap[c]
             worst = lv.max(1)
             best = np.flatnonzero(worst <= worst.min() * (1 + 1e-12))
-            if len(best) > 1:
-                best = best[np.argmin((load[c[best]] / cap[c[best]]).sum(1))]
-            else:
-                best = best[0]
-            choice[i] = best
+            # Ties: the path whose links are least loaded in total.
+            choice[i] = best[np.argmin((load[c[best]] / cap[c[best]]).sum(1))] if len(best) > 1 else best[0]
         load[c[choice[i]]] += size[i]
     multi = np.flatnonzero([c.shape[0] > 1 for c in cands])
     if len(multi) == 0:

@@ -84,7 +84,7 @@ def max_min_rates_reference(paths: list[dict[int, float]], cap: dict[int, float]
         d = best[0]
         for e in residual:
             residual[e] -= d * sum(p.get(e, 0.0) for f, p in enumerate(paths) if not frozen[f])
-        for f, p in enumerate(paths):
+        for f in range(len(paths)):
             if not frozen[f]:
                 rates[f] += d
         full = [e for e in residual if residual[e] <= 1e-9 * cap[e]]
