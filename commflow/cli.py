@@ -41,6 +41,7 @@ def bench(ctx: typer.Context, name: str = typer.Argument("list", help="benchmark
 
 
 # --- mount points: one line per part -----------------------------------------
+app.command("decentral")(__import__("commflow.decentral.cli", fromlist=["decentral"]).decentral)
 
 
 def main() -> None:
