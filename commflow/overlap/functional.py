@@ -1,0 +1,261 @@
+"""The public overlapped ops: checked, planned, and differentiable.
+
+Each op checks its arguments on every rank before any collective, asks the plan
+(:func:`commflow.overlap.plan`) whether to overlap for this shape, runs the schedule
+of :mod:`commflow.overlap.ops`, and has a backward that overlaps too, because the
+backward of each op is another of them:
+
+==========================  ===============================  ======================
+forward                     grad of the input                grad of the weight
+==========================  ===============================  ======================
+matmul_reduce_scatter       all_gather_matmul(dy, w^T)       x^T @ all_gather(dy)
+all_gather_matmul           matmul_reduce_scatter(dy, w^T)   all_gather(x)^T @ dy
+matmul_all_reduce           dy @ w^T (dy is replicated)      x^T @ dy
+==========================  ===============================  ======================
+
+The all-gathered ``dy`` / ``x`` needed for the weight gradient comes out of the same
+overlapped all-gather (``return_gathered``), so it costs no second collective.
+``all_gather_matmul`` keeps the gathered input for the weight gradient (Megatron
+re-gathers it in backward instead, trading a second all-gather for memory).
+
+``mode``: ``"auto"`` (the plan decides per shape, forward and backward),
+``"overlap"`` (always the chunked schedule; chunk count from the plan unless
+``n_chunks`` is given, which applies to the forward only), ``"sequential"`` (GEMM,
+then the plain collective). Every rank must pass the same shapes and options.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from commflow.dist import all_gather_tensor, reduce_scatter_tensor
+
+from . import ops
+from .calibration import get_calibration
+from .plan import OverlapPlan, plan
+from .validate import GroupInfo, check_group, check_matmul_operands, check_mode, normalize_leading_dim
+
+__all__ = ["all_gather_matmul", "matmul_all_reduce", "matmul_reduce_scatter", "resolve_plan"]
+
+_AGREED: set[tuple[int, str]] = set()
+
+
+def _check_agreement(g: GroupInfo, fingerprint: str, device: torch.device) -> None:
+    """Once per group and calibration: every rank must decide from the same constants,
+    or one rank overlaps while another does not and their collectives never match."""
+    group = g.group or dist.group.WORLD
+    key = (id(group), fingerprint)
+    if key in _AGREED:
+        return
+    mine = torch.tensor([int(fingerprint[:15], 16)], dtype=torch.int64, device=device)
+    every = torch.empty(g.world_size, dtype=torch.int64, device=device)
+    all_gather_tensor(every, mine, group=g.group)
+    seen = every.tolist()
+    if len(set(seen)) != 1:
+        raise ValueError(
+            f"calibration: the ranks of this group use different overlap calibrations (fingerprints {seen}); "
+            "the rule is one calibration for the whole group (run commflow.overlap.calibrate on every rank, "
+            "or give every rank the same file / set_calibration)"
+        )
+    _AGREED.add(key)
+
+
+def resolve_plan(op: str, m: int, n: int, k: int, g: GroupInfo, x: torch.Tensor, mode: str,
+                 n_chunks: int | None, reduction: str) -> OverlapPlan:
+    """The plan an op call will follow (the calibration of ``x``'s device and group size)."""
+    cal = get_calibration(x.device, g.world_size)
+    if mode == "auto" and g.world_size > 1:
+        _check_agreement(g, cal.fingerprint(), x.device)
+    return plan(op, m, n, k, world_size=g.world_size, dtype=x.dtype, calibration=cal, mode=mode,
+                n_chunks=n_chunks, reduction=reduction)
+
+
+def _rows(t: torch.Tensor) -> int:
+    return t.numel() // t.shape[-1]
+
+
+def _gather_dim(t: torch.Tensor, g: GroupInfo, dim: int) -> torch.Tensor:
+    """Plain all-gather along a leading dim (for gradients that need no GEMM)."""
+    t2d, moved = ops.rows_first(t, dim)
+    full = torch.empty(t2d.shape[0] * g.world_size, t2d.shape[1], dtype=t.dtype, device=t.device)
+    all_gather_tensor(full, t2d.contiguous(), group=g.group)
+    return ops.restore_rows_first(full, torch.Size([moved[0] * g.world_size, *moved[1:]]), dim)
+
+
+def _scatter_dim(t: torch.Tensor, g: GroupInfo, dim: int) -> torch.Tensor:
+    """Plain reduce-scatter along a leading dim."""
+    t2d, moved = ops.rows_first(t, dim)
+    out = torch.empty(t2d.shape[0] // g.world_size, t2d.shape[1], dtype=t.dtype, device=t.device)
+    reduce_scatter_tensor(out, t2d.contiguous(), group=g.group)
+    return ops.restore_rows_first(out, torch.Size([moved[0] // g.world_size, *moved[1:]]), dim)
+
+
+def _weight_grad(inp: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """``inp [..., K]^T @ dy [..., N]`` -> ``[K, N]`` over all leading dims."""
+    return torch.mm(inp.reshape(-1, inp.shape[-1]).t(), dy.reshape(-1, dy.shape[-1]))
+
+
+class _MatmulReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, g: GroupInfo, dim: int, mode: str, n_chunks, reduction: str):
+        p = resolve_plan("matmul_reduce_scatter", _rows(x), w.shape[1], w.shape[0], g, x, mode, n_chunks, reduction)
+        ctx.save_for_backward(x, w)
+        ctx.g, ctx.dim, ctx.mode, ctx.reduction = g, dim, mode, reduction
+        return ops.matmul_reduce_scatter_forward(x, w, g, dim, p)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dy = dy.contiguous()
+        dx = dw = None
+        if need_x:
+            p = resolve_plan("all_gather_matmul", _rows(dy) * ctx.g.world_size, w.shape[0], w.shape[1], ctx.g, dy,
+                             ctx.mode, None, ctx.reduction)
+            dx, dy_full = ops.all_gather_matmul_forward(dy, w.t(), ctx.g, ctx.dim, p, return_gathered=need_w)
+        elif need_w:
+            dy_full = _gather_dim(dy, ctx.g, ctx.dim)
+        if need_w:
+            dw = _weight_grad(x, dy_full)
+        return dx, dw, None, None, None, None, None
+
+
+class _AllGatherMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_shard, w, g: GroupInfo, dim: int, mode: str, n_chunks, reduction: str, return_gathered: bool):
+        ctx.set_materialize_grads(False)
+        p = resolve_plan("all_gather_matmul", _rows(x_shard) * g.world_size, w.shape[1], w.shape[0], g, x_shard,
+                         mode, n_chunks, reduction)
+        keep_input = return_gathered or ctx.needs_input_grad[1]
+        out, x_full = ops.all_gather_matmul_forward(x_shard, w, g, dim, p, return_gathered=keep_input)
+        ctx.save_for_backward(x_full if ctx.needs_input_grad[1] else None, w)
+        ctx.g, ctx.dim, ctx.mode, ctx.reduction, ctx.return_gathered = g, dim, mode, reduction, return_gathered
+        if return_gathered:
+            return out, x_full
+        return out
+
+    @staticmethod
+    def backward(ctx, dy, dx_full=None):
+        x_full, w = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dx = dw = None
+        if need_x:
+            if dy is not None:
+                dy = dy.contiguous()
+                p = resolve_plan("matmul_reduce_scatter", _rows(dy), w.shape[0], w.shape[1], ctx.g, dy, ctx.mode,
+                                 None, ctx.reduction)
+                dx = ops.matmul_reduce_scatter_forward(dy, w.t(), ctx.g, ctx.dim, p)
+            if dx_full is not None:  # the gathered input was used downstream too
+                part = _scatter_dim(dx_full.contiguous(), ctx.g, ctx.dim)
+                dx = part if dx is None else dx + part
+        if need_w and dy is not None:
+            dw = _weight_grad(x_full, dy)
+        return dx, dw, None, None, None, None, None, None
+
+
+class _MatmulAllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, g: GroupInfo, mode: str, n_chunks, reduction: str):
+        p = resolve_plan("matmul_all_reduce", _rows(x), w.shape[1], w.shape[0], g, x, mode, n_chunks, reduction)
+        ctx.save_for_backward(x, w)
+        return ops.matmul_all_reduce_forward(x, w, g, p)
+
+    @staticmethod
+    def backward(ctx, dy):
+        # The output is replicated and so is its gradient (Megatron's "g": the backward
+        # of the all-reduce is the identity on each rank).
+        x, w = ctx.saved_tensors
+        dx = torch.matmul(dy, w.t()) if ctx.needs_input_grad[0] else None
+        dw = _weight_grad(x, dy) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None, None, None
+
+
+def _checked(x_name: str, x, w, group, mode, n_chunks, reduction) -> GroupInfo:
+    check_matmul_operands(x_name, x, w)
+    check_mode(mode, reduction, n_chunks)
+    return check_group(group, x.device)
+
+
+def matmul_reduce_scatter(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    scatter_dim: int = 0,
+    mode: str = "auto",
+    n_chunks: int | None = None,
+    reduction: str = "fp32",
+) -> torch.Tensor:
+    """Row-parallel GEMM + reduce-scatter: ``reduce_scatter(x @ w, scatter_dim)``.
+
+    Args:
+        x: ``[..., S, ..., K/R]`` this rank's K-shard of the activations (global
+            ``[..., S, ..., K]``, sharded over the last dim).
+        w: ``[K/R, N]`` this rank's row-shard of the weight (global ``[K, N]``).
+        scatter_dim: leading dim of ``x`` to scatter (size divisible by R).
+        mode, n_chunks, reduction: see the module doc and :func:`commflow.overlap.plan`.
+
+    Returns:
+        ``[..., S/R, ..., N]``: block ``rank`` of ``sum_r x_r @ w_r`` along ``scatter_dim``.
+    """
+    g = _checked("x", x, w, group, mode, n_chunks, reduction)
+    dim = normalize_leading_dim("scatter_dim", scatter_dim, "x", x)
+    if x.shape[dim] % g.world_size:
+        raise ValueError(
+            f"x: size {x.shape[dim]} of scatter_dim={scatter_dim} (shape {tuple(x.shape)}) is not divisible by "
+            f"world_size={g.world_size}; the rule is x.shape[scatter_dim] % world_size == 0"
+        )
+    return _MatmulReduceScatter.apply(x, w, g, dim, mode, n_chunks, reduction)
+
+
+def all_gather_matmul(
+    x_shard: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    gather_dim: int = 0,
+    mode: str = "auto",
+    n_chunks: int | None = None,
+    return_gathered: bool = False,
+    reduction: str = "fp32",
+):
+    """All-gather + column-parallel GEMM: ``all_gather(x_shard, gather_dim) @ w``.
+
+    Args:
+        x_shard: ``[..., S/R, ..., K]`` block ``rank`` of the activations along
+            ``gather_dim`` (global ``[..., S, ..., K]``).
+        w: ``[K, N/R]`` this rank's column-shard of the weight (global ``[K, N]``).
+        gather_dim: leading dim of ``x_shard`` to gather.
+        return_gathered: also return the gathered input ``[..., S, ..., K]``
+            (differentiable), which the schedule assembles anyway.
+        reduction: of the backward's reduce-scatter (the forward reduces nothing).
+
+    Returns:
+        ``[..., S, ..., N/R]`` (and the gathered input with ``return_gathered``).
+    """
+    g = _checked("x_shard", x_shard, w, group, mode, n_chunks, reduction)
+    dim = normalize_leading_dim("gather_dim", gather_dim, "x_shard", x_shard)
+    return _AllGatherMatmul.apply(x_shard, w, g, dim, mode, n_chunks, reduction, bool(return_gathered))
+
+
+def matmul_all_reduce(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    mode: str = "auto",
+    n_chunks: int | None = None,
+    reduction: str = "fp32",
+) -> torch.Tensor:
+    """Row-parallel GEMM + all-reduce: ``all_reduce(x @ w)``.
+
+    Args:
+        x: ``[..., K/R]`` this rank's K-shard of the activations (global ``[..., K]``).
+        w: ``[K/R, N]`` this rank's row-shard of the weight.
+
+    Returns:
+        ``[..., N]`` = ``sum_r x_r @ w_r``, identical on every rank.
+    """
+    g = _checked("x", x, w, group, mode, n_chunks, reduction)
+    return _MatmulAllReduce.apply(x, w, g, mode, n_chunks, reduction)

@@ -1,0 +1,364 @@
+"""Overlap or not, and with how many chunks: a decision per shape, with its reasons.
+
+Why a plan at all: every published overlap (PyTorch async TP, Flux, Triton-distributed,
+Kraken) loses to plain GEMM + NCCL at small M, where each chunk's fixed costs (a
+collective's latency, a smaller GEMM's lower efficiency) outweigh the hidden transfer;
+and where the GEMM dwarfs the collective (FC2 on two GPUs) there is little to hide.
+The plan simulates both schedules with the calibrated constants of
+:mod:`commflow.overlap.calibration` and picks overlap only when it is predicted to be
+``margin`` (5%) faster, so model error falls on the side of the plain path.
+
+The limit it works against (overlap_anchors.md §4): with ``t_seq = t_gemm + t_comm``
+the best overlapped time is ``max(t_gemm, t_comm) + min(t_gemm, t_comm) / n_chunks``
+(pipeline fill and drain), so the speed-up is at most
+``(t_gemm + t_comm) / max(t_gemm, t_comm) <= 2``; for a row-parallel GEMM the ratio
+``t_rs / t_gemm = (R-1)·b·F / (2·K·B)`` does not depend on M or N.
+
+Dimensions, per op (M = rows = all leading dims flattened, K = the local reduction dim):
+
+* ``matmul_reduce_scatter``: ``x [M, K]`` (before the scatter), ``w [K, N]``.
+* ``matmul_all_reduce``: ``x [M, K]``, ``w [K, N]``.
+* ``all_gather_matmul``: ``x`` after the gather ``[M, K]`` (``M = R x`` shard rows),
+  ``w [K, N]`` (N local).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .calibration import Calibration, default_calibration
+
+__all__ = ["OPS", "OverlapPlan", "plan"]
+
+OPS = ("matmul_reduce_scatter", "all_gather_matmul", "matmul_all_reduce")
+CANDIDATE_CHUNKS = (2, 3, 4, 6, 8)
+DEFAULT_MARGIN = 0.05
+
+
+@dataclass(kw_only=True, frozen=True)
+class OverlapPlan:
+    """What an op will do for one shape, and why."""
+
+    op: str
+    """``matmul_reduce_scatter``, ``all_gather_matmul`` or ``matmul_all_reduce``."""
+    m: int
+    """Rows (global, all leading dims flattened)."""
+    n: int
+    """Columns of ``w`` (local for all_gather_matmul)."""
+    k: int
+    """Local reduction dim (``x.shape[-1]``)."""
+    world_size: int
+    dtype: str
+    reduction: str
+    """``fp32``: all-to-all of partials + local sum in fp32, rounded once; ``backend``:
+    the backend's reduce-scatter / all-reduce on each chunk (NCCL rounds at every hop)."""
+    decision: Literal["overlap", "sequential"]
+    n_chunks: int
+    """Chunks of the overlapped schedule (1 when sequential)."""
+    chunk_sizes: tuple[int, ...] = ()
+    """Size of each chunk along the split dim (columns of ``w`` for matmul_reduce_scatter,
+    rows for matmul_all_reduce, rows of the local shard for all_gather_matmul); empty when
+    sequential. Uneven on purpose where it pays: small first chunks start the transfer early
+    when communication dominates, small last chunks shorten the drain when the GEMM does."""
+    t_gemm_ms: float
+    """Predicted time of the whole GEMM alone."""
+    t_comm_ms: float
+    """Predicted time of the plain collective alone."""
+    t_sequential_ms: float
+    """Predicted GEMM then collective."""
+    t_overlap_ms: float | None
+    """Predicted overlapped time at ``n_chunks`` (the best candidate when sequential wins; None if none fits)."""
+    candidates: dict[int, float] = field(default_factory=dict)
+    """Predicted overlapped ms for each chunk count considered."""
+    predicted_speedup: float
+    """``t_sequential_ms / time of the chosen path``."""
+    reason: str
+    """One sentence a person can check."""
+    calibration: str
+    """Source of the constants used."""
+
+    @property
+    def overlap(self) -> bool:
+        return self.decision == "overlap"
+
+    @property
+    def limit_speedup(self) -> float:
+        """``(t_gemm + t_comm) / max(t_gemm, t_comm)``: what perfect overlap would give."""
+        return (self.t_gemm_ms + self.t_comm_ms) / max(self.t_gemm_ms, self.t_comm_ms)
+
+    def explain(self) -> str:
+        lines = [
+            f"{self.op} M={self.m} N={self.n} K={self.k} on {self.world_size} ranks ({self.dtype}, "
+            f"reduction={self.reduction})",
+            f"  decision: {self.decision}"
+            + (f" with {self.n_chunks} chunks of {list(self.chunk_sizes)}" if self.overlap else ""),
+            f"  predicted: gemm {self.t_gemm_ms:.3f} ms, comm {self.t_comm_ms:.3f} ms, "
+            f"sequential {self.t_sequential_ms:.3f} ms"
+            + (f", overlapped {self.t_overlap_ms:.3f} ms" if self.t_overlap_ms is not None else ""),
+            "  candidates: " + ", ".join(f"{c} chunks {t:.3f} ms" for c, t in self.candidates.items()),
+            f"  limit of perfect overlap: {self.limit_speedup:.2f}x; predicted speed-up {self.predicted_speedup:.2f}x",
+            f"  reason: {self.reason}",
+            f"  constants: {self.calibration}",
+        ]
+        return "\n".join(lines)
+
+
+# --- the schedules, simulated ----------------------------------------------------------
+
+
+def _split_sizes(total: int, parts: int, unit: int = 1) -> list[int]:
+    """Balanced split of ``total`` into ``parts`` sizes that are multiples of ``unit``
+    (the last part takes any remainder)."""
+    units, rest = divmod(total, unit)
+    base, extra = divmod(units, parts)
+    sizes = [(base + (1 if i < extra else 0)) * unit for i in range(parts)]
+    sizes[-1] += rest
+    return sizes
+
+
+def _geometric_sizes(total: int, parts: int, ratio: float, unit: int = 1) -> list[int]:
+    """Sizes growing (ratio > 1) or shrinking (ratio < 1) geometrically, multiples of
+    ``unit``, each at least one unit, summing to ``total``."""
+    units, rest = divmod(total, unit)
+    weights = [ratio**i for i in range(parts)]
+    scale = units / sum(weights)
+    sizes = [max(1, int(round(wt * scale))) for wt in weights]
+    drift = units - sum(sizes)
+    order = sorted(range(parts), key=lambda i: -weights[i])  # fix rounding on the largest chunks
+    i = 0
+    while drift:
+        j = order[i % parts]
+        step = 1 if drift > 0 else -1
+        if sizes[j] + step >= 1:
+            sizes[j] += step
+            drift -= step
+        i += 1
+    sizes = [sz * unit for sz in sizes]
+    sizes[-1] += rest
+    return sizes
+
+
+def _candidate_splits(total: int, parts: int, unit: int, ratio: float) -> list[tuple[int, ...]]:
+    """Uniform, and geometric both ways with the comm/gemm ratio (clamped to [1.25, 2])."""
+    q = min(2.0, max(1.25, max(ratio, 1.0 / max(ratio, 1e-9))))
+    splits = {tuple(_split_sizes(total, parts, unit))}
+    if total // unit >= 2 * parts:  # room for uneven chunks
+        splits.add(tuple(_geometric_sizes(total, parts, q, unit)))
+        splits.add(tuple(_geometric_sizes(total, parts, 1.0 / q, unit)))
+    return sorted(splits)
+
+
+def _max_chunks(op: str, m: int, n: int, world: int, reduction: str) -> int:
+    if op == "matmul_reduce_scatter":
+        return n  # column chunks
+    if op == "matmul_all_reduce":
+        return m // world if reduction == "fp32" else m  # row chunks (multiples of R for the all-to-all)
+    return m // world  # rows of the local shard
+
+
+def _sequential_us(cal: Calibration, op: str, m: int, n: int, k: int, b: int) -> tuple[float, float]:
+    """(gemm, comm) of the plain path."""
+    if op == "matmul_reduce_scatter":
+        return cal.gemm_us(m, n, k), cal.comm_us("reduce_scatter", m * n * b)
+    if op == "matmul_all_reduce":
+        return cal.gemm_us(m, n, k), cal.comm_us("all_reduce", m * n * b)
+    return cal.gemm_us(m, n, k), cal.comm_us("all_gather", m * k * b)
+
+
+def _produce_then_communicate_us(cal: Calibration, gemm: list[float], comm: list[float]) -> float:
+    """GEMM chunks back to back on one stream; chunk c's chain starts when both its GEMM
+    and chain c-1 are done. GEMMs that run beside a chain, and chains beside a GEMM,
+    pay the calibrated contention factors."""
+    main_t, side_t = 0.0, 0.0
+    n = len(gemm)
+    for c in range(n):
+        busy_side = side_t > main_t  # a chain is still running while this GEMM starts
+        main_t += gemm[c] * (cal.gemm_slowdown if busy_side else 1.0) + cal.chunk_overhead_us
+        start = max(main_t, side_t)
+        beside_gemm = c < n - 1  # the next GEMM runs while this chain does
+        side_t = start + comm[c] * (cal.comm_slowdown if beside_gemm else 1.0)
+    return max(main_t, side_t)
+
+
+def _split_unit(op: str, total: int, parts: int, world: int, reduction: str) -> int:
+    """Chunk sizes are multiples of this: the world size where the all-to-all splits rows
+    by destination, and 128 (a GEMM tile, aligned rows/columns) where the shape allows."""
+    base = world if op == "matmul_all_reduce" and reduction == "fp32" else 1
+    aligned = math.lcm(base, 128)
+    return aligned if total // aligned >= parts else base
+
+
+def _split_total(op: str, m: int, n: int, world: int) -> int:
+    return {"matmul_reduce_scatter": n, "matmul_all_reduce": m, "all_gather_matmul": m // world}[op]
+
+
+def _overlap_us(cal: Calibration, op: str, m: int, n: int, k: int, b: int, sizes: tuple[int, ...],
+                reduction: str) -> float:
+    r = cal.world_size
+    if op == "matmul_reduce_scatter":
+        cols = sizes
+        gemm = [cal.gemm_us(m, nc, k) for nc in cols]
+        if reduction == "fp32":  # all-to-all of partials, then sum of R partials into the output
+            comm = [cal.comm_us("all_to_all", m * nc * b) + cal.memory_us((r + 1) * (m // r) * nc * b) for nc in cols]
+        else:  # reduce-scatter into a temporary, copied into the output's column block
+            comm = [cal.comm_us("reduce_scatter", m * nc * b) + cal.memory_us(2 * (m // r) * nc * b) for nc in cols]
+        return _produce_then_communicate_us(cal, gemm, comm)
+    if op == "matmul_all_reduce":
+        rows = sizes
+        gemm = [cal.gemm_us(mc, n, k) for mc in rows]
+        if reduction == "fp32":  # all-to-all, sum, all-gather back in place
+            comm = [cal.comm_us("all_to_all", mc * n * b) + cal.memory_us((r + 1) * (mc // r) * n * b)
+                    + cal.comm_us("all_gather", mc * n * b) for mc in rows]
+        else:
+            comm = [cal.comm_us("all_reduce", mc * n * b) for mc in rows]
+        return _produce_then_communicate_us(cal, gemm, comm)
+    # all_gather_matmul: every chunk's gather issued up front; the local shard's GEMM
+    # needs no communication and runs first; chunk c's GEMMs (one per peer) wait for it.
+    shard = m // r
+    rows = sizes
+    side_t, landed = 0.0, []
+    for c, mc in enumerate(rows):
+        side_t += cal.comm_us("all_gather", r * mc * k * b) * (cal.comm_slowdown if c < len(rows) - 1 else 1.0)
+        landed.append(side_t)
+    main_t = cal.gemm_us(shard, n, k) * cal.gemm_slowdown + cal.chunk_overhead_us
+    for c, mc in enumerate(rows):
+        beside = landed[-1] > main_t
+        main_t = max(main_t, landed[c])
+        main_t += (r - 1) * cal.gemm_us(mc, n, k) * (cal.gemm_slowdown if beside else 1.0) + cal.chunk_overhead_us
+    return main_t
+
+
+# --- the decision ----------------------------------------------------------------------
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def plan(
+    op: str,
+    m: int,
+    n: int,
+    k: int,
+    *,
+    world_size: int,
+    dtype: torch.dtype | str = torch.bfloat16,
+    calibration: Calibration | None = None,
+    mode: str = "auto",
+    n_chunks: int | None = None,
+    reduction: str = "fp32",
+    margin: float = DEFAULT_MARGIN,
+) -> OverlapPlan:
+    """Decide overlap vs. plain GEMM + collective for one shape; see the module doc for M, N, K.
+
+    ``mode="auto"`` picks the faster predicted path (overlap only if ``margin`` faster),
+    ``"overlap"`` forces the overlapped schedule (the best chunk count unless
+    ``n_chunks`` is given), ``"sequential"`` forces the plain path. Without
+    ``calibration`` the built-in CUDA (H100) constants are used. Deterministic: every
+    rank with the same calibration reaches the same decision.
+    """
+    if op not in OPS:
+        raise ValueError(f"op: got {op!r}; the rule is one of {OPS}")
+    for name, v in (("m", m), ("n", n), ("k", k), ("world_size", world_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: got {v!r}; the rule is an int >= 1")
+    cal = calibration or default_calibration("cuda", world_size)
+    if cal.world_size != world_size:
+        raise ValueError(
+            f"calibration: measured on {cal.world_size} ranks but world_size={world_size}; "
+            "the rule is a calibration of the same group size"
+        )
+    from .validate import check_mode
+
+    check_mode(mode, reduction, n_chunks)
+    key = (op, m, n, k, world_size, _dtype_name(dtype), cal.fingerprint(), cal.source, mode, n_chunks, reduction,
+           margin)
+    hit = _CACHE.get(key)
+    if hit is None:
+        if len(_CACHE) > 4096:  # shapes seen by one job are few; this only bounds a sweep
+            _CACHE.clear()
+        hit = _CACHE[key] = _decide(op, m, n, k, world_size, _dtype_name(dtype), cal, mode, n_chunks, reduction,
+                                    margin)
+    return hit
+
+
+_CACHE: dict[tuple, OverlapPlan] = {}
+
+
+def _decide(op, m, n, k, world, dtype_name, cal, mode, n_chunks, reduction, margin) -> OverlapPlan:
+    b = getattr(torch, dtype_name).itemsize
+    t_gemm, t_comm = _sequential_us(cal, op, m, n, k, b)
+    t_seq = t_gemm + t_comm
+    limit = max(0, _max_chunks(op, m, n, world, reduction))
+    common = {"op": op, "m": m, "n": n, "k": k, "world_size": world, "dtype": dtype_name, "reduction": reduction,
+                  "t_gemm_ms": t_gemm / 1e3, "t_comm_ms": t_comm / 1e3, "t_sequential_ms": t_seq / 1e3,
+                  "calibration": cal.source}
+
+    def sequential(reason: str, candidates=None, best=None) -> OverlapPlan:
+        return OverlapPlan(decision="sequential", n_chunks=1, t_overlap_ms=best, candidates=candidates or {},
+                           predicted_speedup=1.0, reason=reason, **common)
+
+    if world == 1:
+        return sequential("a world of one has nothing to communicate: plain matmul")
+    if mode == "sequential":
+        return sequential("forced by mode='sequential'")
+    if op == "matmul_all_reduce" and reduction == "fp32" and m % world:
+        why = (f"M={m} is not divisible by world_size={world}, which the fp32 all-to-all reduction needs "
+               "(reduction='backend' has no such rule)")
+        if mode == "overlap":
+            raise ValueError(f"x: {why}")
+        return sequential(why)
+    if n_chunks is not None:
+        if n_chunks > limit:
+            raise ValueError(f"n_chunks: got {n_chunks} but this shape has at most {limit} chunks "
+                             f"({op}, M={m}, N={n}, world_size={world}); the rule is n_chunks <= {limit}")
+        counts = (n_chunks,)
+    else:
+        counts = tuple(c for c in CANDIDATE_CHUNKS if c <= limit)
+    total = _split_total(op, m, n, world)
+    candidates: dict[int, float] = {}
+    splits: dict[int, tuple[int, ...]] = {}
+    for c in counts:
+        unit = _split_unit(op, total, c, world, reduction)
+        for sizes in _candidate_splits(total, c, unit, t_comm / t_gemm):
+            t = _overlap_us(cal, op, m, n, k, b, sizes, reduction) / 1e3
+            if c not in candidates or t < candidates[c]:
+                candidates[c], splits[c] = t, sizes
+    if not candidates:
+        if mode == "overlap":
+            raise ValueError(f"x: shape M={m}, N={n} is too small to split into 2 chunks for {op}")
+        return sequential(f"too small to split into 2 chunks (at most {limit})")
+    best_c = min(candidates, key=lambda c: (candidates[c], c))
+    best = candidates[best_c]
+    speedup = (t_seq / 1e3) / best
+    ratio = t_comm / t_gemm
+    if mode == "overlap":
+        return OverlapPlan(decision="overlap", n_chunks=best_c, chunk_sizes=splits[best_c], t_overlap_ms=best,
+                           candidates=candidates, predicted_speedup=speedup, reason="forced by mode='overlap'",
+                           **common)
+    if best <= (t_seq / 1e3) * (1.0 - margin):
+        reason = (f"overlap with {best_c} chunks is predicted {speedup:.2f}x faster than sequential "
+                  f"(comm/gemm = {ratio:.2f}, perfect overlap would give {(t_gemm + t_comm) / max(t_gemm, t_comm):.2f}x)")
+        return OverlapPlan(decision="overlap", n_chunks=best_c, chunk_sizes=splits[best_c], t_overlap_ms=best,
+                           candidates=candidates, predicted_speedup=speedup, reason=reason, **common)
+    if ratio < 0.1:
+        why = f"compute-bound: comm/gemm = {ratio:.2f} leaves little to hide"
+    elif t_seq < 200 or best_c * cal.comm[_chunk_kind(op, reduction)].latency_us > 0.2 * t_comm:
+        why = "small shape: per-chunk latencies eat the hidden transfer"
+    else:
+        why = "contention and pipeline fill outweigh the hidden transfer"
+    return sequential(
+        f"{why}; best overlap ({best_c} chunks, {best:.3f} ms) is not {margin:.0%} below sequential "
+        f"({t_seq / 1e3:.3f} ms)", candidates, best)
+
+
+def _chunk_kind(op: str, reduction: str) -> str:
+    if op == "all_gather_matmul":
+        return "all_gather"
+    if reduction == "fp32":
+        return "all_to_all"
+    return "reduce_scatter" if op == "matmul_reduce_scatter" else "all_reduce"
