@@ -213,14 +213,14 @@ class TorchChunkKernels(LinearKernels):
         intra = torch.einsum("bnhts,bnshv->bnthv", scores, vc)
         return _unchunked(scale * (inter + intra), S).to(q.dtype)
 
-    def backward(self, q, k, v, decay, h, do, initial_state, dht, scale):
-        C, cdt, S = self.chunk_size, _compute_dtype(q), q.shape[1]
+    def state_grads(self, q, do, decay, dht, scale, *, has_initial_state: bool):
+        """``(dh [B, NT, H, K, V], dh0 or None)``: gradients of the states leaving each chunk,
+        swept from the end (``dht``: gradient of the final state, None for zero)."""
+        C, cdt = self.chunk_size, _compute_dtype(q)
         B, _, H, K = q.shape
-        qc, kc, vc, doc = (_chunked(x, C, cdt) for x in (q, k, v, do))
+        qc, doc = _chunked(q, C, cdt), _chunked(do, C, cdt)
         b = self._b(decay, B)
-        h = h.to(cdt)
-        # dh[:, n]: gradient of the state leaving chunk n, swept from the end.
-        cur = q.new_zeros(B, H, K, v.shape[-1], dtype=cdt)
+        cur = q.new_zeros(B, H, K, do.shape[-1], dtype=cdt)
         if dht is not None:
             cur = cur + dht.to(cdt)
         q_dec = qc if b is None else qc * torch.exp(b)[..., None]
@@ -229,8 +229,14 @@ class TorchChunkKernels(LinearKernels):
         for n in reversed(range(qc.shape[1])):
             dh.append(cur)
             cur = (cur * torch.exp(b[:, n, -1, :])[..., None, None] if b is not None else cur) + from_q[:, n]
-        dh = torch.stack(dh[::-1], dim=1)
-        dh0 = cur if initial_state is not None else None
+        return torch.stack(dh[::-1], dim=1), (cur if has_initial_state else None)
+
+    def backward(self, q, k, v, decay, h, do, initial_state, dht, scale):
+        C, cdt, S = self.chunk_size, _compute_dtype(q), q.shape[1]
+        qc, kc, vc, doc = (_chunked(x, C, cdt) for x in (q, k, v, do))
+        b = self._b(decay, q.shape[0])
+        h = h.to(cdt)
+        dh, dh0 = self.state_grads(q, do, decay, dht, scale, has_initial_state=initial_state is not None)
         dq, dk, db = torch_chunk_dqkg(qc, kc, vc, doc, b, h, dh, scale, C, need_dg=decay.mode == "g")
         scores = torch.einsum("bnthk,bnshk->bnhts", qc, kc) * _intra_decay(b, C, q.device).to(cdt)
         dv_inter = torch.einsum("bnshk,bnhkv->bnshv", kc, dh)
@@ -337,6 +343,8 @@ def _fla_layout_dqkg_torch(q, k, v, do, g2, h, dh, scale, C):
     if pad:
         b[:, -1, C - pad:] = b[:, -1, C - pad - 1: C - pad]
     dq, dk, db = torch_chunk_dqkg(qc, kc, vc, doc, b, h.float(), dh.float(), scale, C, need_dg=True)
+    if pad:  # the chunk-end term sits on the padded last slot: move it to the last real token
+        db[:, -1, C - pad - 1] += db[:, -1, C - pad:].sum(1)
     return _unchunked(dq, S).to(q.dtype), _unchunked(dk, S).to(k.dtype), _unchunked(db[..., None], S)[..., 0]
 
 
