@@ -42,6 +42,7 @@ def bench(ctx: typer.Context, name: str = typer.Argument("list", help="benchmark
 
 # --- mount points: one line per part -----------------------------------------
 app.command("decentral")(__import__("commflow.decentral.cli", fromlist=["decentral"]).decentral)
+app.add_typer(__import__("commflow.net.cli", fromlist=["app"]).app, name="net")
 
 
 def main() -> None:

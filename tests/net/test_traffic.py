@@ -89,15 +89,15 @@ def test_concurrent_jobs_get_unique_names():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(op="broadcast", algorithm="ring", hosts=range(4), size_bytes=M), "op: unknown collective 'broadcast'"),
-    (dict(op="allgather", algorithm="tree", hosts=range(4), size_bytes=M), "algorithm: 'tree' is not available"),
-    (dict(op="allreduce", algorithm="halving_doubling", hosts=range(6), size_bytes=M),
+    ({"op": "broadcast", "algorithm": "ring", "hosts": range(4), "size_bytes": M}, "op: unknown collective 'broadcast'"),
+    ({"op": "allgather", "algorithm": "tree", "hosts": range(4), "size_bytes": M}, "algorithm: 'tree' is not available"),
+    ({"op": "allreduce", "algorithm": "halving_doubling", "hosts": range(6), "size_bytes": M},
      "hosts: halving_doubling needs a power-of-two rank count, got 6"),
-    (dict(op="allreduce", algorithm="ring", hosts=[0], size_bytes=M), "hosts: a collective needs at least 2 ranks"),
-    (dict(op="allreduce", algorithm="ring", hosts=[0, 1, 1], size_bytes=M), "hosts: each host may hold at most one"),
-    (dict(op="allreduce", algorithm="ring", hosts=range(4), size_bytes=0), "size_bytes: must be > 0, got 0"),
-    (dict(op="allreduce", algorithm="ring", hosts=range(4), size_bytes=M, channels=0), "channels: must be a positive"),
-    (dict(op="allreduce", algorithm="hierarchical", hosts=range(6), size_bytes=M, gpus_per_node=4),
+    ({"op": "allreduce", "algorithm": "ring", "hosts": [0], "size_bytes": M}, "hosts: a collective needs at least 2 ranks"),
+    ({"op": "allreduce", "algorithm": "ring", "hosts": [0, 1, 1], "size_bytes": M}, "hosts: each host may hold at most one"),
+    ({"op": "allreduce", "algorithm": "ring", "hosts": range(4), "size_bytes": 0}, "size_bytes: must be > 0, got 0"),
+    ({"op": "allreduce", "algorithm": "ring", "hosts": range(4), "size_bytes": M, "channels": 0}, "channels: must be a positive"),
+    ({"op": "allreduce", "algorithm": "hierarchical", "hosts": range(6), "size_bytes": M, "gpus_per_node": 4},
      "gpus_per_node: must divide the rank count 6"),
 ])
 def test_collective_errors(kwargs, message):
