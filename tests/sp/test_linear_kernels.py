@@ -1,0 +1,167 @@
+"""Local linear-attention kernels against the plain references (one process).
+
+CPU: the two references agree; the torch chunked kernels equal the quadratic reference
+(output, final state, gradients of q, k, v, g and the initial state, with a final-state
+gradient) for several chunk sizes, including chunks that do not divide the sequence;
+float64 gradcheck; the fla-layout torch fallback of the gated backward. With Triton
+installed, the own Triton kernel runs in Triton's CPU interpreter. On a GPU, the fla
+backend (both gated dq/dk/dg paths) against the reference in bf16.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from commflow.sp.linear_kernels import (
+    LN2,
+    TorchChunkKernels,
+    _chunked,
+    _fla_layout_dqkg_torch,
+    _unchunked,
+    chunk_linear_attention,
+    fla_available,
+)
+from commflow.sp.linear_reference import linear_attention_naive, linear_attention_recurrent
+
+TOL_F64 = 1e-11  # float64: only summation order differs
+TOL_BF16 = 3e-2  # bf16 inputs and bf16 tiles in the kernels, relative to the largest reference value
+
+
+def _problem(mode, B=2, S=13, H=2, K=4, V=3, dtype=torch.float64, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    q, k, v = rnd(B, S, H, K, scale=K**-0.5), rnd(B, S, H, K), rnd(B, S, H, V)
+    gdt = torch.float64 if dtype == torch.float64 else torch.float32
+    g = F.logsigmoid(torch.randn(B, S, H, generator=gen, dtype=torch.float64) + 2).to(device, gdt) if mode == "g" else None
+    g_gamma = (-torch.rand(H, generator=gen, dtype=torch.float64) * 0.3).to(device, gdt) if mode == "gamma" else None
+    h0 = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64).to(device, gdt)
+    do = rnd(B, S, H, V)
+    d_final = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64).to(device, gdt)
+    return q, k, v, g, g_gamma, h0, do, d_final
+
+
+def _rel(mine, ref):
+    return ((mine.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("mode", ["none", "gamma", "g"])
+def test_references_agree(mode):
+    q, k, v, g, g_gamma, h0, _, _ = _problem(mode)
+    o1, s1 = linear_attention_naive(q, k, v, g=g, g_gamma=g_gamma, initial_state=h0)
+    o2, s2 = linear_attention_recurrent(q, k, v, g=g, g_gamma=g_gamma, initial_state=h0)
+    torch.testing.assert_close(o1, o2, rtol=0, atol=TOL_F64)
+    torch.testing.assert_close(s1, s2, rtol=0, atol=TOL_F64)
+
+
+def _grads(fn, q, k, v, g, g_gamma, h0, do, d_final):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, h0) + ((g,) if g is not None else ())]
+    o, final = fn(*leaves[:3], g=leaves[4] if g is not None else None, g_gamma=g_gamma, initial_state=leaves[3])
+    grads = torch.autograd.grad((o * do).sum() + (final * d_final).sum(), leaves)
+    return o, final, grads
+
+
+@pytest.mark.parametrize("mode", ["none", "gamma", "g"])
+@pytest.mark.parametrize("chunk", [1, 4, 5, 16])
+def test_torch_chunked_equals_reference(mode, chunk):
+    """Chunk 4 and 5 leave a partial last chunk of 13 tokens; 16 is one partial chunk."""
+    prob = _problem(mode)
+    o_ref, s_ref, g_ref = _grads(linear_attention_naive, *prob)
+    kern = TorchChunkKernels(chunk)
+
+    def chunked(q, k, v, **kw):
+        return chunk_linear_attention(q, k, v, output_final_state=True, kernels=kern, **kw)
+
+    o, s, grads = _grads(chunked, *prob)
+    assert _rel(o, o_ref) < TOL_F64 and _rel(s, s_ref) < TOL_F64
+    for name, a, b in zip(["q", "k", "v", "h0", "g"], grads, g_ref):
+        assert _rel(a, b) < TOL_F64, f"d{name}"
+
+
+@pytest.mark.parametrize("mode", ["none", "gamma", "g"])
+def test_gradcheck_float64(mode):
+    q, k, v, g, g_gamma, h0, _, _ = _problem(mode, B=1, S=6, H=1, K=2, V=2)
+    kern = TorchChunkKernels(4)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v, h0) + ((g,) if g is not None else ())]
+
+    def fn(q, k, v, h0, g=None):
+        return chunk_linear_attention(q, k, v, g=g, g_gamma=g_gamma, initial_state=h0, output_final_state=True,
+                                      kernels=kern)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_g_and_g_gamma_together_are_refused():
+    q, k, v, g, _, _, _, _ = _problem("g")
+    with pytest.raises(ValueError, match="at most one"):
+        chunk_linear_attention(q, k, v, g=g, g_gamma=torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seq", [16, 13])
+def test_fla_layout_torch_fallback_equals_torch_backend(seq):
+    """The torch gated dq/dk/dg on fla's tensors (base-2 chunk-local g, [B, T, H] layout) equals
+    the torch backend's backward, including a partial last chunk (13 tokens, chunk 4)."""
+    C = 4
+    q, k, v, g, _, h0, do, d_final = _problem("g", S=seq, dtype=torch.float32)
+    kern = TorchChunkKernels(C)
+    dec = kern.prepare(g, None, seq)
+    h, _ = kern.states(k, v, dec, h0, False, states_in_fp32=True)
+    dq_ref, dk_ref, _, dg_ref, _ = kern.backward(q, k, v, dec, h, do, h0, d_final, 0.7)
+    dh, _ = kern.state_grads(q, do, dec, d_final, 0.7, has_initial_state=True)
+    g2 = _unchunked(dec.chunk_cum[..., None], seq)[..., 0] / LN2
+    dq, dk, db = _fla_layout_dqkg_torch(q, k, v, do, g2, h, dh, 0.7, C)
+    dg = _unchunked(_chunked(db[..., None], C, torch.float32).flip(2).cumsum(2).flip(2), seq)[..., 0]
+    for mine, ref in ((dq, dq_ref), (dk, dk_ref), (dg, dg_ref)):
+        assert _rel(mine, ref) < 1e-5
+
+
+_INTERPRETER_CHECK = textwrap.dedent("""
+    import triton.runtime.autotuner as autotuner
+    autotuner.Autotuner._bench = lambda self, *args, config, **meta: [1.0, 1.0, 1.0]  # no timing on CPU
+    import torch
+    from commflow.sp.linear_triton import self_check
+    for K, V, C in [(16, 16, 16), (32, 48, 16), (160, 80, 16)]:  # several K and V blocks, masks
+        ok, err = self_check("cpu", torch.float32, K, V, C)
+        print(K, V, C, ok, err)
+        assert ok and err < 1e-5, (K, V, C, err)
+""")
+
+
+def test_triton_gated_kernel_in_interpreter():
+    """The own Triton dq/dk/dg kernel, run by Triton's CPU interpreter, equals the torch formulation."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["fla", "fla-torch-dqkg"])
+@pytest.mark.parametrize("mode", ["none", "gamma", "g"])
+def test_fla_backend_equals_reference_bf16(mode, backend):
+    if not fla_available():
+        pytest.skip("fla-core not installed")
+    from commflow.sp.linear_kernels import select_kernels
+
+    prob = _problem(mode, B=2, S=200, H=4, K=64, V=64, dtype=torch.bfloat16, device="cuda")
+    ref = tuple(None if t is None else t.double() for t in prob)  # the same (rounded) inputs, in float64
+    o_ref, s_ref, g_ref = _grads(linear_attention_naive, *ref)
+    kern = select_kernels("cuda", backend=backend)
+
+    def chunked(q, k, v, **kw):
+        return chunk_linear_attention(q, k, v, output_final_state=True, kernels=kern, **kw)
+
+    o, s, grads = _grads(chunked, *prob)
+    assert _rel(o, o_ref) < TOL_BF16 and _rel(s, s_ref) < TOL_BF16
+    for name, a, b in zip(["q", "k", "v", "h0", "g"], grads, g_ref):
+        assert _rel(a, b) < TOL_BF16, f"d{name}"
