@@ -86,7 +86,7 @@ def partition(
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: choose from {SPLITS}")
-    holders = sorted(set(int(h) for h in holders))
+    holders = sorted({int(h) for h in holders})
     if not holders:
         raise ValueError("holders is empty: at least one node must hold data")
     if holders[0] < 0 or holders[-1] >= num_nodes:

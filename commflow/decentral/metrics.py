@@ -46,18 +46,18 @@ def topology_stats(topology: Topology) -> dict:
     sub = live[np.ix_(idx, idx)]
     giant = np.zeros(len(alive), dtype=bool)
     if len(idx) == 0:
-        return dict(alive=0, links=0, components=0, giant_size=0, isolated=0, giant=giant)
+        return {"alive": 0, "links": 0, "components": 0, "giant_size": 0, "isolated": 0, "giant": giant}
     count, labels = connected_components(csr_matrix(sub), directed=False)
     sizes = np.bincount(labels)
     giant[idx[labels == int(np.argmax(sizes))]] = True
-    return dict(
-        alive=int(len(idx)),
-        links=int(sub.sum() // 2),
-        components=int(count),
-        giant_size=int(sizes.max()),
-        isolated=int((sub.sum(1) == 0).sum()),
-        giant=giant,
-    )
+    return {
+        "alive": int(len(idx)),
+        "links": int(sub.sum() // 2),
+        "components": int(count),
+        "giant_size": int(sizes.max()),
+        "isolated": int((sub.sum(1) == 0).sum()),
+        "giant": giant,
+    }
 
 
 def consensus_distance(params: torch.Tensor, alive: np.ndarray) -> float:

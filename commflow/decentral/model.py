@@ -10,10 +10,14 @@ the offsets.
 Each batched function has a plain single-node twin (``*_single``), which the
 multi-process mode runs and the tests use as the reference.
 
-Local training is plain SGD on the mean cross-entropy of each minibatch. No momentum
-and no weight decay, deliberately: a node with no batch left in this step (a smaller
-shard, or no data at all) then gets an exactly-zero update, so padding N shards of
-different sizes into one batched step changes nothing.
+Local training is plain SGD on the summed cross-entropy of each minibatch divided by
+the *nominal* batch size B, so every sample weighs the same in an epoch and a short
+last batch takes a proportionally short step (with the batch *mean*, a shard of
+``k*B + 1`` samples would end every epoch with a full-size step on one sample, which
+visibly destabilises small shards). No momentum and no weight decay, deliberately: a
+node with no batch left in this step (a smaller shard, or no data at all) then gets an
+exactly-zero update, so padding N shards of different sizes into one batched step
+changes nothing.
 """
 
 from __future__ import annotations
@@ -183,8 +187,8 @@ def sgd_epoch_batched(
         p = params[nodes].requires_grad_(True)  # [k, P]
         logits = forward_batched(p, x_train[rows], layout)  # [k, b, C]
         ce = F.cross_entropy(logits.flatten(0, 1), y_train[rows].flatten(), reduction="none").view_as(mask)
-        # Sum of per-node batch means: each node's gradient is its own mean loss's.
-        loss = ((ce * mask).sum(1) / mask.sum(1)).sum()
+        # Sum over nodes of each node's loss (sum over its batch / B): node i's gradient is its own loss's.
+        loss = (ce * mask).sum() / batch_size
         (grad,) = torch.autograd.grad(loss, p)
         params[nodes] = p.detach() - lr * grad
 
@@ -205,7 +209,7 @@ def sgd_epoch_single(
     for start in range(0, n, batch_size):
         rows = shard[order_row[start : min(start + batch_size, n)]]
         p = params.detach().requires_grad_(True)
-        loss = F.cross_entropy(forward_single(p, x_train[rows], layout), y_train[rows])
+        loss = F.cross_entropy(forward_single(p, x_train[rows], layout), y_train[rows], reduction="sum") / batch_size
         (grad,) = torch.autograd.grad(loss, p)
         params = p.detach() - lr * grad
     return params

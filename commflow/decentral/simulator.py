@@ -21,6 +21,7 @@ streams; only the order of floating-point sums differs (see tests/decentral).
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import numpy as np
 import torch
 

@@ -31,7 +31,7 @@ def digits():
 def test_digits_split_is_stratified_and_seeded(digits):
     assert digits.x_train.shape[1] == 64 and digits.num_classes == 10
     assert len(digits.y_train) + len(digits.y_test) == 1797
-    assert 0.0 <= digits.x_train.min() and digits.x_train.max() <= 1.0
+    assert digits.x_train.min() >= 0.0 and digits.x_train.max() <= 1.0
     again = load_digits_dataset(seed=0)
     assert np.array_equal(again.y_test, digits.y_test)
     per_class = np.bincount(np.concatenate([digits.y_train, digits.y_test]), minlength=10)
@@ -63,14 +63,14 @@ def test_dirichlet_with_small_alpha_concentrates_classes(digits):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(split="shards"), "split='shards'"),
-        (dict(split="dirichlet", alpha=0.0), "alpha=0.0 must be > 0"),
-        (dict(holders=[]), "holders is empty"),
-        (dict(holders=[3, 20]), "node ids in 0..19"),
+        ({"split": "shards"}, "split='shards'"),
+        ({"split": "dirichlet", "alpha": 0.0}, "alpha=0.0 must be > 0"),
+        ({"holders": []}, "holders is empty"),
+        ({"holders": [3, 20]}, "node ids in 0..19"),
     ],
 )
 def test_partition_errors(digits, kwargs, match):
-    args = dict(num_nodes=20, holders=range(20), seed=0) | kwargs
+    args = {"num_nodes": 20, "holders": range(20), "seed": 0} | kwargs
     with pytest.raises(ValueError, match=match):
         partition(digits.y_train, **args)
 

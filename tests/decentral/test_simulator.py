@@ -83,12 +83,12 @@ def test_seed_finding_losing_relay_hubs_hurts_more_than_losing_data_leaves(seed)
 
 def test_config_errors_are_named():
     for kwargs, match in [
-        (dict(nodes=1), "nodes=1: must be >= 2"),
-        (dict(mixing="gossip"), "mixing='gossip'"),
-        (dict(graph="star"), "unknown kind 'star'"),
-        (dict(dtype="float16"), "dtype='float16'"),
-        (dict(nodes=None), "nodes=None: must be given unless the graph is a file"),
-        (dict(hidden=()), "hidden=\\(\\)"),
+        ({"nodes": 1}, "nodes=1: must be >= 2"),
+        ({"mixing": "gossip"}, "mixing='gossip'"),
+        ({"graph": "star"}, "unknown kind 'star'"),
+        ({"dtype": "float16"}, "dtype='float16'"),
+        ({"nodes": None}, "nodes=None: must be given unless the graph is a file"),
+        ({"hidden": ()}, "hidden=\\(\\)"),
     ]:
         with pytest.raises(ValueError, match=match):
             DecentralConfig(**kwargs)
