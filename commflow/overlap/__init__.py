@@ -21,10 +21,12 @@ from .calibration import (
     set_calibration,
 )
 from .functional import all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter
+from .modules import ColumnParallelLinear, RowParallelLinear
 from .plan import OverlapPlan, plan
 
 __all__ = [
     "Calibration",
+    "ColumnParallelLinear",
     "CommCost",
     "OverlapPlan",
     "all_gather_matmul",
@@ -33,6 +35,7 @@ __all__ = [
     "get_calibration",
     "matmul_all_reduce",
     "matmul_reduce_scatter",
+    "RowParallelLinear",
     "plan",
     "set_calibration",
 ]

@@ -1,0 +1,143 @@
+"""The three overlapped ops equal the unfused global computation, forward and backward.
+
+Every rank builds the global X and W from one seed, runs the op on its shards in
+every mode (plain, chunked with 2/3/plan-chosen uneven chunks, auto) and with both
+reductions, and compares with the single-process product in float64. On CPU the
+chunked schedule runs for real: gloo works in flight while the next chunk computes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from commflow.overlap import all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter
+from commflow.overlap import reference as ref
+
+FP32_TOL = 1e-5
+"""Max |error| / max |reference| for fp32 inputs against the float64 product."""
+BF16_TOL = 2e-2
+"""Same for bf16: each bf16 value carries 2^-8 relative error, a few roundings deep."""
+
+MODES = [("sequential", None), ("overlap", None), ("overlap", 2), ("overlap", 3), ("auto", None)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _global(shape_x, n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape_x, generator=g, dtype=torch.float64)
+    w = torch.randn(shape_x[-1], n, generator=g, dtype=torch.float64)
+    return x, w, x.to(dtype), w.to(dtype)
+
+
+def _reference_grads(X, W, dY):
+    Xr, Wr = X.clone().requires_grad_(), W.clone().requires_grad_()
+    torch.matmul(Xr, Wr).backward(dY)
+    return Xr.grad, Wr.grad
+
+
+def _op_errors(dtype_name: str) -> dict[str, float]:
+    """Worst relative error per (op, case) over modes and reductions."""
+    dtype = getattr(torch, dtype_name)
+    r, world = dist.get_rank(), dist.get_world_size()
+    errors: dict[str, float] = {}
+
+    def note(key, *values):
+        errors[key] = max([errors.get(key, 0.0), *values])
+
+    # Row-parallel: x [..., K/R], w [K/R, N]. Leading dims: 2-D, and 3-D scattered on dim 1.
+    for lead, dim in (((4 * world,), 0), ((3, 2 * world), 1), ((2 * world, 3), 0)):
+        X64, W64, X, W = _global((*lead, 8 * world), 10, dtype)
+        dY = torch.randn(*lead, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        gX, gW = _reference_grads(X64, W64, dY)
+        gx_ref, gw_ref = ref.row_parallel_shards(gX, gW, world, r)
+        for mode, chunks in MODES:
+            for reduction in ("fp32", "backend"):
+                x, w = ref.row_parallel_shards(X, W, world, r)
+                x.requires_grad_(True)
+                w.requires_grad_(True)
+                y = matmul_reduce_scatter(x, w, scatter_dim=dim, mode=mode, n_chunks=chunks, reduction=reduction)
+                y.backward(dY.chunk(world, dim)[r].to(dtype))
+                key = f"rs lead={lead} dim={dim}"
+                note(key + " fwd", _rel(y, ref.matmul_reduce_scatter_reference(X64, W64, world, r, dim)))
+                note(key + " dx", _rel(x.grad, gx_ref))
+                note(key + " dw", _rel(w.grad, gw_ref))
+
+                x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+                y2 = matmul_all_reduce(x2, w2, mode=mode, n_chunks=chunks, reduction=reduction)
+                y2.backward(dY.to(dtype))  # replicated output, replicated gradient
+                key = f"ar lead={lead}"
+                note(key + " fwd", _rel(y2, ref.matmul_all_reduce_reference(X64, W64)))
+                note(key + " dx", _rel(x2.grad, gx_ref))
+                note(key + " dw", _rel(w2.grad, gw_ref))
+
+    # Column-parallel with a sequence-sharded input: x_shard [.., S/R, .., K], w [K, N/R].
+    for lead, dim in (((4 * world,), 0), ((2, 3 * world), 1)):
+        X64, W64, X, W = _global((*lead, 6), 4 * world, dtype, seed=2)
+        dY = torch.randn(*lead, 4 * world, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        gX, gW = _reference_grads(X64, W64, dY)
+        gxs_ref, gw_ref = ref.column_parallel_shards(gX, gW, world, r, dim)
+        for mode, chunks in MODES:
+            xs, w = ref.column_parallel_shards(X, W, world, r, dim)
+            xs.requires_grad_(True)
+            w.requires_grad_(True)
+            y, x_full = all_gather_matmul(xs, w, gather_dim=dim, mode=mode, n_chunks=chunks, return_gathered=True)
+            # Use the gathered input downstream too: its gradient must reach the shard.
+            (y * dY.chunk(world, -1)[r].to(dtype)).sum().add((x_full * 0.5).sum()).backward()
+            key = f"ag lead={lead} dim={dim}"
+            note(key + " fwd", _rel(y, ref.all_gather_matmul_reference(X64, W64, world, r)))
+            note(key + " gathered", _rel(x_full, X64))
+            note(key + " dx", _rel(xs.grad, gxs_ref + 0.5 * world))
+            note(key + " dw", _rel(w.grad, gw_ref))
+    return errors
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_ops_equal_unfused_fp32(dist_pool, world):
+    for errors in dist_pool(world).run(_op_errors, "float32"):
+        worst = {k: v for k, v in errors.items() if v > FP32_TOL}
+        assert not worst, worst
+
+
+def test_ops_equal_unfused_bf16(dist_pool):
+    for errors in dist_pool(2).run(_op_errors, "bfloat16"):
+        worst = {k: v for k, v in errors.items() if v > BF16_TOL}
+        assert not worst, worst
+
+
+def _rounded_once() -> list[bool]:
+    """The fp32 reduction sums the R bf16 partials in fp32 and rounds once: bitwise equal
+    to summing every rank's partial locally that way."""
+    r, world = dist.get_rank(), dist.get_world_size()
+    _, _, X, W = _global((8 * world, 16 * world), 12, torch.bfloat16, seed=5)
+    partials = [torch.mm(*ref.row_parallel_shards(X, W, world, s)) for s in range(world)]
+    expected = torch.stack(partials).float().sum(0).to(torch.bfloat16)
+    x, w = ref.row_parallel_shards(X, W, world, r)
+    out = []
+    for chunks in (None, 3):
+        y = matmul_reduce_scatter(x, w, mode="overlap", n_chunks=chunks, reduction="fp32")
+        out.append(torch.equal(y, expected.chunk(world, 0)[r]))
+        y = matmul_all_reduce(x, w, mode="overlap", n_chunks=chunks, reduction="fp32")
+        out.append(torch.equal(y, expected))
+    return out
+
+
+def test_fp32_reduction_rounds_once(dist_pool):
+    for flags in dist_pool(4).run(_rounded_once):
+        assert all(flags), flags
+
+
+def _world_of_one_is_plain_matmul() -> bool:
+    _, _, X, W = _global((6, 5), 7, torch.float32)
+    expected = X @ W
+    outs = [matmul_reduce_scatter(X, W, mode="overlap"), matmul_all_reduce(X, W, mode="overlap"),
+            all_gather_matmul(X, W, mode="overlap")]
+    return all(torch.equal(o, expected) for o in outs)
+
+
+def test_world_of_one_equals_matmul_exactly(dist_pool):
+    assert dist_pool(1).run(_world_of_one_is_plain_matmul) == [True]
