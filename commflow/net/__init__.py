@@ -14,7 +14,15 @@
 from .io import from_dict, load, save
 from .optimal import OptimalResult, optimal
 from .routing import POLICIES, PathTable, Routing, lockstep_phases, minimal_splits, paths_of, plan, route
-from .simulate import JobResult, SimResult, max_min_rates, max_min_rates_reference, simulate
+from .simulate import (
+    JobResult,
+    SimResult,
+    congestion,
+    max_min_rates,
+    max_min_rates_reference,
+    phase_view,
+    simulate,
+)
 from .topology import Topology, dual_plane, fat_tree, leaf_spine, rail_optimized
 from .traffic import ALGORITHMS, Job, Step, Traffic, collective, concurrent, flows
 
@@ -22,6 +30,6 @@ __all__ = [
     "Topology", "leaf_spine", "fat_tree", "rail_optimized", "dual_plane", "load", "save", "from_dict",
     "Traffic", "Job", "Step", "collective", "concurrent", "flows", "ALGORITHMS",
     "POLICIES", "Routing", "PathTable", "route", "plan", "minimal_splits", "lockstep_phases", "paths_of",
-    "simulate", "SimResult", "JobResult", "max_min_rates", "max_min_rates_reference",
+    "simulate", "congestion", "phase_view", "SimResult", "JobResult", "max_min_rates", "max_min_rates_reference",
     "optimal", "OptimalResult",
 ]

@@ -81,8 +81,9 @@ class PathTable:
         self.out_ids = order
         self.rev = sp.csr_matrix((np.ones(len(ids)), (dst[ids], src[ids])), shape=(n, n))
         host_links = up & (topo.is_host[src] | topo.is_host[dst])
-        self.host_out = {int(h): np.flatnonzero(host_links & (src == h)) for h in topo.hosts}
-        self.host_in = {int(h): np.flatnonzero(host_links & (dst == h)) for h in topo.hosts}
+        hl = np.flatnonzero(host_links)
+        self.host_out = _group(hl, src[hl], topo.hosts)
+        self.host_in = _group(hl, dst[hl], topo.hosts)
         self._dist: dict[int, np.ndarray] = {}
         self._sw: dict[tuple[int, int], np.ndarray | None] = {}
         self._parts: dict[tuple[int, int], list] = {}
@@ -258,6 +259,15 @@ def _walk(trie, choose) -> list[int]:
             path.append(links[i])
             node = kids[i]
     return path
+
+
+def _group(ids: np.ndarray, key: np.ndarray, wanted: np.ndarray) -> dict[int, np.ndarray]:
+    """``{k: sorted ids with key == k}`` for every ``k`` in ``wanted`` (one sort, no scans)."""
+    order = np.lexsort((ids, key))
+    ids, key = ids[order], key[order]
+    lo = np.searchsorted(key, wanted, side="left")
+    hi = np.searchsorted(key, wanted, side="right")
+    return {int(w): ids[a:b] for w, a, b in zip(wanted, lo, hi)}
 
 
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -31,7 +31,7 @@ from .routing import Routing, lockstep_phases, route
 from .topology import Topology
 from .traffic import Traffic
 
-__all__ = ["SimResult", "JobResult", "simulate", "max_min_rates", "max_min_rates_reference", "phase_view"]
+__all__ = ["SimResult", "JobResult", "simulate", "congestion", "max_min_rates", "max_min_rates_reference", "phase_view"]
 
 _RTOL = 1e-9
 
@@ -272,3 +272,12 @@ def simulate(topo: Topology, flows: Traffic, policy: str = "ecmp", splits: int |
         max_congestion=float(cong.max()), phase_congestion=cong,
         phase_length=np.asarray([n for _, n in phases]), phase_bottleneck_s=bott, phase_link_bytes=loads,
         link_bytes=link_bytes, link_utilization=link_bytes / (cap * completion), routing=routing)
+
+
+def congestion(topo: Topology, flows: Traffic, policy: str = "ecmp", splits: int | str = 1, seed: int = 0, *,
+               routing: Routing | None = None) -> float:
+    """``max_congestion`` of :func:`simulate` without the time simulation (static loads only)."""
+    if routing is None:
+        routing = route(topo, flows, policy, splits, seed)
+    _, cong, _, _, _ = phase_view(topo, flows, lambda j, s: routing.steps[j][s].link_bytes())
+    return float(cong.max())
