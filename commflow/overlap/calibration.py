@@ -153,20 +153,20 @@ def _h100(world_size: int) -> Calibration:
 
 
 def _cpu(world_size: int) -> Calibration:
-    # Rough numbers of a small shared x86 box with gloo over loopback (`commflow overlap
-    # calibrate --device cpu` measures the real ones); they only steer CPU runs.
+    # A 2-core shared x86 box, gloo over loopback, fp32 (`commflow overlap calibrate
+    # --device cpu` measures the real ones); they only steer CPU runs.
     return Calibration(
         device="cpu",
         world_size=world_size,
-        gemm_tflops=0.05,
-        gemm_latency_us=20.0,
-        comm={k: CommCost(latency_us=150.0, busbw_gbps=1.0) for k in BUS_FACTOR},
-        memory_gbps=5.0,
-        chunk_overhead_us=100.0,
-        gemm_slowdown=1.3,
-        comm_slowdown=1.3,
+        gemm_tflops=0.1,
+        gemm_latency_us=30.0,
+        comm={k: CommCost(latency_us=300.0, busbw_gbps=0.2) for k in BUS_FACTOR},
+        memory_gbps=15.0,
+        chunk_overhead_us=500.0,
+        gemm_slowdown=2.0,
+        comm_slowdown=2.0,
         dtype="float32",
-        source="defaults: rough CPU/gloo numbers",
+        source="defaults: a 2-core CPU with gloo",
     )
 
 
@@ -356,11 +356,13 @@ def calibrate(
     """
     from .ops import matmul_reduce_scatter_forward
     from .plan import plan as make_plan
+    from .validate import check_group
 
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
-    world = dist.get_world_size(group)
+    g = check_group(group, device)
+    world = g.world_size
     sizes = _sizes(device)
     kw = {"warmup": sizes.warmup, "iters": sizes.iters, "group": group}
 
@@ -434,13 +436,13 @@ def calibrate(
         p = make_plan("matmul_reduce_scatter", m, n, k, world_size=world, dtype=dtype, calibration=cal,
                       mode="overlap", n_chunks=chunks)
         predicted.append(p.t_overlap_ms * 1e3)
-        measured.append(_median_us(lambda p=p: matmul_reduce_scatter_forward(x, w, group, 0, p), device, **kw))
+        measured.append(_median_us(lambda p=p: matmul_reduce_scatter_forward(x, w, g, 0, p), device, **kw))
     measured = _max_over_ranks(measured, group, device)
     overhead = max(0.0, ((measured[1] - predicted[1]) - (measured[0] - predicted[0])) / 3.0)
     cal = replace(cal, chunk_overhead_us=min(overhead, 1000.0),
                   measurements={**cal.measurements, "chunk_overhead": {"measured_us": measured,
                                                                        "predicted_us": predicted}})
-    if save and dist.get_rank() == 0 or save and dist.get_rank(group) == 0:
+    if save and g.rank == 0:
         path = calibration_path(cal.device, world)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
