@@ -46,8 +46,8 @@ def _inputs(mode, batch, seq, heads, dk, dv, dtype, seed=0):
     return q, k, v, do, g, g_gamma
 
 
-def _run_cases(cases):
-    """Per case: (output error, {grad name: error}) as max |lasp2 - reference| / max |reference|."""
+def _run_cases(cases, attention=lasp2_attention):
+    """Per case: (output error, {grad name: error}) as max |mine - reference| / max |reference|."""
     world = dist.get_world_size()
     results = []
     for mode, causal, batch, seq_local, heads, dk, dv, dtype in cases:
@@ -59,8 +59,9 @@ def _run_cases(cases):
         ref_grads = torch.autograd.grad(o_ref, list(ref_in.values()), do.double())
 
         local = {n: shard(t).requires_grad_() for n, t in leaves.items()}
-        o = lasp2_attention(local["q"], local["k"], local["v"], g=local.get("g"), g_gamma=g_gamma, causal=causal,
-                            kernels=TorchChunkKernels(chunk_size=4))
+        kw = {"causal": causal} if not causal else {}
+        o = attention(local["q"], local["k"], local["v"], g=local.get("g"), g_gamma=g_gamma,
+                      kernels=TorchChunkKernels(chunk_size=4), **kw)
         grads = torch.autograd.grad(o, list(local.values()), shard(do))
 
         def err(mine, ref):
@@ -71,15 +72,43 @@ def _run_cases(cases):
     return results
 
 
+def _run_baselines(cases):
+    """The benchmark baselines (LASP-1 chain in both orders, ring K/V) against the reference."""
+    from benchmarks.linear_sp_baselines import lasp1_attention, ring_kv_attention
+
+    methods = {
+        "lasp1": lambda *a, **kw: lasp1_attention(*a, **kw),
+        "lasp1-serial": lambda *a, **kw: lasp1_attention(*a, serial_compute=True, **kw),
+        "ring": ring_kv_attention,
+    }
+    return {name: _run_cases(cases, fn) for name, fn in methods.items()}
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_lasp2_matches_reference(dist_pool, world):
     results = dist_pool(world).run(_run_cases, CASES)
+    _assert_close(results, CASES)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_baselines_match_reference(dist_pool, world):
+    causal_cases = [c for c in CASES if c[1]]
+    for name, results in _merge(dist_pool(world).run(_run_baselines, causal_cases)).items():
+        _assert_close(results, causal_cases, label=name)
+
+
+def _merge(per_rank):
+    """[{method: cases}] per rank -> {method: [cases per rank]}."""
+    return {name: [r[name] for r in per_rank] for name in per_rank[0]}
+
+
+def _assert_close(results, cases, label="lasp2"):
     for rank, per_rank in enumerate(results):
-        for case, (o_err, grad_errs) in zip(CASES, per_rank):
+        for case, (o_err, grad_errs) in zip(cases, per_rank):
             tol = TOL_F64 if case[-1] == torch.float64 else TOL_F32
-            assert o_err < tol, f"rank {rank} case {case[:3]}: output error {o_err:.3g}"
+            assert o_err < tol, f"{label} rank {rank} case {case[:3]}: output error {o_err:.3g}"
             for name, e in grad_errs.items():
-                assert e < tol, f"rank {rank} case {case[:3]}: d{name} error {e:.3g}"
+                assert e < tol, f"{label} rank {rank} case {case[:3]}: d{name} error {e:.3g}"
 
 
 def test_world_one_equals_local_kernel_exactly():
