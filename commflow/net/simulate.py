@@ -14,8 +14,10 @@ packet effect: bytes move at the fluid max-min rates.
 
 Congestion. For a set of concurrent flows, the *bottleneck time* is
 ``max_e bytes_e / capacity_e`` (no routing can finish faster) and the *host bound* is the
-largest ``bytes / capacity`` over every host's egress and ingress summed over its ports
-(what the NICs alone impose, independent of routing). ``max_congestion`` is their ratio,
+largest ``bytes / capacity`` over every host's egress and ingress, where a host's capacity
+sums the host links its flows in that phase can use (both ports of a dual-port NIC; the
+NVLink port only for flows inside the server). It is what the endpoints alone impose,
+independent of routing. ``max_congestion`` is their ratio,
 the largest over the lockstep phases of :func:`commflow.net.routing.lockstep_phases`:
 1.0 means the fabric is invisible, 2.0 means the busiest link needs twice the NIC time.
 """
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from .routing import Routing, lockstep_phases, route
+from .routing import Routing, lockstep_phases, paths_of, route
 from .topology import Topology
 from .traffic import Traffic
 
@@ -149,17 +151,39 @@ def phase_view(topo: Topology, traffic: Traffic, step_link_bytes) -> tuple:
     """
     cap = topo.capacity_Bps
     H = topo.num_hosts
+    pt = paths_of(topo)
     phases = lockstep_phases(traffic)
+    ports: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def usable_ports(j, s):
+        """(host * num_links + link) codes of the host links the step's flows can use, out and in."""
+        if (j, s) not in ports:
+            st = traffic.jobs[j].steps[s]
+            out_codes, in_codes = set(), set()
+            for a, b in set(zip(st.src.tolist(), st.dst.tolist())):
+                for lo, _, _, li in pt.parts(a, b):
+                    out_codes.add(a * topo.num_links + lo)
+                    in_codes.add(b * topo.num_links + (li if li >= 0 else lo))
+            ports[(j, s)] = (np.fromiter(out_codes, np.int64), np.fromiter(in_codes, np.int64))
+        return ports[(j, s)]
+
     cong, bott, loads, hosts = [], [], [], []
     for combo, _ in phases:
         lb = np.zeros(topo.num_links)
         out_b, in_b = np.zeros(H), np.zeros(H)
+        out_c, in_c = [], []
         for j, s in combo:
             st = traffic.jobs[j].steps[s]
             lb += step_link_bytes(j, s)
             out_b += np.bincount(st.src, weights=st.size, minlength=H)
             in_b += np.bincount(st.dst, weights=st.size, minlength=H)
-        host = max((out_b / topo.host_out_Bps).max(), (in_b / topo.host_in_Bps).max())
+            o, i = usable_ports(j, s)
+            out_c.append(o)
+            in_c.append(i)
+        out_cap, in_cap = (np.bincount(c // topo.num_links, weights=cap[c % topo.num_links], minlength=H)
+                           for c in (np.unique(np.concatenate(out_c)), np.unique(np.concatenate(in_c))))
+        busy_o, busy_i = out_b > 0, in_b > 0
+        host = max((out_b[busy_o] / out_cap[busy_o]).max(initial=0.0), (in_b[busy_i] / in_cap[busy_i]).max(initial=0.0))
         b = float((lb / cap).max())
         cong.append(b / host)
         bott.append(b)
