@@ -6,8 +6,17 @@ attention functions; :func:`shard` / :func:`unshard` move between global tensors
 and shards.
 """
 
+from .allgather import allgather_attention
 from .lasp2 import lasp2_attention
 from .layout import LAYOUTS, positions, shard, unshard
 from .linear_kernels import chunk_linear_attention
 
-__all__ = ["LAYOUTS", "chunk_linear_attention", "lasp2_attention", "positions", "shard", "unshard"]
+__all__ = [
+    "LAYOUTS",
+    "allgather_attention",
+    "chunk_linear_attention",
+    "lasp2_attention",
+    "positions",
+    "shard",
+    "unshard",
+]

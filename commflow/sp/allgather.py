@@ -1,0 +1,218 @@
+"""Softmax attention over all-gathered keys and values (the softmax half of LASP-2H).
+
+Every rank keeps its queries and gathers the keys and values of the whole
+sequence; its output rows need no communication back. The backward gathers K, V
+again (saving the gathered tensors would keep ``W x`` the local K, V alive per
+layer between forward and backward) and reduce-scatters dK, dV in fp32.
+
+Overlap: the work is split into ``head_chunks`` groups of key/value heads (with
+their query heads). The gather of chunk ``c + 1`` runs while chunk ``c`` computes,
+and in the backward the reduce-scatter of chunk ``c`` runs under chunk ``c + 1``;
+only the first gather and the last reduce-scatter are exposed. It also bounds
+memory: at most two chunks of gathered K, V are alive.
+
+Causal masks without reordering tokens: the gathered keys are addressed as
+*segments* (views of the gather buffers, no copies) and every kernel call is
+either a full block or a square diagonal block, merged through the log-sum-exp:
+
+* ``contiguous``: rank ``r`` attends to ranks ``0..r-1`` in full and to itself
+  causally. Rank ``W-1`` does about twice the average work.
+* ``zigzag``: first and second halves are gathered separately; rank ``r`` (chunks
+  ``r`` and ``2W-1-r``) attends to ``2W`` chunk-pairs' worth of blocks exactly like
+  every other rank, so causal work is balanced.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dist import all_gather_tensor, reduce_scatter_tensor
+from ._common import check_inputs, check_shards_agree, default_scale, group_info
+from .kernels import acc_dtype, attention_backward, attention_forward, local_attention, merge_
+
+__all__ = ["allgather_attention"]
+
+
+def _segments(rank: int, world: int, layout: str, causal: bool, s_local: int):
+    """Kernel calls of one rank: ``(q_row_start, q_row_stop, buffer, j0, j1, causal)``.
+
+    ``buffer`` names a gather buffer (``all``: whole shards; ``first`` / ``second``:
+    the two zigzag halves); ``j0:j1`` are source ranks whose pieces form the keys.
+    """
+    r, w, s = rank, world, s_local
+    if layout == "contiguous":
+        if not causal:
+            return [(0, s, "all", 0, w, False)]
+        return ([(0, s, "all", 0, r, False)] if r else []) + [(0, s, "all", r, r + 1, True)]
+    c = s // 2
+    if not causal:  # key order is irrelevant without a mask
+        return [(0, s, "first", 0, w, False), (0, s, "second", 0, w, False)]
+    segs = [(0, s, "first", 0, r, False)] if r else []  # chunks 0..r-1: every local query sees them
+    segs += [(0, c, "first", r, r + 1, True)]  # chunk r against itself
+    segs += [(c, s, "first", r, w, False)]  # chunk 2W-1-r sees chunks r..W-1 in full
+    if r < w - 1:  # second halves hold chunks 2W-1-j; those with j > r come before ours
+        segs += [(c, s, "second", r + 1, w, False)]
+    segs += [(c, s, "second", r, r + 1, True)]  # chunk 2W-1-r against itself
+    return segs
+
+
+def _local_rows(layout: str, s_local: int) -> dict[str, tuple[int, int]]:
+    """Which rows of the local shard each gather buffer carries."""
+    if layout == "contiguous":
+        return {"all": (0, s_local)}
+    return {"first": (0, s_local // 2), "second": (s_local // 2, s_local)}
+
+
+def _region(buf: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
+    """Keys of source ranks ``j0:j1`` from a gather buffer ``[W, L, B, H, D]`` as ``[B, n*L, H, D]``."""
+    return buf[j0:j1].flatten(0, 1).permute(1, 0, 2, 3)
+
+
+def _post_gathers(tensors, rows, heads, info):
+    """Start gathering ``tensors[:, rows, heads]`` of every rank; returns (buffers, works)."""
+    buffers, works = {}, []
+    for name, (a, b) in rows.items():
+        for which, t in tensors.items():
+            send = t[:, a:b, heads].permute(1, 0, 2, 3).contiguous()  # [L, B, h, D]
+            recv = torch.empty((info.world, *send.shape), dtype=t.dtype, device=t.device)
+            works.append(all_gather_tensor(recv.flatten(0, 1), send, group=info.group, async_op=True))
+            buffers[(which, name)] = recv
+    return buffers, works
+
+
+def _chunk_slices(hq: int, hkv: int, chunks: int):
+    gq, gk = hq // chunks, hkv // chunks
+    return [(slice(c * gq, (c + 1) * gq), slice(c * gk, (c + 1) * gk)) for c in range(chunks)]
+
+
+class _AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, info, causal, scale, layout, chunks):
+        b, s, hq, d = q.shape
+        segs = _segments(info.rank, info.world, layout, causal, s)
+        rows = _local_rows(layout, s)
+        acc = acc_dtype(q.dtype)
+        out = torch.empty_like(q)
+        lse = torch.empty((b, hq, s), dtype=acc, device=q.device)
+        slices = _chunk_slices(hq, k.shape[2], chunks)
+        states = []
+        pending = _post_gathers({"k": k, "v": v}, rows, slices[0][1], info)
+        for c, (qh, _) in enumerate(slices):
+            # Post the next chunk's gathers before computing this one: they overlap.
+            nxt = _post_gathers({"k": k, "v": v}, rows, slices[c + 1][1], info) if c + 1 < chunks else None
+            bufs, works = pending
+            for work in works:
+                work.wait()
+            q_c = q[:, :, qh] if chunks == 1 else q[:, :, qh].contiguous()
+            out_acc = torch.zeros((b, s, q_c.shape[2], d), dtype=acc, device=q.device)
+            lse_acc = torch.full((b, q_c.shape[2], s), float("-inf"), dtype=acc, device=q.device)
+            chunk_states = []
+            for r0, r1, name, j0, j1, seg_causal in segs:
+                k_seg, v_seg = _region(bufs[("k", name)], j0, j1), _region(bufs[("v", name)], j0, j1)
+                o, o_lse, state = attention_forward(q_c[:, r0:r1], k_seg, v_seg, causal=seg_causal, scale=scale)
+                merge_(out_acc[:, r0:r1], lse_acc[:, :, r0:r1], o, o_lse)
+                chunk_states.append(state)
+            states.append(chunk_states)
+            out[:, :, qh] = out_acc
+            lse[:, qh] = lse_acc
+            del bufs, works
+            pending = nxt
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.info, ctx.causal, ctx.scale, ctx.layout, ctx.chunks, ctx.states = info, causal, scale, layout, chunks, states
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        info, scale = ctx.info, ctx.scale
+        b, s, hq, d = q.shape
+        segs = _segments(info.rank, info.world, ctx.layout, ctx.causal, s)
+        rows = _local_rows(ctx.layout, s)
+        acc = acc_dtype(q.dtype)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        slices = _chunk_slices(hq, k.shape[2], ctx.chunks)
+        scatters = []  # (work, result, target, rows, kv heads)
+        pending = _post_gathers({"k": k, "v": v}, rows, slices[0][1], info)
+        for c, (qh, kh) in enumerate(slices):
+            nxt = _post_gathers({"k": k, "v": v}, rows, slices[c + 1][1], info) if c + 1 < ctx.chunks else None
+            bufs, works = pending
+            for work in works:
+                work.wait()
+            q_c, out_c, dout_c = (t[:, :, qh].contiguous() for t in (q, out, dout))
+            lse_c = lse[:, qh]
+            dq_acc = torch.zeros(q_c.shape, dtype=acc, device=q.device)
+            grads = {key: torch.zeros(buf.shape, dtype=acc, device=q.device) for key, buf in bufs.items()}
+            for (r0, r1, name, j0, j1, seg_causal), state in zip(segs, ctx.states[c]):
+                k_seg, v_seg = _region(bufs[("k", name)], j0, j1), _region(bufs[("v", name)], j0, j1)
+                dq_s, dk_s, dv_s = attention_backward(
+                    dout_c[:, r0:r1], q_c[:, r0:r1], k_seg, v_seg, out_c[:, r0:r1], lse_c[:, :, r0:r1], state,
+                    causal=seg_causal, scale=scale,
+                )
+                dq_acc[:, r0:r1] += dq_s
+                _region(grads[("k", name)], j0, j1).add_(dk_s)
+                _region(grads[("v", name)], j0, j1).add_(dv_s)
+            dq[:, :, qh] = dq_acc
+            del bufs, works
+            # Sum every rank's contribution to our keys: reduce-scatter in fp32, overlapped
+            # with the next chunk.
+            for (which, name), grad in grads.items():
+                result = torch.empty(grad.shape[1:], dtype=acc, device=q.device)
+                work = reduce_scatter_tensor(result, grad.flatten(0, 1), group=info.group, async_op=True)
+                scatters.append((work, result, dk if which == "k" else dv, rows[name], kh))
+            pending = nxt
+        for work, result, target, (a, bnd), kh in scatters:
+            work.wait()
+            target[:, a:bnd, kh] = result.permute(1, 0, 2, 3)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _default_chunks(hkv: int) -> int:
+    for n in (4, 2):
+        if hkv % n == 0:
+            return n
+    return 1
+
+
+def allgather_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group=None,
+    causal: bool = False,
+    scale: float | None = None,
+    layout: str = "contiguous",
+    head_chunks: int | None = None,
+) -> torch.Tensor:
+    """Attention of local queries against the all-gathered keys and values.
+
+    Global ``q [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]`` are sharded along the
+    sequence (dim 1) in ``layout`` over the ``W`` ranks of ``group``; each rank
+    passes its shards ``q [B, S/W, Hq, D]``, ``k, v [B, S/W, Hkv, D]`` and gets its
+    rows of the output, ``[B, S/W, Hq, D]``. ``Hq`` must be a multiple of ``Hkv``
+    (GQA / MQA). Gradients flow to the local shards (backward: K, V gathered again,
+    dK, dV reduce-scattered in fp32).
+
+    Args:
+        causal: token ``i`` attends to ``j <= i`` in global positions of ``layout``.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        layout: ``"contiguous"`` or ``"zigzag"`` (balances causal work; the local
+            sequence must then be even).
+        head_chunks: pipeline depth over key/value heads (must divide ``Hkv``);
+            default 4, 2 or 1, whichever divides ``Hkv`` first.
+    """
+    info = group_info(group)
+    check_inputs("allgather_attention", q, k, v, causal=causal, scale=scale, layout=layout, world=info.world)
+    hkv = k.shape[2]
+    if head_chunks is None:
+        head_chunks = _default_chunks(hkv)
+    if not isinstance(head_chunks, int) or head_chunks < 1 or hkv % head_chunks:
+        raise ValueError(
+            f"allgather_attention: head_chunks must be a positive divisor of the key/value heads ({hkv}), "
+            f"got {head_chunks!r}"
+        )
+    scale = default_scale(q.shape[-1], scale)
+    if info.world == 1:
+        return local_attention(q, k, v, causal=causal, scale=scale)
+    check_shards_agree("allgather_attention", q, k, info)
+    return _AllGatherAttention.apply(q, k, v, info, causal, scale, layout, head_chunks)

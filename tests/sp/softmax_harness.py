@@ -1,0 +1,145 @@
+"""Shared cases for the softmax SP strategies (Ulysses, ring, all-gather).
+
+Functions here run on the ranks of a ``dist_pool`` (module-level, so they pickle).
+Every rank builds the same global tensors from a seed, takes its shard, runs the
+strategy forward and backward, and compares the output and the gradients of its
+shard with the naive single-process reference (:mod:`commflow.sp.reference`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import commflow.sp
+from commflow.sp import shard
+from commflow.sp.kernels import local_attention
+from commflow.sp.reference import attention_reference
+
+
+def strategy_fn(name: str):
+    """``"ulysses"`` -> ``commflow.sp.ulysses_attention`` (looked up when used)."""
+    return getattr(commflow.sp, f"{name}_attention")
+
+# Named tolerances on max|got - reference| / max|reference| of the output and of dq,
+# dk, dv (this rank's shard). fp64 shows the algebra is exact; fp32 is the kernels'
+# rounding; with bf16 every block output and gradient is rounded to 8 mantissa bits
+# (one ulp is 2**-8 = 3.9e-3 of the leading binade), so 1e-2 allows ~2.5 ulp.
+TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 1e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    causal: bool
+    layout: str = "contiguous"
+    hq: int = 4
+    hkv: int = 4
+    batch: int = 1
+    dtype: str = "float32"
+    seq_per_rank: int = 8
+    head_dim: int = 8
+    extra: tuple = ()  # extra keyword arguments as (name, value) pairs
+
+    def tolerance(self) -> float:
+        return TOLERANCE[self.dtype]
+
+
+def global_inputs(case: Case, world: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, case.dtype)
+    s = case.seq_per_rank * world
+    shapes = {
+        "q": (case.batch, s, case.hq, case.head_dim),
+        "k": (case.batch, s, case.hkv, case.head_dim),
+        "v": (case.batch, s, case.hkv, case.head_dim),
+        "dout": (case.batch, s, case.hq, case.head_dim),
+    }
+    return {name: torch.randn(shape, generator=gen).to(dtype) for name, shape in shapes.items()}
+
+
+def run_case(strategy: str, case: Case, seed: int = 0) -> dict:
+    """On every rank: errors of this rank's shard (output, dq, dk, dv) vs the reference."""
+    world = dist.get_world_size()
+    g = global_inputs(case, world, seed)
+    q, k, v = (g[n].clone().requires_grad_(True) for n in ("q", "k", "v"))
+    ref = attention_reference(q, k, v, causal=case.causal)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g["dout"])
+    local = [shard(g[n], layout=case.layout).requires_grad_(True) for n in ("q", "k", "v")]
+    out = strategy_fn(strategy)(*local, causal=case.causal, layout=case.layout, **dict(case.extra))
+    out.backward(shard(g["dout"], layout=case.layout))
+    expected = [ref.detach(), *ref_grads]
+    got = [out.detach(), *(t.grad for t in local)]
+    errors = {}
+    for name, e, x in zip(("out", "dq", "dk", "dv"), got, expected):
+        x = shard(x, layout=case.layout).double()
+        errors[name] = ((e.double() - x).abs().max() / x.abs().max()).item()
+    errors["dtypes_ok"] = all(t.dtype == getattr(torch, case.dtype) for t in got)
+    errors["shapes_ok"] = out.shape == local[0].shape and all(t.grad.shape == t.shape for t in local)
+    return errors
+
+
+def run_cases(strategy: str, cases: list[Case]) -> list[dict]:
+    return [run_case(strategy, case) for case in cases]
+
+
+def world_one_is_the_local_kernel(strategy: str, cases: list[Case]) -> list[bool]:
+    """Group size 1: the strategy is the single-process kernel, bit for bit (fwd and grads)."""
+    results = []
+    for case in cases:
+        g = global_inputs(case, 1)
+        a = [g[n].clone().requires_grad_(True) for n in ("q", "k", "v")]
+        b = [g[n].clone().requires_grad_(True) for n in ("q", "k", "v")]
+        out_a = strategy_fn(strategy)(*a, causal=case.causal, layout=case.layout)
+        out_b = local_attention(*b, causal=case.causal)
+        out_a.backward(g["dout"])
+        out_b.backward(g["dout"])
+        results.append(torch.equal(out_a, out_b) and all(torch.equal(x.grad, y.grad) for x, y in zip(a, b)))
+    return results
+
+
+def error_messages(strategy: str, scenario: str) -> str:
+    """Run one bad call on every rank; return the ValueError text (or a marker if none)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    fn = strategy_fn(strategy)
+    q = torch.randn(1, 4, 4, 8)
+    k = torch.randn(1, 4, 2, 8)
+    v = torch.randn(1, 4, 2, 8)
+    kwargs: dict = {}
+    if scenario == "not_4d":
+        q = q[0]
+    elif scenario == "dtype":
+        k = k.double()
+    elif scenario == "device":
+        k = k.to("meta")
+    elif scenario == "kv_shape":
+        v = torch.randn(1, 4, 1, 8)
+    elif scenario == "seq":
+        k, v = torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8)
+    elif scenario == "gqa":
+        k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8)
+    elif scenario == "zigzag_odd":
+        q, k, v = torch.randn(1, 5, 4, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+        kwargs["layout"] = "zigzag"
+    elif scenario == "layout":
+        kwargs["layout"] = "striped"
+    elif scenario == "heads_per_rank":
+        q = torch.randn(1, 4, 3 * world - 1, 8)  # not divisible by the group size
+        k = v = torch.randn(1, 4, 1, 8)
+    elif scenario == "head_chunks":
+        kwargs["head_chunks"] = 3
+    elif scenario == "uneven_shards":
+        os.environ["COMMFLOW_SP_CHECK_SHARDS"] = "1"
+        n = 4 + 2 * rank
+        q, k, v = torch.randn(1, n, 4, 8), torch.randn(1, n, 2, 8), torch.randn(1, n, 2, 8)
+    else:
+        raise AssertionError(scenario)
+    try:
+        fn(q, k, v, **kwargs)
+    except ValueError as e:
+        return str(e)
+    finally:
+        os.environ.pop("COMMFLOW_SP_CHECK_SHARDS", None)
+    return "<no error>"
