@@ -1,0 +1,109 @@
+"""Attention for the trainer: which kernel runs a layer, on one rank or across an SP group.
+
+The model calls two functions, :func:`softmax_attention` and :func:`linear_attention`,
+with this rank's shard ``[B, S_local, H, D]`` and a :class:`SequenceParallel` plan.
+With an SP group of more than one rank they call commflow.sp (Ulysses, ring or
+all-gather KV for softmax layers; LASP-2 for linear layers). Without one they run the
+plain single-process references below, which are also the ground truth the tests
+compare the sequence-parallel runs against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = [
+    "SequenceParallel",
+    "linear_attention",
+    "local_linear_attention",
+    "local_softmax_attention",
+    "softmax_attention",
+]
+
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    """How attention crosses ranks.
+
+    ``group`` holds the ranks that share one sequence (``None``: each rank holds whole
+    sequences). ``layout`` is the one shard layout of the whole model ("contiguous" or
+    "zigzag"); ``softmax`` names the softmax strategy ("allgather", "ulysses", "ring").
+    """
+
+    group: dist.ProcessGroup | None = None
+    softmax: str = "allgather"
+    layout: str = "contiguous"
+
+    @property
+    def size(self) -> int:
+        return 1 if self.group is None else dist.get_world_size(self.group)
+
+
+def local_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention of whole sequences (torch SDPA).
+
+    q ``[B, S, H, D]``, k and v ``[B, S, H_kv, D]`` with ``H % H_kv == 0`` (GQA);
+    returns ``[B, S, H, D]``.
+    """
+    rep = q.shape[2] // k.shape[2]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return out.transpose(1, 2)
+
+
+def local_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g: torch.Tensor | None = None,
+                           g_gamma: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal linear attention with scalar decay, in its quadratic (parallel) form.
+
+    ``o_t = scale * sum_{s <= t} (q_t . k_s) exp(G_t - G_s) v_s`` with ``G`` the running
+    sum of the log-decay: per token and head ``g`` ``[B, S, H]`` (gated), or per head
+    ``g_gamma`` ``[H]`` (constant), or none (plain linear attention). This is the
+    recurrence ``S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = scale q_t S_t`` of Simple GLA /
+    RetNet / LASP-2, written as one masked matrix product: O(S^2), for CPU-sized tests.
+    q, k, v ``[B, S, H, D]``; computed in fp32, returned in q's dtype.
+    """
+    B, S, H, D = q.shape
+    qf, kf, vf = q.float(), k.float(), v.float()
+    scores = torch.einsum("bthd,bshd->bhts", qf, kf) * D**-0.5
+    causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    if g is None and g_gamma is not None:
+        g = g_gamma.float().view(1, 1, H).expand(B, S, H)
+    if g is not None:
+        cum = g.float().cumsum(1).transpose(1, 2)  # [B, H, S]
+        diff = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf"))
+        scores = scores * diff.exp()
+    else:
+        scores = scores.masked_fill(~causal, 0.0)
+    return torch.einsum("bhts,bshd->bthd", scores, vf).to(q.dtype)
+
+
+def _sp_function(name: str):
+    import commflow.sp as sp
+
+    fn = getattr(sp, name, None)
+    if fn is None:
+        raise NotImplementedError(f"commflow.sp.{name} is not available yet; run with --sp 1")
+    return fn
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SequenceParallel) -> torch.Tensor:
+    """Causal softmax attention of this rank's shard ``[B, S_local, H, D]`` (k, v may have fewer heads)."""
+    if plan.size == 1:
+        return local_softmax_attention(q, k, v)
+    if plan.softmax == "ulysses":
+        return _sp_function("ulysses_attention")(q, k, v, group=plan.group, causal=True)
+    fn = _sp_function(f"{plan.softmax}_attention")
+    return fn(q, k, v, group=plan.group, causal=True, layout=plan.layout)
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SequenceParallel, *,
+                     g: torch.Tensor | None = None, g_gamma: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal linear attention of this rank's contiguous shard ``[B, S_local, H, D]`` (LASP-2 across ranks)."""
+    if plan.size == 1:
+        return local_linear_attention(q, k, v, g=g, g_gamma=g_gamma)
+    return _sp_function("lasp2_attention")(q, k, v, g=g, g_gamma=g_gamma, group=plan.group, causal=True)

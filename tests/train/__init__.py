@@ -1,0 +1,1 @@
+"""Tests of commflow.train (the trainer)."""
