@@ -32,6 +32,7 @@ def decentral(
     drop_kind: Annotated[str, typer.Option(help="The scenario when --compare is not given. " + _SCENARIO_HELP)] = "relay",
     at: Annotated[int, typer.Option(help="Round (0-based) at whose start the nodes drop.")] = 20,
     rounds: Annotated[int, typer.Option(help="Rounds of local training + averaging.")] = 100,
+    eval_every: Annotated[int, typer.Option(help="Score every k rounds (and the last); 1 = every round.")] = 1,
     compare: Annotated[str | None, typer.Option(help="Comma-separated scenarios, e.g. data,relay,none.")] = None,
     out: Annotated[Path, typer.Option(help="Output directory: rounds.jsonl, accuracy.png, run.json.")] = Path("decentral_out"),
     mixing: Annotated[str, typer.Option(help="Averaging rule: uniform | metropolis | data.")] = "metropolis",
@@ -66,7 +67,7 @@ def decentral(
         raise typer.Exit(2) from None
 
 
-def _run(console, *, nodes, graph, drop, drop_kind, at, rounds, compare, out, mixing, floor, split, alpha, hidden,
+def _run(console, *, nodes, graph, drop, drop_kind, at, rounds, eval_every, compare, out, mixing, floor, split, alpha, hidden,
          lr, batch_size, local_epochs, same_init, link_fail, link_fail_at, link_fail_by, rejoin_at, mode, dtype,
          seed, threads) -> None:
     import torch
@@ -89,7 +90,7 @@ def _run(console, *, nodes, graph, drop, drop_kind, at, rounds, compare, out, mi
         nodes = 100
     config = DecentralConfig(nodes=nodes, graph=graph, mixing=mixing, floor=floor, split=split, alpha=alpha,
                              hidden=widths, lr=lr, batch_size=batch_size, local_epochs=local_epochs, rounds=rounds,
-                             same_init=same_init, dtype=dtype, seed=seed)
+                             eval_every=eval_every, same_init=same_init, dtype=dtype, seed=seed)
     scenarios = [s.strip() for s in (compare or drop_kind).split(",") if s.strip()]
     extra: tuple = ()
     if link_fail > 0:
@@ -98,7 +99,7 @@ def _run(console, *, nodes, graph, drop, drop_kind, at, rounds, compare, out, mi
         extra += (Rejoin(at=rejoin_at),)
 
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("rounds", total=rounds * len(scenarios))
+        task = progress.add_task("rounds", total=sum(map(config.scored, range(rounds))) * len(scenarios))
         results = run_comparison(config, scenarios, fraction=drop, at=at, extra_events=extra, mode=mode,
                                  on_round=lambda rec: progress.update(task, advance=1,
                                                                       description=f"{rec['scenario']} round {rec['round']}"))

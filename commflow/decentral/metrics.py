@@ -5,7 +5,7 @@ is not scored (it has left the network), a rejoined node is scored again. So
 ``mean_acc`` after a drop is the mean over survivors, and it can rise when a drop
 removes poor models; read it beside ``alive`` and ``components``.
 
-Fields of one record (one per scenario per round, the rows of ``rounds.jsonl``):
+Fields of one record (one per scenario per scored round, the rows of ``rounds.jsonl``):
 
 =================  ===============================================================
 ``mean_acc``       mean test accuracy of the alive nodes' models (after averaging)

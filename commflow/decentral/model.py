@@ -3,7 +3,7 @@
 Every node has the same architecture ``features -> hidden... -> classes`` (ReLU between
 layers), so the models of N nodes are the rows of one parameter matrix ``params
 [N, P]``. Averaging is then one matrix product ``W @ params`` and local training is a
-batched matmul per layer (``torch.baddbmm``). Each row is laid out layer by layer,
+batched matmul per layer (``torch.matmul`` over the node dimension). Each row is laid out layer by layer,
 weight ``[d_in, d_out]`` (row-major) then bias ``[d_out]``; :class:`MLPLayout` knows
 the offsets.
 
@@ -114,7 +114,7 @@ def forward_batched(params: torch.Tensor, x: torch.Tensor, layout: MLPLayout) ->
     h = x
     last = len(layout.layers) - 1
     for i, (offset, d_in, d_out) in enumerate(layout.layers):
-        w, b = _layer(params, offset, d_in, d_out)
+        w, b = _layer(params, offset, d_in, d_out)  # [N, d_in, d_out], [N, 1, d_out]
         h = torch.matmul(h, w) + b  # [N, B, d_out]; a shared [B, d_in] input broadcasts over N
         if i < last:
             h = torch.relu(h)

@@ -101,6 +101,8 @@ def run_node(config: DecentralConfig, schedule: Schedule, scenario: str = "custo
                                          batch_size=cfg.batch_size)
             x = _exchange_and_average(x, neighbours, round=r, data_size=int(sizes[rank]), rule=cfg.mixing,
                                       floor=prep.floor_samples)
+        if not cfg.scored(r):
+            continue
         acc = accuracy_single(x, x_test, y_test, layout)
         all_gather_tensor(gathered, torch.cat([x, torch.tensor([acc], dtype=dtype)]))
         if rank == 0:

@@ -3,7 +3,7 @@
 All N models live in ``params [N, P]``. A round is
 
 * local training: ``local_epochs`` epochs of batched SGD
-  (:func:`~commflow.decentral.model.sgd_epoch_batched`: one ``baddbmm``-style matmul per
+  (:func:`~commflow.decentral.model.sgd_epoch_batched`: one batched matmul per
   layer over every node that still has a minibatch in this step);
 * averaging: ``params <- W @ params`` with the round's mixing matrix ``W [N, N]``;
 * scoring: every node's model on the shared test set in one broadcast matmul.
@@ -83,6 +83,8 @@ def simulate(
             sgd_epoch_batched(params, prep.layout, x_train, y_train, index, counts, order, trainers,
                               lr=cfg.lr, batch_size=cfg.batch_size)
         params = op @ params
+        if not cfg.scored(r):
+            continue
         acc = accuracy_batched(params, x_test, y_test, prep.layout).numpy()
         rec = round_record(scenario=scenario, round=r, accuracy=acc, params=params, stats=stats, alive=topo.alive)
         records.append(rec)

@@ -31,13 +31,18 @@ def test_consensus_is_reached_without_training_at_the_rules_weighted_mean(rule):
         assert (x0.mean(0) - target).abs().max() > 1e-3
 
 
-def test_sparse_and_dense_mixing_agree():
+def test_sparse_and_dense_mixing_agree_and_eval_every_only_thins_the_records():
     cfg = DecentralConfig(nodes=80, rounds=5, dtype="float64", hidden=(8,))
     prep = prepare(cfg, Schedule(events=scenario_events("relay", fraction=0.2, at=2)))
     dense = simulate(prep, mixing_backend="dense")
     sparse = simulate(prep, mixing_backend="sparse")
     torch.testing.assert_close(dense.params, sparse.params, rtol=0, atol=1e-12)
     assert [r["mean_acc"] for r in dense.records] == [r["mean_acc"] for r in sparse.records]
+    cfg2 = DecentralConfig(nodes=80, rounds=5, dtype="float64", hidden=(8,), eval_every=2)
+    thin = simulate(prepare(cfg2, Schedule(events=scenario_events("relay", fraction=0.2, at=2))))
+    assert [r["round"] for r in thin.records] == [1, 3, 4]
+    assert thin.records == [dense.records[i] for i in (1, 3, 4)]
+    assert torch.equal(thin.params, sparse.params)
 
 
 def test_dropped_nodes_are_frozen_and_metrics_count_survivors_only():
