@@ -10,6 +10,7 @@ from .allgather import allgather_attention
 from .lasp2 import lasp2_attention
 from .layout import LAYOUTS, positions, shard, unshard
 from .linear_kernels import chunk_linear_attention
+from .ring import ring_attention
 
 __all__ = [
     "LAYOUTS",
@@ -17,6 +18,7 @@ __all__ = [
     "chunk_linear_attention",
     "lasp2_attention",
     "positions",
+    "ring_attention",
     "shard",
     "unshard",
 ]

@@ -26,9 +26,11 @@ def strategy_fn(name: str):
 
 # Named tolerances on max|got - reference| / max|reference| of the output and of dq,
 # dk, dv (this rank's shard). fp64 shows the algebra is exact; fp32 is the kernels'
-# rounding; with bf16 every block output and gradient is rounded to 8 mantissa bits
-# (one ulp is 2**-8 = 3.9e-3 of the leading binade), so 1e-2 allows ~2.5 ulp.
-TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 1e-2}
+# rounding. With bf16 the fused kernels return every block's output and gradients
+# rounded to 8 mantissa bits (one ulp is 2**-8 = 3.9e-3 of the leading binade); the
+# strategies sum those blocks in fp32 and round once more, so a shard's gradient
+# carries up to ~W + 1 roundings: 2e-2 allows 5 ulp.
+TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2}
 
 
 @dataclass(frozen=True)
