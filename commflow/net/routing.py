@@ -79,7 +79,13 @@ class PathTable:
         order = ids[np.lexsort((ids, src[ids]))]
         self.out_ptr = np.searchsorted(src[order], np.arange(n + 1))
         self.out_ids = order
-        self.rev = sp.csr_matrix((np.ones(len(ids)), (dst[ids], src[ids])), shape=(n, n))
+        # Distances are computed on the switch-only graph (hosts never forward), compactly indexed.
+        self.sw_ids = np.flatnonzero(~topo.is_host)
+        compact = np.full(n, -1, np.int64)
+        compact[self.sw_ids] = np.arange(len(self.sw_ids))
+        self.compact = compact
+        m = len(self.sw_ids)
+        self.rev = sp.csr_matrix((np.ones(len(ids)), (compact[dst[ids]], compact[src[ids]])), shape=(m, m))
         host_links = up & (topo.is_host[src] | topo.is_host[dst])
         hl = np.flatnonzero(host_links)
         self.host_out = _group(hl, src[hl], topo.hosts)
@@ -92,10 +98,12 @@ class PathTable:
         self._spray: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     def dist_to(self, t: int) -> np.ndarray:
-        """Hops from every node to switch ``t`` over working switch links (inf: unreachable)."""
+        """Hops from every node to switch ``t`` over working switch links (inf: unreachable or a host)."""
         d = self._dist.get(t)
         if d is None:
-            d = shortest_path(self.rev, method="D", unweighted=True, indices=t)
+            dc = shortest_path(self.rev, method="D", unweighted=True, indices=int(self.compact[t]))
+            d = np.full(self.topo.num_nodes, np.inf)
+            d[self.sw_ids] = dc
             self._dist[t] = d
         return d
 
@@ -111,19 +119,21 @@ class PathTable:
             if not np.isfinite(dist[s]):
                 res = None
             else:
-                frontier = [(s, ())]
-                for _ in range(int(dist[s])):
-                    nxt = []
-                    for v, pre in frontier:
-                        for lk in self.out_ids[self.out_ptr[v]:self.out_ptr[v + 1]]:
-                            w = self.topo.link_dst[lk]
-                            if dist[w] == dist[v] - 1:
-                                nxt.append((w, pre + (int(lk),)))
-                    frontier = nxt
-                    if len(frontier) > self.max_paths:
+                link_dst = self.topo.link_dst
+                nodes, prefix = [s], np.zeros((1, 0), np.int64)
+                for hop in range(int(dist[s])):
+                    new_nodes, new_prefix = [], []
+                    for v, pre in zip(nodes, prefix):
+                        lk = self.out_ids[self.out_ptr[v]:self.out_ptr[v + 1]]
+                        lk = lk[dist[link_dst[lk]] == dist[s] - hop - 1]
+                        new_nodes.append(link_dst[lk])
+                        new_prefix.append(np.column_stack([np.repeat(pre[None, :], len(lk), 0), lk]))
+                    nodes = np.concatenate(new_nodes).tolist()
+                    prefix = np.concatenate(new_prefix)
+                    if len(nodes) > self.max_paths:
                         raise ValueError(f"max_paths: more than {self.max_paths} equal-cost paths between "
                                          f"{self.topo.nodes[s]!r} and {self.topo.nodes[t]!r}")
-                res = np.asarray([p for _, p in frontier], np.int64)
+                res = prefix.astype(np.int64)
         self._sw[key] = res
         return res
 
