@@ -37,9 +37,10 @@ import torch.distributed as dist
 
 from commflow.dist import all_gather_tensor
 
+from .layout import LAYOUTS
 from .linear_kernels import LinearKernels, decay_mode, select_kernels
 
-__all__ = ["check_lasp2_inputs", "lasp2_attention", "scan_weights"]
+__all__ = ["check_lasp2_inputs", "chunk_owners", "lasp2_attention", "scan_weights"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -51,7 +52,8 @@ def _rank_world(group) -> tuple[int, int]:
 
 
 def check_lasp2_inputs(
-    q, k, v, *, g=None, g_gamma=None, causal: bool = True, scale=None, check_decay_sign: bool = True
+    q, k, v, *, g=None, g_gamma=None, causal: bool = True, scale=None, layout: str = "contiguous",
+    check_decay_sign: bool = True,
 ) -> None:
     """Raise a ValueError naming the argument, its value and the rule; no communication.
 
@@ -77,6 +79,11 @@ def check_lasp2_inputs(
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.shape[1] < 1:
         raise ValueError(f"q.shape[1] (local sequence) must be >= 1, got {q.shape[1]}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "zigzag" and q.shape[1] % 2:
+        raise ValueError(f"layout 'zigzag' needs an even local sequence (two chunks per rank; the global length "
+                         f"divisible by 2 x group size), got q.shape[1]={q.shape[1]}")
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     if g is not None and g_gamma is not None:
@@ -150,65 +157,102 @@ def _add_inter(o, q, s_in, G, scale):
     return (o.to(cdt) + weight * inter).to(o.dtype)
 
 
+def chunk_owners(world: int, layout: str) -> list[tuple[int, int]]:
+    """Global chunk order as ``(rank, segment)``: contiguous has one chunk per rank; zigzag two,
+    rank ``r`` holding chunks ``r`` (segment 0) and ``2W-1-r`` (segment 1)."""
+    if layout == "contiguous" or world == 1:
+        return [(r, 0) for r in range(world)]
+    return [(r, 0) for r in range(world)] + [(r, 1) for r in reversed(range(world))]
+
+
+def _segments(layout: str, world: int) -> int:
+    return 2 if layout == "zigzag" and world > 1 else 1
+
+
+def _to_global_order(per_rank: torch.Tensor, owners) -> torch.Tensor:
+    """``[W, B, n, ...]`` gathered per rank and segment -> ``[n W, B, ...]`` in global chunk order."""
+    ranks = torch.tensor([r for r, _ in owners], device=per_rank.device)
+    segs = torch.tensor([s for _, s in owners], device=per_rank.device)
+    return per_rank[ranks, :, segs]
+
+
 class _Lasp2Causal(torch.autograd.Function):
+    """Causal LASP-2. The shard is viewed as ``n`` segments (1 contiguous, 2 zigzag), each a
+    chunk of the global sequence: ``[B, S, H, D]`` -> ``[B n, S/n, H, D]`` (a view); the scan
+    runs over all ``n W`` chunks in global order, so zigzag costs one all-gather too."""
+
     @staticmethod
-    def forward(ctx, q, k, v, g, g_gamma, scale, group, kernels: LinearKernels):
+    def forward(ctx, q, k, v, g, g_gamma, scale, group, kernels: LinearKernels, layout: str):
         rank, world = _rank_world(group)
+        n = _segments(layout, world)
         B, S, H, K = q.shape
-        Vd = v.shape[-1]
-        dec = kernels.prepare(g, g_gamma, S)
-        h, s_local = kernels.states(k, v, dec, None, world > 1)
+        Vd, c = v.shape[-1], S // n
+        qs, ks, vs = (x.view(B * n, c, H, x.shape[-1]) for x in (q, k, v))
+        gs = None if g is None else g.view(B * n, c, H)
+        dec = kernels.prepare(gs, g_gamma, c)
+        h, s_local = kernels.states(ks, vs, dec, None, world > 1)
         s_in = log_gammas = None
         if world == 1:
-            o = kernels.output(q, k, v, dec, h, scale)
+            o = kernels.output(qs, ks, vs, dec, h, scale)
         else:
-            mode = dec.mode
             sdt = torch.float64 if q.dtype == torch.float64 else torch.float32  # the state chain's dtype
             payload = s_local.to(sdt).reshape(-1)
-            if mode == "g":
-                payload = torch.cat([payload, g.to(sdt).sum(1).reshape(-1)])
+            if dec.mode == "g":
+                payload = torch.cat([payload, gs.to(sdt).sum(1).reshape(-1)])
             gathered = payload.new_empty(world * payload.numel())
             work = all_gather_tensor(gathered, payload, group=group, async_op=True)
-            o = kernels.output(q, k, v, dec, h, scale)  # overlapped with the all-gather
+            o = kernels.output(qs, ks, vs, dec, h, scale)  # overlapped with the all-gather
             work.wait()
             parts = gathered.view(world, -1)
-            states = parts[:, : B * H * K * Vd].view(world, B, H, K, Vd)
-            if mode == "g":
-                log_gammas = parts[:, B * H * K * Vd:].view(world, B, H)
-            elif mode == "gamma":
-                log_gammas = (g_gamma.to(sdt) * S)[None, None, :].expand(world, B, H)
+            n_state = B * n * H * K * Vd
+            states = parts[:, :n_state].view(world, B, n, H, K, Vd)
+            if dec.mode == "g":
+                log_gammas = parts[:, n_state:].view(world, B, n, H)
+            elif dec.mode == "gamma":
+                log_gammas = (g_gamma.to(sdt) * c).expand(world, B, n, H)
             else:
-                log_gammas = states.new_zeros(world, B, H)
-            w = scan_weights(log_gammas, rank, reverse=False)
-            s_in = torch.einsum("wbh,wbhkv->bhkv", w, states)
-            o = _add_inter(o, q, s_in, _local_log_decay(q, g, g_gamma), scale)
+                log_gammas = states.new_zeros(world, B, n, H)
+            owners = chunk_owners(world, layout)
+            states, log_gammas = _to_global_order(states, owners), _to_global_order(log_gammas, owners)
+            mine = [owners.index((rank, seg)) for seg in range(n)]
+            s_in = torch.stack([torch.einsum("wbh,wbhkv->bhkv", scan_weights(log_gammas, i, reverse=False), states)
+                                for i in mine], dim=1).view(B * n, H, K, Vd)
+            o = _add_inter(o, qs, s_in, _local_log_decay(qs, gs, g_gamma), scale)
         ctx.save_for_backward(q, k, v, g, g_gamma, s_in, log_gammas)
-        ctx.scale, ctx.group, ctx.kernels, ctx.rank, ctx.world = scale, group, kernels, rank, world
-        return o
+        ctx.scale, ctx.group, ctx.kernels, ctx.rank, ctx.world, ctx.layout = scale, group, kernels, rank, world, layout
+        return o.reshape(B, S, H, Vd)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, g, g_gamma, s_in, log_gammas = ctx.saved_tensors
         kernels, scale, rank, world = ctx.kernels, ctx.scale, ctx.rank, ctx.world
-        do = do.contiguous()
-        dec = kernels.prepare(g, g_gamma, q.shape[1])
+        n = _segments(ctx.layout, world)
+        B, S, H, K = q.shape
+        Vd, c = v.shape[-1], S // n
+        qs, ks, vs, dos = (x.view(B * n, c, H, x.shape[-1]) for x in (q, k, v, do.contiguous()))
+        gs = None if g is None else g.view(B * n, c, H)
+        dec = kernels.prepare(gs, g_gamma, c)
         ds_out = None
         if world == 1:
-            h, _ = kernels.states(k, v, dec, None, False, states_in_fp32=True)
+            h, _ = kernels.states(ks, vs, dec, None, False, states_in_fp32=True)
         else:
             sdt = s_in.dtype
-            G = _local_log_decay(q, g, g_gamma)
-            q_dec = q.to(sdt) if G is None else q.to(sdt) * torch.exp(G)[..., None]
-            d_own = scale * torch.einsum("bshk,bshv->bhkv", q_dec, do.to(sdt))  # D_r in the chain's dtype
+            G = _local_log_decay(qs, gs, g_gamma)
+            q_dec = qs.to(sdt) if G is None else qs.to(sdt) * torch.exp(G)[..., None]
+            d_own = scale * torch.einsum("bshk,bshv->bhkv", q_dec, dos.to(sdt))  # D per segment, chain dtype
             gathered = d_own.new_empty(world * d_own.numel())
             work = all_gather_tensor(gathered, d_own.reshape(-1), group=ctx.group, async_op=True)
             # Overlapped with the all-gather: the states with the incoming state (fp32 for the backward).
-            h, _ = kernels.states(k, v, dec, s_in, False, states_in_fp32=True)
+            h, _ = kernels.states(ks, vs, dec, s_in, False, states_in_fp32=True)
             work.wait()
-            w = scan_weights(log_gammas, rank, reverse=True)
-            ds_out = torch.einsum("wbh,wbhkv->bhkv", w, gathered.view(world, *d_own.shape))
-        dq, dk, dv, dg, _ = kernels.backward(q, k, v, dec, h, do, s_in if world > 1 else None, ds_out, scale)
-        return dq, dk, dv, dg, None, None, None, None
+            owners = chunk_owners(world, ctx.layout)
+            d_all = _to_global_order(gathered.view(world, B, n, H, K, Vd), owners)
+            mine = [owners.index((rank, seg)) for seg in range(n)]
+            ds_out = torch.stack([torch.einsum("wbh,wbhkv->bhkv", scan_weights(log_gammas, i, reverse=True), d_all)
+                                  for i in mine], dim=1).view(B * n, H, K, Vd)
+        dq, dk, dv, dg, _ = kernels.backward(qs, ks, vs, dec, h, dos, s_in if world > 1 else None, ds_out, scale)
+        dg = None if dg is None else dg.reshape(B, S, H)
+        return dq.reshape(B, S, H, K), dk.reshape(B, S, H, K), dv.reshape(B, S, H, Vd), dg, None, None, None, None, None
 
 
 class _Lasp2Bidirectional(torch.autograd.Function):
@@ -249,6 +293,7 @@ def lasp2_attention(
     group: dist.ProcessGroup | None = None,
     causal: bool = True,
     scale: float | None = None,
+    layout: str = "contiguous",
     kernels: LinearKernels | str | None = None,
     check_decay_sign: bool = True,
 ) -> torch.Tensor:
@@ -265,6 +310,10 @@ def lasp2_attention(
         scale: score scale, default ``D_k ** -0.5``.
         kernels: a :class:`~commflow.sp.linear_kernels.LinearKernels`, a backend name
             (``"torch"``, ``"fla"``, ``"fla-torch-dqkg"``) or None (fla on CUDA, torch otherwise).
+        layout: how the sequence is sharded: ``"contiguous"`` (rank ``r`` holds tokens
+            ``[r S/W, (r+1) S/W)``) or ``"zigzag"`` (rank ``r`` holds chunks ``r`` and ``2W-1-r`` of
+            ``2W``; :func:`commflow.sp.shard`). Zigzag lets a hybrid model keep causal softmax layers
+            balanced; here it costs nothing but a payload of two states instead of one.
         check_decay_sign: check ``g <= 0`` / ``g_gamma <= 0`` (one host sync).
 
     Returns:
@@ -272,7 +321,7 @@ def lasp2_attention(
         ``q, k, v, g``. Communication: one all-gather of ``B H D_k D_v`` fp32 (+ ``B H`` for ``g``)
         per direction, independent of the sequence length.
     """
-    check_lasp2_inputs(q, k, v, g=g, g_gamma=g_gamma, causal=causal, scale=scale,
+    check_lasp2_inputs(q, k, v, g=g, g_gamma=g_gamma, causal=causal, scale=scale, layout=layout,
                        check_decay_sign=check_decay_sign)
     if not isinstance(kernels, LinearKernels):
         kernels = select_kernels(q.device, backend=kernels)
@@ -281,4 +330,5 @@ def lasp2_attention(
         return _Lasp2Bidirectional.apply(q, k, v, scale, group)
     if decay_mode(g, g_gamma) == "g" and not g.is_contiguous():
         g = g.contiguous()
-    return _Lasp2Causal.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, g_gamma, scale, group, kernels)
+    return _Lasp2Causal.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, g_gamma, scale, group, kernels,
+                              layout)

@@ -46,7 +46,7 @@ def _inputs(mode, batch, seq, heads, dk, dv, dtype, seed=0):
     return q, k, v, do, g, g_gamma
 
 
-def _run_cases(cases, attention=lasp2_attention):
+def _run_cases(cases, attention=lasp2_attention, layout="contiguous"):
     """Per case: (output error, {grad name: error}) as max |mine - reference| / max |reference|."""
     world = dist.get_world_size()
     results = []
@@ -58,14 +58,16 @@ def _run_cases(cases, attention=lasp2_attention):
                                           g_gamma=None if g_gamma is None else g_gamma.double(), causal=causal)
         ref_grads = torch.autograd.grad(o_ref, list(ref_in.values()), do.double())
 
-        local = {n: shard(t).requires_grad_() for n, t in leaves.items()}
+        local = {n: shard(t, layout=layout).requires_grad_() for n, t in leaves.items()}
         kw = {"causal": causal} if not causal else {}
+        if layout != "contiguous":
+            kw["layout"] = layout
         o = attention(local["q"], local["k"], local["v"], g=local.get("g"), g_gamma=g_gamma,
                       kernels=TorchChunkKernels(chunk_size=4), **kw)
-        grads = torch.autograd.grad(o, list(local.values()), shard(do))
+        grads = torch.autograd.grad(o, list(local.values()), shard(do, layout=layout))
 
         def err(mine, ref):
-            ref_local = shard(ref)
+            ref_local = shard(ref, layout=layout)
             return ((mine.double() - ref_local).abs().max() / ref.abs().max()).item()
 
         results.append((err(o, o_ref), {n: err(gm, gr) for n, gm, gr in zip(local, grads, ref_grads)}))
@@ -88,6 +90,13 @@ def _run_baselines(cases):
 def test_lasp2_matches_reference(dist_pool, world):
     results = dist_pool(world).run(_run_cases, CASES)
     _assert_close(results, CASES)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_lasp2_zigzag_matches_reference(dist_pool, world):
+    """Zigzag shards (two chunks per rank, as LASP-2H uses): the scan runs over 2W chunks."""
+    results = dist_pool(world).run(_run_cases, CASES, lasp2_attention, "zigzag")
+    _assert_close(results, CASES, label="lasp2-zigzag")
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -254,6 +263,8 @@ BAD_INPUTS = {
     "g and g_gamma": {"both": True},
     "non-causal with decay": {"causal": False, "decay": "g"},
     "scale": {"scale": -1.0},
+    "layout": {"layout": "striped"},
+    "zigzag odd shard": {"layout": "zigzag", "q": (2, 7, 2, 4), "k": (2, 7, 2, 4), "v": (2, 7, 2, 3)},
     "backend": {"kernels": "fla"},
     "unknown backend": {"kernels": "nope"},
 }
@@ -274,7 +285,8 @@ def _bad_call(spec):
         if spec.get("g_gamma_positive"):
             g_gamma[0] = 0.1
     return lasp2_attention(q, k, v, g=g, g_gamma=g_gamma, causal=spec.get("causal", True),
-                           scale=spec.get("scale"), kernels=spec.get("kernels", TorchChunkKernels(chunk_size=4)))
+                           scale=spec.get("scale"), layout=spec.get("layout", "contiguous"),
+                           kernels=spec.get("kernels", TorchChunkKernels(chunk_size=4)))
 
 
 def _error_cases(bad):
@@ -299,6 +311,7 @@ def test_bad_input_raises_on_every_rank_before_any_collective(dist_pool):
         "g shape": "g must have shape", "g dtype": "g.dtype", "g sign": "<= 0", "g_gamma shape": "g_gamma must have",
         "g_gamma sign": "<= 0", "g and g_gamma": "at most one", "non-causal with decay": "causal=False",
         "scale": "scale", "backend": "CUDA", "unknown backend": "backend must be",
+        "layout": "layout must be", "zigzag odd shard": "even local sequence",
     }
     for rank, (messages, total) in enumerate(results):
         for name, words in expected_words.items():
