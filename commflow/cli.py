@@ -44,6 +44,7 @@ def bench(ctx: typer.Context, name: str = typer.Argument("list", help="benchmark
 app.add_typer(__import__("commflow.train.cli", fromlist=["app"]).app, name="train", help="Train a hybrid Linear-Llama with sequence parallelism (the main job).")
 app.command("decentral")(__import__("commflow.decentral.cli", fromlist=["decentral"]).decentral)
 app.add_typer(__import__("commflow.net.cli", fromlist=["app"]).app, name="net")
+app.add_typer(__import__("commflow.overlap.cli", fromlist=["app"]).app, name="overlap")
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ HBM3, torch 2.11, NCCL 2.28, multicast off) and CPUs rough gloo numbers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -110,12 +111,16 @@ class Calibration:
     def memory_us(self, nbytes: float) -> float:
         return nbytes / (self.memory_gbps * 1e3)
 
-    def fingerprint(self) -> str:
-        """Hash of every number the plan reads: equal fingerprints give equal decisions."""
+    @functools.cached_property  # computed once per (immutable) calibration: ops ask on every call
+    def _fingerprint(self) -> str:
         d = asdict(self)
         d.pop("measurements", None)
         d.pop("source", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        """Hash of every number the plan reads: equal fingerprints give equal decisions."""
+        return self._fingerprint
 
     def to_json(self) -> dict:
         return asdict(self)

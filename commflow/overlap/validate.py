@@ -30,8 +30,27 @@ class GroupInfo:
     world_size: int
 
 
+_GROUPS: dict[tuple[int, str], tuple[dist.ProcessGroup, GroupInfo]] = {}
+
+
 def check_group(group: dist.ProcessGroup | None, device: torch.device) -> GroupInfo:
-    """Resolve ``group`` (None = default group) and check it can move tensors on ``device``."""
+    """Resolve ``group`` (None = default group) and check it can move tensors on ``device``.
+
+    Cached per group object and device type (the ops call this on every call; the
+    cache holds the group itself, so an id is never reused for another group).
+    """
+    if dist.is_initialized():
+        resolved = group if group is not None else dist.group.WORLD
+        hit = _GROUPS.get((id(resolved), device.type))
+        if hit is not None and hit[0] is resolved:
+            return hit[1]
+    info = _check_group(group, device)
+    _GROUPS[(id(group if group is not None else dist.group.WORLD), device.type)] = (
+        group if group is not None else dist.group.WORLD, info)
+    return info
+
+
+def _check_group(group: dist.ProcessGroup | None, device: torch.device) -> GroupInfo:
     if not dist.is_initialized():
         raise ValueError(
             "group: torch.distributed is not initialized; call commflow.dist.init_distributed() first "

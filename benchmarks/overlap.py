@@ -1,0 +1,445 @@
+"""Tensor-parallel GEMM + collective: sequential vs torch's fused ops vs commflow.overlap.
+
+Per row (op, layer shape, M tokens, world size), in one process group and on the
+same buffers:
+
+* ``gemm``: the local GEMM alone; ``comm``: the plain NCCL collective alone;
+* ``sequential``: ``torch.mm`` then the NCCL collective (Megatron's default);
+* ``torch_fused``: ``torch.ops.symm_mem.fused_matmul_reduce_scatter`` /
+  ``fused_all_gather_matmul`` (symmetric memory, multicast off; no all-reduce variant);
+* ``auto`` / ``auto_backend``: our op with the plan's choice (fp32 / backend reduction);
+* ``overlap`` / ``overlap_backend``: our op forced to overlap (chunks from the plan).
+
+Times are CUDA-event medians after warm-up, ranks lined up by a barrier before each
+sample, the slowest rank's number; a sample is ``--calls-per-sample`` calls back to back
+(per-call time = sample / calls), so the host's launch work overlaps the GPU as it does
+in a training step, for every variant alike. Overlap efficiency
+``eta = (t_gemm + t_comm - t) / min(t_gemm, t_comm)`` (T3's and Flux's definition).
+A variant that fails records its error in its row; rows already measured are appended
+to a ``.jsonl`` beside the result as they finish, so a crash loses nothing measured.
+
+Shapes: the row-parallel GEMMs of Llama-3 (attention output: K = N = hidden; FC2:
+K = ffn, N = hidden) for GEMM + reduce-scatter and GEMM + all-reduce; for all-gather +
+GEMM the same layers' input-gradient GEMM under sequence parallelism (gather dY
+``[M/R, hidden]``, multiply by ``W_r^T [hidden, K/R]``). ``--tiny`` divides every
+dim by 64 so the whole benchmark runs on CPU (gloo) in seconds.
+
+``python -m benchmarks.overlap report FILE.json`` writes the markdown table and the
+plot (docs/overlap_results.md, docs/img/overlap_*.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from .registry import register
+
+SHAPES = {  # name: (K, N) of the row-parallel GEMM, global
+    "llama3-70b-attn-out": (8192, 8192),
+    "llama3-70b-fc2": (28672, 8192),
+    "llama3-8b-attn-out": (4096, 4096),
+    "llama3-8b-fc2": (14336, 4096),
+}
+SMALL_M_SHAPE = "llama3-70b-attn-out"
+OPS = {"rs": "matmul_reduce_scatter", "ar": "matmul_all_reduce", "ag": "all_gather_matmul"}
+VARIANTS = ("gemm", "comm", "sequential", "torch_fused", "auto", "auto_backend", "overlap", "overlap_backend")
+GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+TINY = 64
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", default="2", help="comma-separated world sizes, run one after the other")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--ops", default="rs,ar,ag", help="subset of rs,ar,ag")
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"subset of {','.join(SHAPES)}")
+    p.add_argument("--m", default="2048,4096,8192,16384", help="tokens per TP group (main sweep)")
+    p.add_argument("--small-m", default="128,256,512,1024", help=f"small-M guard on {SMALL_M_SHAPE}")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--calls-per-sample", type=int, default=4,
+                   help="calls back to back per timed sample (host launch overhead overlaps the GPU, as in training)")
+    p.add_argument("--tiny", action="store_true", help=f"divide every dim by {TINY} (CPU smoke run)")
+    p.add_argument("--no-calibrate", action="store_true", help="use the saved/default calibration")
+    p.add_argument("--timeout-s", type=float, default=900.0)
+
+
+def _rows_plan(args) -> list[dict]:
+    ops = [o for o in args.ops.split(",") if o]
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        raise SystemExit(f"--ops: unknown {sorted(unknown)}; choose from {sorted(OPS)}")
+    shapes = [s for s in args.shapes.split(",") if s]
+    if set(shapes) - set(SHAPES):
+        raise SystemExit(f"--shapes: unknown {sorted(set(shapes) - set(SHAPES))}; choose from {sorted(SHAPES)}")
+    scale = TINY if args.tiny else 1
+    rows = []
+    for op in ops:
+        for shape in shapes:
+            for m in (int(v) for v in args.m.split(",") if v):
+                rows.append({"op": op, "shape": shape, "m": m // scale, "guard": False})
+        if SMALL_M_SHAPE in shapes or not shapes:
+            for m in (int(v) for v in args.small_m.split(",") if v):
+                rows.append({"op": op, "shape": SMALL_M_SHAPE, "m": max(8, m // scale), "guard": True})
+    for row in rows:
+        k, n = SHAPES[row["shape"]]
+        row["K"], row["N"] = k // scale, n // scale
+    return rows
+
+
+def _torch_fused(op: str, group_name: str):
+    import torch.distributed._symmetric_memory as symm_mem
+
+    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+    if enable is not None:  # needed on older torch, a deprecated no-op on newer
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            enable(group_name)
+    if op == "rs":
+        return lambda x, w: torch.ops.symm_mem.fused_matmul_reduce_scatter(x, w, "sum", 0, group_name)
+    if op == "ag":
+        return lambda x, w: torch.ops.symm_mem.fused_all_gather_matmul(x, [w], 0, group_name)[1][0]
+    return None
+
+
+def _measure_row(row: dict, variants: list[str], info, dtype, args, calibration) -> dict:
+    import torch.distributed as dist
+
+    from benchmarks.timing import max_over_ranks, time_ms
+    from commflow.dist import all_gather_tensor, reduce_scatter_tensor
+    from commflow.overlap import all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter, plan
+
+    dev, world, op, m = info.device, info.world_size, row["op"], row["m"]
+    big_k, n = row["K"], row["N"]
+    out = {**row, "world_size": world, "times_ms": {}, "errors": {}, "plans": {}, "rel_diff_vs_sequential": {}}
+    gen = torch.Generator(device=dev).manual_seed(1234 + info.rank)
+    if op in ("rs", "ar"):
+        x = torch.randn(m, big_k // world, device=dev, generator=gen).to(dtype)  # x_r [M, K/R]
+        w = (torch.randn(big_k // world, n, device=dev, generator=gen) / math.sqrt(big_k)).to(dtype)
+        dims = (m, n, big_k // world)
+    else:  # dgrad under SP: gather dY [M/R, hidden], times W_r^T [hidden, K/R]
+        x = torch.randn(m // world, n, device=dev, generator=gen).to(dtype)
+        w = (torch.randn(n, big_k // world, device=dev, generator=gen) / math.sqrt(n)).to(dtype)
+        dims = (m, big_k // world, n)
+    out["gemm_mnk"] = list(dims)
+    part = torch.zeros(m, dims[1], device=dev, dtype=dtype)
+    shard_out = torch.zeros(m // world, dims[1], device=dev, dtype=dtype)
+    gathered = torch.zeros(m, n, device=dev, dtype=dtype)
+
+    def comm():
+        if op == "rs":
+            reduce_scatter_tensor(shard_out, part)
+        elif op == "ar":
+            dist.all_reduce(part)
+        else:
+            all_gather_tensor(gathered, x)
+
+    def gemm():
+        return torch.mm(gathered if op == "ag" else x, w)
+
+    def sequential():
+        if op == "rs":
+            reduce_scatter_tensor(shard_out, torch.mm(x, w))
+            return shard_out
+        if op == "ar":
+            y = torch.mm(x, w)
+            dist.all_reduce(y)
+            return y
+        all_gather_tensor(gathered, x)
+        return torch.mm(gathered, w)
+
+    fn_of = {"rs": matmul_reduce_scatter, "ar": matmul_all_reduce, "ag": all_gather_matmul}[op]
+    calls = {"gemm": gemm, "comm": comm, "sequential": sequential}
+    for name, mode, reduction in (("auto", "auto", "fp32"), ("auto_backend", "auto", "backend"),
+                                  ("overlap", "overlap", "fp32"), ("overlap_backend", "overlap", "backend")):
+        if op == "ag" and reduction == "backend":
+            continue  # nothing to reduce in the forward
+        calls[name] = (lambda mode=mode, reduction=reduction: fn_of(x, w, mode=mode, reduction=reduction))
+        try:
+            p = plan(OPS[op], *dims, world_size=world, dtype=dtype, calibration=calibration, mode=mode,
+                     reduction=reduction)
+            out["plans"][name] = {"decision": p.decision, "n_chunks": p.n_chunks, "chunk_sizes": list(p.chunk_sizes),
+                                  "predicted_sequential_ms": p.t_sequential_ms, "predicted_ms": p.t_overlap_ms,
+                                  "predicted_gemm_ms": p.t_gemm_ms, "predicted_comm_ms": p.t_comm_ms,
+                                  "reason": p.reason}
+        except ValueError as e:
+            out["errors"][name] = f"plan: {e}"
+    if dev.type == "cuda" and op in ("rs", "ag"):
+        try:
+            group_name = dist.group.WORLD.group_name
+            fused = _torch_fused(op, group_name)
+            calls["torch_fused"] = lambda: fused(x, w)
+        except Exception as e:  # noqa: BLE001 - recorded, the row goes on
+            out["errors"]["torch_fused"] = f"{type(e).__name__}: {e}"
+    reference = None
+    with torch.no_grad():
+        for name in variants:
+            if name not in calls or name in out["errors"]:
+                continue
+            try:
+                fn, reps = calls[name], args.calls_per_sample
+                t = time_ms(lambda fn=fn, reps=reps: [fn() for _ in range(reps)], warmup=args.warmup, iters=args.iters,
+                            device=dev, barrier=True)
+                out["times_ms"][name] = max_over_ranks(t["median_ms"] / reps)
+                if name == "sequential":
+                    reference = sequential().float()
+                elif name not in ("gemm", "comm") and reference is not None:
+                    got = calls[name]().float()
+                    diff = ((got - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
+                    out["rel_diff_vs_sequential"][name] = max_over_ranks(diff)
+            except Exception as e:  # noqa: BLE001 - one variant failing must not lose the row
+                out["errors"][name] = f"{type(e).__name__}: {e}"[:500]
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+    times = out["times_ms"]
+    if "gemm" in times and "comm" in times:
+        tg, tc = times["gemm"], times["comm"]
+        out["comm_over_gemm"] = tc / tg
+        out["eta"] = {k: (tg + tc - t) / min(tg, tc) for k, t in times.items() if k not in ("gemm", "comm")}
+    if "sequential" in times:
+        out["speedup_vs_sequential"] = {k: times["sequential"] / t for k, t in times.items()
+                                        if k not in ("gemm", "comm")}
+    return out
+
+
+def _worker(rows: list[dict], variants: list[str], args_dict: dict, partial_path: str) -> dict:
+    os.environ.update(GPU_ENV)
+    import torch.distributed as dist
+
+    from commflow.dist import init_distributed
+    from commflow.overlap import calibrate, get_calibration
+
+    args = argparse.Namespace(**args_dict)
+    info = init_distributed(device=args.device, timeout_s=args.timeout_s)
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    if args.no_calibrate:
+        cal = get_calibration(info.device, info.world_size)
+    else:
+        cal = calibrate(device=info.device, dtype=dtype, save=True)
+    calibration_s = time.perf_counter() - t0
+    done = []
+    for i, row in enumerate(rows):
+        try:
+            res = _measure_row(row, variants, info, dtype, args, cal)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory while allocating the row
+            res = {**row, "world_size": info.world_size, "row_error": f"{type(e).__name__}: {e}"[:500],
+                   "traceback": traceback.format_exc()[-2000:]}
+        done.append(res)
+        if info.device.type == "cuda":
+            torch.cuda.empty_cache()  # the row's buffers are gone; keep the next row's allocations clean
+        if info.rank == 0:
+            with open(partial_path, "a") as f:
+                f.write(json.dumps(res) + "\n")
+            t = res.get("times_ms", {})
+            print(f"[{info.world_size} ranks] {i + 1}/{len(rows)} {row['op']} {row['shape']} M={row['m']}: "
+                  + " ".join(f"{k}={v:.3f}" for k, v in t.items())
+                  + (f" errors={list(res.get('errors', {}))}" if res.get("errors") else ""), flush=True)
+    dist.barrier()
+    return {"world_size": info.world_size, "calibration": cal.to_json(), "calibration_s": calibration_s,
+            "rows": done}
+
+
+def _geomean(values: list[float]) -> float | None:
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per (op, world size): the goals of issue 8, computed from the rows."""
+    out = {}
+    keys = sorted({(r["op"], r["world_size"]) for r in rows})
+    for op, world in keys:
+        mine = [r for r in rows if r["op"] == op and r["world_size"] == world and "speedup_vs_sequential" in r]
+        main = [r for r in mine if not r["guard"]]
+        heavy = [r for r in main if r.get("comm_over_gemm", 0) >= 0.4]
+        entry = {"rows": len(mine), "comm_heavy_rows": len(heavy)}
+        for variant in ("auto", "auto_backend", "overlap", "overlap_backend", "torch_fused"):
+            sp = [r["speedup_vs_sequential"].get(variant) for r in main]
+            if not any(sp):
+                continue
+            every = [r["speedup_vs_sequential"].get(variant) for r in mine if variant in r["speedup_vs_sequential"]]
+            entry[variant] = {
+                "geomean_speedup_main": _geomean(sp),
+                "geomean_speedup_comm_heavy": _geomean([r["speedup_vs_sequential"].get(variant) for r in heavy]),
+                "worst_speedup_all": min(every) if every else None,
+                "eta_comm_heavy_min": min((r["eta"][variant] for r in heavy if variant in r.get("eta", {})),
+                                          default=None),
+            }
+        out[f"{op}/{world}"] = entry
+    return out
+
+
+@register("overlap", "TP GEMM + reduce-scatter / all-reduce / all-gather: sequential vs torch fused vs ours",
+          _arguments)
+def run(args: argparse.Namespace) -> dict:
+    from commflow.dist import spawn
+
+    from .results import RESULTS_DIR
+
+    rows = _rows_plan(args)
+    variants = [v for v in args.variants.split(",") if v]
+    if set(variants) - set(VARIANTS):
+        raise SystemExit(f"--variants: unknown {sorted(set(variants) - set(VARIANTS))}; choose from {VARIANTS}")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    partial = RESULTS_DIR / f"overlap_partial_{stamp}.jsonl"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    print(f"rows are appended to {partial} as they finish", flush=True)
+    results = {"worlds": [], "rows": [], "partial_file": str(partial)}
+    for world in (int(v) for v in str(args.nproc).split(",") if v):
+        try:
+            res = spawn(_worker, world, rows, variants, vars(args), str(partial), backend=None, init=False,
+                        timeout_s=args.timeout_s, env=GPU_ENV)[0]
+        except Exception as e:  # noqa: BLE001 - keep the other world size's numbers
+            results["worlds"].append({"world_size": world, "error": f"{type(e).__name__}: {e}"[-3000:]})
+            continue
+        results["worlds"].append({k: v for k, v in res.items() if k != "rows"})
+        results["rows"].extend(res["rows"])
+    results["summary"] = summarize(results["rows"])
+    if not any("error" in w for w in results["worlds"]):
+        partial.unlink(missing_ok=True)  # everything is in the result file
+        results["partial_file"] = None
+    for key, entry in results["summary"].items():
+        print(key, json.dumps(entry))
+    return results
+
+
+# --- report: JSON -> markdown table + plot ---------------------------------------------
+
+LABELS = {"sequential": "seq", "torch_fused": "torch fused", "auto": "ours auto", "auto_backend": "ours auto (bk)",
+          "overlap": "ours forced", "overlap_backend": "ours forced (bk)"}
+
+
+def _fmt(v, spec=".3f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def report(path: str | Path, md_out: str | Path | None = None, img_dir: str | Path | None = None) -> str:
+    """Markdown tables (one per op) and one PNG per world size from a result file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    record = json.loads(Path(path).read_text())
+    env, res = record.get("env", {}), record["results"]
+    rows = res["rows"]
+    root = Path(__file__).resolve().parent.parent
+    md_out = Path(md_out) if md_out else root / "docs" / "overlap_results.md"
+    img_dir = Path(img_dir) if img_dir else root / "docs" / "img"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# commflow.overlap: benchmark results",
+        "",
+        f"Generated by `python -m benchmarks.overlap report {Path(path).name}` from "
+        f"`benchmarks/results/{Path(path).name}`: device **{env.get('device')}** x {env.get('gpu_count')}, "
+        f"torch {env.get('torch')}, NCCL {env.get('nccl')}, commit {str(env.get('git_commit'))[:10]}, "
+        f"{env.get('date_utc')}. Command: `python -m benchmarks overlap "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in record.get("args", {}).items()
+                   if v not in (False, None) and k in ("nproc", "device", "dtype", "iters", "warmup"))
+        + ("  --tiny" if record.get("args", {}).get("tiny") else "") + "`.",
+        "",
+        "Times in ms (median, slowest rank). Speed-up over sequential in brackets; "
+        "eta = (t_gemm + t_comm - t) / min(t_gemm, t_comm). `bk` = backend reduction (NCCL's "
+        "reduce-scatter/all-reduce per chunk) instead of the fp32 all-to-all reduction. "
+        "Plan: the auto path's decision (`seq` or `ovl/<chunks>`).",
+        "",
+    ]
+    for world_entry in res.get("worlds", []):
+        if "error" in world_entry:
+            lines += [f"**{world_entry['world_size']} ranks failed:** `{world_entry['error'][:300]}`", ""]
+    for op in OPS:
+        for world in sorted({r["world_size"] for r in rows if r["op"] == op}):
+            sel = [r for r in rows if r["op"] == op and r["world_size"] == world]
+            variants = [v for v in LABELS if any(v in r.get("times_ms", {}) for r in sel)]
+            lines += [f"## {OPS[op]}, {world} ranks", "",
+                      "| shape | M | gemm | comm | comm/gemm | " + " | ".join(LABELS[v] for v in variants)
+                      + " | plan | eta auto | errors |",
+                      "|---|---|---|---|---|" + "---|" * len(variants) + "---|---|---|"]
+            for r in sel:
+                t = r.get("times_ms", {})
+                sp = r.get("speedup_vs_sequential", {})
+                cells = []
+                for v in variants:
+                    cell = _fmt(t.get(v))
+                    if v != "sequential" and v in sp:
+                        cell += f" ({sp[v]:.2f}x)"
+                    cells.append(cell)
+                p = r.get("plans", {}).get("auto", {})
+                decision = "seq" if p.get("decision") == "sequential" else f"ovl/{p.get('n_chunks')}" if p else "–"
+                errs = "; ".join(f"{k}: {v[:80]}" for k, v in r.get("errors", {}).items())
+                if "row_error" in r:
+                    errs = r["row_error"][:120]
+                lines.append(f"| {r['shape']}{' (guard)' if r['guard'] else ''} | {r['m']} | {_fmt(t.get('gemm'))} "
+                             f"| {_fmt(t.get('comm'))} | {_fmt(r.get('comm_over_gemm'), '.2f')} | "
+                             + " | ".join(cells) + f" | {decision} | {_fmt(r.get('eta', {}).get('auto'), '.2f')} "
+                             f"| {errs} |")
+            lines.append("")
+    lines += ["## Summary (goals of issue 8)", "",
+              "| op / ranks | variant | geomean speed-up (M >= 2048) | geomean (comm-heavy) | worst (incl. small M) "
+              "| min eta (comm-heavy) |", "|---|---|---|---|---|---|"]
+    for key, entry in summarize(rows).items():
+        for variant, s in entry.items():
+            if isinstance(s, dict):
+                lines.append(f"| {key} | {LABELS.get(variant, variant)} | {_fmt(s['geomean_speedup_main'], '.2f')} | "
+                             f"{_fmt(s['geomean_speedup_comm_heavy'], '.2f')} | {_fmt(s['worst_speedup_all'], '.2f')} "
+                             f"| {_fmt(s['eta_comm_heavy_min'], '.2f')} |")
+    lines.append("")
+    for world in sorted({r["world_size"] for r in rows}):
+        fig, axes = plt.subplots(1, len(OPS), figsize=(6 * len(OPS), 4.5), squeeze=False)
+        for ax, op in zip(axes[0], OPS):
+            sel = [r for r in rows if r["op"] == op and r["world_size"] == world and "speedup_vs_sequential" in r]
+            if not sel:
+                ax.set_visible(False)
+                continue
+            xs = range(len(sel))
+            for v in ("torch_fused", "auto", "overlap", "overlap_backend", "auto_backend"):
+                ys = [r["speedup_vs_sequential"].get(v, float("nan")) for r in sel]
+                if not all(math.isnan(y) for y in ys):
+                    ax.plot(xs, ys, marker="o", label=LABELS[v])
+            ax.axhline(1.0, color="black", lw=0.8)
+            ax.axhline(0.97, color="red", lw=0.8, ls="--", label="-3%")
+            ax.set_xticks(list(xs))
+            ax.set_xticklabels([f"{r['shape'].replace('llama3-', '')}\nM={r['m']}" for r in sel], rotation=90,
+                               fontsize=7)
+            ax.set_ylabel("speed-up over mm + NCCL")
+            ax.set_title(f"{OPS[op]}, {world} ranks")
+            ax.legend(fontsize=7)
+        fig.suptitle(f"commflow.overlap on {env.get('device')} ({Path(path).name})", fontsize=9)
+        fig.tight_layout()
+        png = img_dir / f"overlap_{world}x.png"
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        lines.append(f"![{world} ranks](img/{png.name})")
+    text = "\n".join(lines) + "\n"
+    md_out.write_text(text)
+    return text
+
+
+def _main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.overlap")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    rp = sub.add_parser("report", help="markdown table + plot from a result JSON")
+    rp.add_argument("json")
+    rp.add_argument("--md", default=None)
+    rp.add_argument("--img-dir", default=None)
+    a = p.parse_args(argv)
+    report(a.json, a.md, a.img_dir)
+    print(f"wrote {a.md or 'docs/overlap_results.md'} and overlap_*.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
