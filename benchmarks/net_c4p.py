@@ -123,8 +123,9 @@ def _plot(out, path):
                 ax.errorbar(x, v["busbw_per_job_mean"], yerr=[lo, np.zeros(njobs)], fmt="none", ecolor="k", lw=0.6)
         ax.set_xticks(np.arange(njobs) + 0.4 - width / 2)
         ax.set_xticklabels([f"job{j}" for j in range(njobs)], fontsize=7)
-        ax.set_ylabel("bus bandwidth (GB/s), ECMP: mean over seeds, bar to min")
-        ax.set_title(f"{s['algorithm']}: planned/ECMP time {s['planned_over_ecmp']:.2f}", fontsize=9)
+        ax.set_ylabel("per-job busbw (GB/s)")
+        ax.set_title(f"{s['algorithm']}: planned/ECMP(1 QP) time {s['planned_over_ecmp']:.2f} "
+                     "(ECMP: seed mean, line to min)", fontsize=8)
         ax.legend(fontsize=6, ncol=2)
     fig.suptitle(out["topology"], fontsize=8)
     fig.tight_layout()
