@@ -203,6 +203,15 @@ def _measure_row(row: dict, variants: list[str], info, dtype, args, calibration)
                 out["errors"][name] = f"{type(e).__name__}: {e}"[:500]
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
+    from commflow.overlap.autotune import measured_choices
+
+    for choice in measured_choices(OPS[op], *dims):
+        name = "auto" if choice.reduction == "fp32" else "auto_backend"
+        if name in out["plans"]:
+            out["plans"][name].update(decision=choice.decision, n_chunks=choice.n_chunks,
+                                      chunk_sizes=list(choice.chunk_sizes), reason=choice.reason,
+                                      measured_sequential_ms=choice.measured_sequential_ms,
+                                      measured_overlap_ms=choice.measured_overlap_ms)
     times = out["times_ms"]
     if "gemm" in times and "comm" in times:
         tg, tc = times["gemm"], times["comm"]

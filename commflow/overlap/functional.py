@@ -26,12 +26,15 @@ then the plain collective). Every rank must pass the same shapes and options.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
 from commflow.dist import all_gather_tensor, reduce_scatter_tensor
 
 from . import ops
+from .autotune import autotune_enabled, measured_choice
 from .calibration import get_calibration
 from .plan import OverlapPlan, plan
 from .validate import GroupInfo, check_group, check_matmul_operands, check_mode, normalize_leading_dim
@@ -62,13 +65,18 @@ def _check_agreement(g: GroupInfo, fingerprint: str, device: torch.device) -> No
 
 
 def resolve_plan(op: str, m: int, n: int, k: int, g: GroupInfo, x: torch.Tensor, mode: str,
-                 n_chunks: int | None, reduction: str) -> OverlapPlan:
-    """The plan an op call will follow (the calibration of ``x``'s device and group size)."""
+                 n_chunks: int | None, reduction: str,
+                 run: Callable[[OverlapPlan], object] | None = None) -> OverlapPlan:
+    """The plan an op call will follow: the model's (calibration of ``x``'s device and
+    group size), checked against the clock by ``run(plan)`` where autotune is on."""
     cal = get_calibration(x.device, g.world_size)
     if mode == "auto" and g.world_size > 1:
         _check_agreement(g, cal.fingerprint(), x.device)
-    return plan(op, m, n, k, world_size=g.world_size, dtype=x.dtype, calibration=cal, mode=mode,
-                n_chunks=n_chunks, reduction=reduction)
+    p = plan(op, m, n, k, world_size=g.world_size, dtype=x.dtype, calibration=cal, mode=mode,
+             n_chunks=n_chunks, reduction=reduction)
+    if mode == "auto" and g.world_size > 1 and run is not None and autotune_enabled(x.device):
+        p = measured_choice(p, run, g, x.device, id(g.group or dist.group.WORLD))
+    return p
 
 
 def _rows(t: torch.Tensor) -> int:
@@ -99,7 +107,8 @@ def _weight_grad(inp: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 class _MatmulReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, g: GroupInfo, dim: int, mode: str, n_chunks, reduction: str):
-        p = resolve_plan("matmul_reduce_scatter", _rows(x), w.shape[1], w.shape[0], g, x, mode, n_chunks, reduction)
+        p = resolve_plan("matmul_reduce_scatter", _rows(x), w.shape[1], w.shape[0], g, x, mode, n_chunks, reduction,
+                         run=lambda q: ops.matmul_reduce_scatter_forward(x, w, g, dim, q))
         ctx.save_for_backward(x, w)
         ctx.g, ctx.dim, ctx.mode, ctx.reduction = g, dim, mode, reduction
         return ops.matmul_reduce_scatter_forward(x, w, g, dim, p)
@@ -111,8 +120,10 @@ class _MatmulReduceScatter(torch.autograd.Function):
         dy = dy.contiguous()
         dx = dw = None
         if need_x:
+            wt = w.t()
             p = resolve_plan("all_gather_matmul", _rows(dy) * ctx.g.world_size, w.shape[0], w.shape[1], ctx.g, dy,
-                             ctx.mode, None, ctx.reduction)
+                             ctx.mode, None, ctx.reduction,
+                             run=lambda q: ops.all_gather_matmul_forward(dy, wt, ctx.g, ctx.dim, q, False))
             dx, dy_full = ops.all_gather_matmul_forward(dy, w.t(), ctx.g, ctx.dim, p, return_gathered=need_w)
         elif need_w:
             dy_full = _gather_dim(dy, ctx.g, ctx.dim)
@@ -126,7 +137,8 @@ class _AllGatherMatmul(torch.autograd.Function):
     def forward(ctx, x_shard, w, g: GroupInfo, dim: int, mode: str, n_chunks, reduction: str, return_gathered: bool):
         ctx.set_materialize_grads(False)
         p = resolve_plan("all_gather_matmul", _rows(x_shard) * g.world_size, w.shape[1], w.shape[0], g, x_shard,
-                         mode, n_chunks, reduction)
+                         mode, n_chunks, reduction,
+                         run=lambda q: ops.all_gather_matmul_forward(x_shard, w, g, dim, q, False))
         keep_input = return_gathered or ctx.needs_input_grad[1]
         out, x_full = ops.all_gather_matmul_forward(x_shard, w, g, dim, p, return_gathered=keep_input)
         ctx.save_for_backward(x_full if ctx.needs_input_grad[1] else None, w)
@@ -143,8 +155,10 @@ class _AllGatherMatmul(torch.autograd.Function):
         if need_x:
             if dy is not None:
                 dy = dy.contiguous()
+                wt = w.t()
                 p = resolve_plan("matmul_reduce_scatter", _rows(dy), w.shape[0], w.shape[1], ctx.g, dy, ctx.mode,
-                                 None, ctx.reduction)
+                                 None, ctx.reduction,
+                                 run=lambda q: ops.matmul_reduce_scatter_forward(dy, wt, ctx.g, ctx.dim, q))
                 dx = ops.matmul_reduce_scatter_forward(dy, w.t(), ctx.g, ctx.dim, p)
             if dx_full is not None:  # the gathered input was used downstream too
                 part = _scatter_dim(dx_full.contiguous(), ctx.g, ctx.dim)
@@ -157,7 +171,8 @@ class _AllGatherMatmul(torch.autograd.Function):
 class _MatmulAllReduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, g: GroupInfo, mode: str, n_chunks, reduction: str):
-        p = resolve_plan("matmul_all_reduce", _rows(x), w.shape[1], w.shape[0], g, x, mode, n_chunks, reduction)
+        p = resolve_plan("matmul_all_reduce", _rows(x), w.shape[1], w.shape[0], g, x, mode, n_chunks, reduction,
+                         run=lambda q: ops.matmul_all_reduce_forward(x, w, g, q))
         ctx.save_for_backward(x, w)
         return ops.matmul_all_reduce_forward(x, w, g, p)
 

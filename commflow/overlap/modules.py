@@ -117,8 +117,9 @@ class _ReplicatedInputMatmul(torch.autograd.Function):
         dy = dy.contiguous()
         if ctx.needs_input_grad[0]:
             rows = dy.numel() // dy.shape[-1]
+            wt = w.t()
             p = resolve_plan("matmul_all_reduce", rows, w.shape[0], w.shape[1], ctx.g, dy, ctx.mode, None,
-                             ctx.reduction)
+                             ctx.reduction, run=lambda q: ops.matmul_all_reduce_forward(dy, wt, ctx.g, q))
             dx = ops.matmul_all_reduce_forward(dy, w.t(), ctx.g, p)
         if ctx.needs_input_grad[1]:
             dw = torch.mm(x.reshape(-1, x.shape[-1]).t(), dy.reshape(-1, dy.shape[-1]))

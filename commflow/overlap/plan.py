@@ -80,6 +80,11 @@ class OverlapPlan:
     """One sentence a person can check."""
     calibration: str
     """Source of the constants used."""
+    best_split: tuple[int, ...] = ()
+    """Chunk sizes of the best overlapped candidate, whatever the decision (empty if none fits)."""
+    measured_sequential_ms: float | None = None
+    """Set when the decision was checked against the clock (see autotune.py)."""
+    measured_overlap_ms: float | None = None
 
     @property
     def overlap(self) -> bool:
@@ -102,8 +107,11 @@ class OverlapPlan:
             "  candidates: " + ", ".join(f"{c} chunks {t:.3f} ms" for c, t in self.candidates.items()),
             f"  limit of perfect overlap: {self.limit_speedup:.2f}x; predicted speed-up {self.predicted_speedup:.2f}x",
             f"  reason: {self.reason}",
-            f"  constants: {self.calibration}",
         ]
+        if self.measured_sequential_ms is not None:
+            lines.append(f"  measured: sequential {self.measured_sequential_ms:.3f} ms, "
+                         f"overlapped {self.measured_overlap_ms:.3f} ms")
+        lines.append(f"  constants: {self.calibration}")
         return "\n".join(lines)
 
 
@@ -298,9 +306,9 @@ def _decide(op, m, n, k, world, dtype_name, cal, mode, n_chunks, reduction, marg
                   "t_gemm_ms": t_gemm / 1e3, "t_comm_ms": t_comm / 1e3, "t_sequential_ms": t_seq / 1e3,
                   "calibration": cal.source}
 
-    def sequential(reason: str, candidates=None, best=None) -> OverlapPlan:
+    def sequential(reason: str, candidates=None, best=None, best_split=()) -> OverlapPlan:
         return OverlapPlan(decision="sequential", n_chunks=1, t_overlap_ms=best, candidates=candidates or {},
-                           predicted_speedup=1.0, reason=reason, **common)
+                           predicted_speedup=1.0, reason=reason, best_split=best_split, **common)
 
     if world == 1:
         return sequential("a world of one has nothing to communicate: plain matmul")
@@ -339,12 +347,13 @@ def _decide(op, m, n, k, world, dtype_name, cal, mode, n_chunks, reduction, marg
     if mode == "overlap":
         return OverlapPlan(decision="overlap", n_chunks=best_c, chunk_sizes=splits[best_c], t_overlap_ms=best,
                            candidates=candidates, predicted_speedup=speedup, reason="forced by mode='overlap'",
-                           **common)
+                           best_split=splits[best_c], **common)
     if best <= (t_seq / 1e3) * (1.0 - margin):
         reason = (f"overlap with {best_c} chunks is predicted {speedup:.2f}x faster than sequential "
                   f"(comm/gemm = {ratio:.2f}, perfect overlap would give {(t_gemm + t_comm) / max(t_gemm, t_comm):.2f}x)")
         return OverlapPlan(decision="overlap", n_chunks=best_c, chunk_sizes=splits[best_c], t_overlap_ms=best,
-                           candidates=candidates, predicted_speedup=speedup, reason=reason, **common)
+                           candidates=candidates, predicted_speedup=speedup, reason=reason,
+                           best_split=splits[best_c], **common)
     if ratio < 0.1:
         why = f"compute-bound: comm/gemm = {ratio:.2f} leaves little to hide"
     elif t_seq < 200 or best_c * cal.comm[_chunk_kind(op, reduction)].latency_us > 0.2 * t_comm:
@@ -353,7 +362,7 @@ def _decide(op, m, n, k, world, dtype_name, cal, mode, n_chunks, reduction, marg
         why = "contention and pipeline fill outweigh the hidden transfer"
     return sequential(
         f"{why}; best overlap ({best_c} chunks, {best:.3f} ms) is not {margin:.0%} below sequential "
-        f"({t_seq / 1e3:.3f} ms)", candidates, best)
+        f"({t_seq / 1e3:.3f} ms)", candidates, best, splits[best_c])
 
 
 def _chunk_kind(op: str, reduction: str) -> str:

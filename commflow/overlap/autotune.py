@@ -1,0 +1,112 @@
+"""Check the plan against the clock, once per shape.
+
+The plan's model is only as good as its constants, and the one it guesses hardest is
+how much a GEMM and a collective slow each other down when they share the GPU. Where
+the model says "overlap" (or comes close), ``mode="auto"`` on CUDA times both paths
+on the first call with a new shape (two calls each, CUDA events, the slowest rank's
+time, agreed over the group so every rank takes the same path) and keeps the overlap
+only if it measured at least ``MEASURED_MARGIN`` faster. That check, not the model,
+is what keeps the automatic path from losing to the plain one. Decisions are cached
+per shape, so a training step pays it once; warm up before capturing CUDA graphs.
+
+On by default on CUDA; off on CPU (gloo timings on a shared box are noise, and tests
+want model decisions). ``set_autotune(True/False)`` or ``COMMFLOW_OVERLAP_AUTOTUNE=0/1``
+overrides.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from .plan import OverlapPlan
+from .validate import GroupInfo
+
+__all__ = ["MEASURED_MARGIN", "autotune_enabled", "measured_choice", "measured_choices", "set_autotune"]
+
+MEASURED_MARGIN = 0.02
+"""Overlap must measure this much faster than the plain path to be kept."""
+WORTH_MEASURING = 0.9
+"""Measure only where the model predicts at least this speed-up (close calls included)."""
+
+_OVERRIDE: bool | None = None
+_CHOICES: dict[tuple, OverlapPlan] = {}
+
+
+def set_autotune(enabled: bool | None) -> None:
+    """Force measuring on (True) or off (False); None restores the default."""
+    global _OVERRIDE
+    _OVERRIDE = enabled
+
+
+def autotune_enabled(device: torch.device) -> bool:
+    if _OVERRIDE is not None:
+        return _OVERRIDE
+    env = os.environ.get("COMMFLOW_OVERLAP_AUTOTUNE")
+    if env is not None:
+        return env not in ("0", "false", "False", "")
+    return device.type == "cuda"
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, group, reps: int = 2, rounds: int = 3) -> float:
+    times = []
+    for _ in range(rounds):
+        dist.barrier(group=group)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / reps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / reps)
+    return statistics.median(times)
+
+
+def measured_choice(p: OverlapPlan, run: Callable[[OverlapPlan], object], g: GroupInfo,
+                    device: torch.device, group_key: int) -> OverlapPlan:
+    """``p`` confirmed or overturned by timing ``run(plan)`` both ways (cached per shape)."""
+    if p.t_overlap_ms is None or p.t_sequential_ms / p.t_overlap_ms < WORTH_MEASURING:
+        return p
+    key = (group_key, p.op, p.m, p.n, p.k, p.dtype, p.reduction, p.best_split, p.calibration)
+    hit = _CHOICES.get(key)
+    if hit is not None:
+        return hit
+    if not p.best_split:
+        return p
+    overlapped = replace(p, decision="overlap", n_chunks=len(p.best_split), chunk_sizes=p.best_split)
+    sequential = replace(p, decision="sequential", n_chunks=1, chunk_sizes=())
+    with torch.no_grad():
+        run(sequential)  # warm both paths (allocator, NCCL) before timing
+        run(overlapped)
+        t_seq = _time_ms(lambda: run(sequential), device, g.group)
+        t_ovl = _time_ms(lambda: run(overlapped), device, g.group)
+    both = torch.tensor([t_seq, t_ovl], dtype=torch.float64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=g.group)
+    t_seq, t_ovl = both.tolist()
+    keep = t_ovl <= t_seq * (1.0 - MEASURED_MARGIN)
+    verdict = (f"measured overlap {t_ovl:.3f} ms vs sequential {t_seq:.3f} ms "
+               f"({t_seq / t_ovl:.2f}x): {'overlap kept' if keep else 'plain path chosen'}; model said: {p.reason}")
+    chosen = replace(overlapped if keep else sequential, reason=verdict, measured_sequential_ms=t_seq,
+                     measured_overlap_ms=t_ovl)
+    _CHOICES[key] = chosen
+    return chosen
+
+
+def measured_choices(op: str | None = None, m: int | None = None, n: int | None = None,
+                     k: int | None = None) -> list[OverlapPlan]:
+    """The decisions checked against the clock so far on this process (for reports)."""
+    return [p for p in _CHOICES.values()
+            if (op is None or p.op == op) and (m is None or p.m == m) and (n is None or p.n == n)
+            and (k is None or p.k == k)]

@@ -1,0 +1,84 @@
+"""autotune: the model's overlap decision is checked against the clock once per shape, the
+slowest rank's times decide for everyone, and a slower overlap is overturned."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from commflow.overlap import CommCost, default_calibration, matmul_reduce_scatter, set_calibration
+from commflow.overlap import autotune as at
+from commflow.overlap import reference as ref
+
+
+def _overlap_friendly(world: int):
+    # Slow links and a slow GEMM of equal weight, tiny latencies: the model says overlap.
+    cal = default_calibration("cpu", world)
+    return replace(cal, gemm_tflops=1e-4, gemm_latency_us=1.0, chunk_overhead_us=0.0, gemm_slowdown=1.0,
+                   comm_slowdown=1.0, comm={k: CommCost(latency_us=1.0, busbw_gbps=0.01) for k in cal.comm},
+                   source="test: overlap-friendly")
+
+
+def _autotuned(fake: dict[int, tuple[float, float]] | None) -> dict:
+    r, world = dist.get_rank(), dist.get_world_size()
+    set_calibration(_overlap_friendly(world), device_type="cpu")
+    at.set_autotune(True)
+    at._CHOICES.clear()
+    calls = []
+    real = at._time_ms
+
+    def timed(fn, device, group, reps=2, rounds=3):
+        calls.append(1)
+        t = real(fn, device, group, reps=1, rounds=1)  # run it for real (both paths must work) ...
+        return fake[r][len(calls) - 1] if fake else t  # ... but report what the test says
+
+    at._time_ms = timed
+    try:
+        g = torch.Generator().manual_seed(0)
+        X, W = torch.randn(8 * world, 64, generator=g), torch.randn(64, 256, generator=g)
+        x, w = ref.row_parallel_shards(X, W, world, r)
+        y1 = matmul_reduce_scatter(x, w)
+        y2 = matmul_reduce_scatter(x, w)  # same shape: cached, not measured again
+        (choice,) = at._CHOICES.values()
+        expected = ref.matmul_reduce_scatter_reference(X, W, world, r)
+        return {"timed": len(calls), "decision": choice.decision, "reason": choice.reason,
+                "measured": (choice.measured_sequential_ms, choice.measured_overlap_ms),
+                "ok": bool(torch.allclose(y1, expected, atol=1e-4) and torch.equal(y1, y2))}
+    finally:
+        at._time_ms = real
+        at.set_autotune(None)
+        at._CHOICES.clear()
+        set_calibration(None, device_type="cpu")
+
+
+def test_overlap_slower_on_one_rank_is_overturned_for_all(dist_pool):
+    # Rank 0 measures overlap faster, rank 1 slower: the slowest rank's numbers decide.
+    out = dist_pool(2).run(_autotuned, {0: (1.0, 0.5), 1: (1.0, 1.5)})
+    for res in out:
+        assert res["ok"] and res["timed"] == 2
+        assert res["decision"] == "sequential" and res["measured"] == (1.0, 1.5)
+        assert "plain path chosen" in res["reason"] and "model said: overlap" in res["reason"]
+
+
+def test_overlap_measured_faster_is_kept(dist_pool):
+    out = dist_pool(2).run(_autotuned, {0: (1.0, 0.6), 1: (0.9, 0.7)})
+    for res in out:
+        assert res["ok"] and res["timed"] == 2
+        assert res["decision"] == "overlap" and res["measured"] == (1.0, 0.7)
+        assert "overlap kept" in res["reason"]
+
+
+def test_real_timings_agree_across_ranks(dist_pool):
+    out = dist_pool(2).run(_autotuned, None)
+    assert all(res["ok"] for res in out)
+    assert out[0]["decision"] == out[1]["decision"] and out[0]["measured"] == out[1]["measured"]
+
+
+def test_autotune_defaults():
+    at.set_autotune(None)
+    assert at.autotune_enabled(torch.device("cuda")) and not at.autotune_enabled(torch.device("cpu"))
+    at.set_autotune(False)
+    assert not at.autotune_enabled(torch.device("cuda"))
+    at.set_autotune(None)
