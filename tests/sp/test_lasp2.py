@@ -320,3 +320,25 @@ def test_bad_input_raises_on_every_rank_before_any_collective(dist_pool):
         # q = k = v = 1 (d = 2), 4 tokens per rank: o_t = 2^-0.5 * 2 (t + 1) per element, t global.
         expected = 2**-0.5 * 2 * 2 * sum(t + 1 for t in range(4 * rank, 4 * rank + 4))
         assert total == pytest.approx(expected, rel=1e-6)
+
+
+def test_benchmark_runs_end_to_end_on_cpu(tmp_path):
+    """The GPU benchmark's code paths (check, sweep, hybrid timing, report) at toy sizes on CPU."""
+    import json
+
+    from benchmarks.__main__ import main
+    from benchmarks.lasp2 import report
+
+    out = tmp_path / "lasp2.json"
+    assert main(["lasp2", "--device", "cpu", "--nprocs", "2", "--tiny", "--seqs", "64", "--hybrid-seqs", "64",
+                 "--methods", "lasp2,lasp1,ring,local", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    (world,) = res["worlds"]
+    assert world["check"] and all(r["pass"] for r in world["check"])
+    timed = {r["method"] for r in world["sweep"] if r.get("phase") == "fwd+bwd" and r["ms"] > 0}
+    assert timed == {"lasp2", "lasp1", "ring", "local"}
+    assert {r["layout"] for r in world["hybrid"]} == {"contiguous", "zigzag"}
+    (summary,) = res["summary"]
+    assert summary["speedup_vs_ring"] > 0 and summary["fraction_of_compute_limit"] > 0
+    text = report(out, tmp_path / "r.md", tmp_path / "img")
+    assert "vs LASP-1" in text and (tmp_path / "img" / "lasp2_2x_g.png").exists()
