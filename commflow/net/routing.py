@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import weakref
 from dataclasses import dataclass, field
 
@@ -583,6 +584,55 @@ def _colour_plan(topo: Topology, pt: PathTable, cands: list[np.ndarray], src_h: 
     return choice
 
 
+def _fat_tree_plan(topo: Topology, cands: list[np.ndarray]) -> np.ndarray | None:
+    """Row chosen per sub-flow on an intact k-ary fat-tree by recursive (Clos) colouring, or None.
+
+    Stage 1 colours the multigraph source-edge -> destination-edge of every sub-flow that leaves
+    its edge switch and maps colour c to aggregation index ``j = c mod k/2`` (core group ``j``
+    joins aggregation switch ``j`` of every pod, so ``j`` is the same at both ends): every
+    edge uplink and downlink carries at most ``ceil(Delta_edge / (k/2))`` sub-flows, the
+    optimum at that tier. Stage 2, per ``j``, colours source-pod -> destination-pod among the
+    inter-pod sub-flows on index ``j`` and maps colour c to core ``(j, c mod k/2)``.
+    """
+    t = topo
+    if t.meta.get("kind") != "fat_tree" or t.meta.get("failed") or t.meta.get("degraded"):
+        return None
+    half = t.meta["k"] // 2
+    idx = {}  # node id -> (pod or group, index), from the builder's names edge{p}.{i}, agg{p}.{j}, core{j}.{m}
+    for i, name in enumerate(t.nodes):
+        m = re.fullmatch(r"(?:edge|agg|core)(\d+)\.(\d+)", name)
+        if m:
+            idx[i] = (int(m.group(1)), int(m.group(2)))
+    choice = np.zeros(len(cands), np.int64)
+    up = [i for i, c in enumerate(cands) if c.shape[1] >= 4]
+    if not up:
+        return choice
+    src_e = np.array([t.link_src[cands[i][0, 1]] for i in up])
+    dst_e = np.array([t.link_dst[cands[i][0, -2]] for i in up])
+    edges, inv = np.unique(np.concatenate([src_e, dst_e]), return_inverse=True)
+    agg_j = _colour(inv[:len(up)], inv[len(up):], len(edges)) % half
+    inter: dict[int, list[tuple[int, np.ndarray]]] = {}  # j -> [(sub-flow, rows through aggregation j)]
+    for i, j in zip(up, agg_j):
+        c = cands[i]
+        rows = np.flatnonzero([idx[int(t.link_dst[x])][1] == j for x in c[:, 1]])
+        if c.shape[1] == 4:
+            choice[i] = rows[0]
+        else:
+            inter.setdefault(int(j), []).append((i, rows))
+    for members in inter.values():
+        pa = np.array([idx[int(t.link_src[cands[i][0, 1]])][0] for i, _ in members])
+        pb = np.array([idx[int(t.link_dst[cands[i][0, -2]])][0] for i, _ in members])
+        pods, inv = np.unique(np.concatenate([pa, pb]), return_inverse=True)
+        core_m = _colour(inv[:len(members)], inv[len(members):], len(pods)) % half
+        for (i, rows), m in zip(members, core_m):
+            c = cands[i]
+            hit = [r for r in rows if idx[int(t.link_dst[c[r, 2]])][1] == m]
+            if not hit:
+                return None
+            choice[i] = hit[0]
+    return choice
+
+
 def _greedy_plan(cands: list[np.ndarray], size: np.ndarray, cap: np.ndarray, load: np.ndarray,
                  max_passes: int = 50) -> np.ndarray:
     """Largest-first onto the least-congested path, then local moves off the hottest links.
@@ -651,6 +701,8 @@ def _plan(topo: Topology, pt: PathTable, traffic: Traffic, splits: int, seed: in
         choice = None
         if not load.any() and np.allclose(size, size[0], rtol=_TOL, atol=0):
             choice = _colour_plan(topo, pt, new_cands, np.asarray(new_src), np.asarray(new_dst))
+            if choice is None:
+                choice = _fat_tree_plan(topo, new_cands)
             if choice is not None:
                 methods.add("colouring")
         if choice is None:

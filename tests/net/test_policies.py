@@ -174,3 +174,23 @@ def test_plan_json_lists_node_paths(tmp_path):
         net.route(topo, tr, "spray").to_json()
     with pytest.raises(ValueError, match="minimal_splits needs a 2-tier leaf-spine"):
         net.minimal_splits(net.fat_tree(4), tr)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_fat_tree_recursive_colouring_matches_the_single_path_milp(case):
+    # Equal flows on an intact k=4 fat-tree: the planner's two-stage Clos colouring against
+    # the exact single-path optimum (HiGHS MILP over all equal-cost paths).
+    rng = np.random.default_rng(case)
+    topo = net.fat_tree(k=4)
+    n = int(rng.integers(4, 17))
+    hosts = [int(h) for h in rng.permutation(16)[:n]]
+    if case % 2:
+        n2 = 1 << (n.bit_length() - 1)
+        tr = net.collective("reducescatter", "halving_doubling", hosts=hosts[:n2], size_bytes=n2 * 2**20)
+    else:
+        tr = net.collective("allgather", "ring", hosts=hosts, size_bytes=n * 2**20)
+    k = 1 + case % 3
+    routing = net.route(topo, tr, "planned", splits=k)
+    assert routing.meta["planner"] == ["colouring"]
+    milp = net.optimal(topo, tr, single_path=True, splits=k)
+    assert net.congestion(topo, tr, routing=routing) == pytest.approx(milp.max_congestion, rel=LP_REL)
