@@ -83,7 +83,7 @@ def _plot(rows, path):
     ax.axhline(10.0, color="grey", lw=0.8)
     ax.set_xlabel("GPUs (ring ranks)")
     ax.set_ylabel("wall time of net.simulate, one ring step (s)")
-    ax.set_title("commflow.net speed, 2-tier leaf-spine, 1 CPU core")
+    ax.set_title("commflow.net speed, 2-tier leaf-spine, one Python process")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
