@@ -66,7 +66,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--small-m", default="128,256,512,1024", help=f"small-M guard on {SMALL_M_SHAPE}")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--iters", type=int, default=10)
     p.add_argument("--calls-per-sample", type=int, default=4,
                    help="calls back to back per timed sample (host launch overhead overlaps the GPU, as in training)")
     p.add_argument("--tiny", action="store_true", help=f"divide every dim by {TINY} (CPU smoke run)")

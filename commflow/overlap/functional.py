@@ -47,7 +47,7 @@ _AGREED: set[tuple[int, str]] = set()
 def _check_agreement(g: GroupInfo, fingerprint: str, device: torch.device) -> None:
     """Once per group and calibration: every rank must decide from the same constants,
     or one rank overlaps while another does not and their collectives never match."""
-    group = g.group or dist.group.WORLD
+    group = g.group if g.group is not None else dist.group.WORLD
     key = (id(group), fingerprint)
     if key in _AGREED:
         return
@@ -75,7 +75,7 @@ def resolve_plan(op: str, m: int, n: int, k: int, g: GroupInfo, x: torch.Tensor,
     p = plan(op, m, n, k, world_size=g.world_size, dtype=x.dtype, calibration=cal, mode=mode,
              n_chunks=n_chunks, reduction=reduction)
     if mode == "auto" and g.world_size > 1 and run is not None and autotune_enabled(x.device):
-        p = measured_choice(p, run, g, x.device, id(g.group or dist.group.WORLD))
+        p = measured_choice(p, run, g, x.device, id(g.group if g.group is not None else dist.group.WORLD))
     return p
 
 

@@ -1,36 +1,65 @@
-"""benchmarks/overlap.py runs end to end on CPU at tiny sizes and its report renders."""
+"""benchmarks/overlap.py at tiny sizes on CPU: its rows, numbers and report.
+
+The rows are measured by the benchmark's own worker on the test's (already running)
+gloo pool instead of freshly spawned ranks, which would cost more start-up than the
+measurement; ``python -m benchmarks overlap --device cpu --tiny`` runs the same worker
+through the runner.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 
-from benchmarks.__main__ import main
-from benchmarks.overlap import report
+import pytest
+
+from benchmarks.overlap import _arguments, _rows_plan, _worker, report, summarize
 
 
-def test_overlap_benchmark_tiny_cpu_and_report(tmp_path, monkeypatch):
-    monkeypatch.setenv("COMMFLOW_OVERLAP_CALIBRATION_DIR", str(tmp_path / "cal"))
-    out = tmp_path / "overlap.json"
-    assert main(["overlap", "--nproc", "2", "--device", "cpu", "--dtype", "float32", "--tiny",
-                 "--ops", "rs,ar,ag", "--shapes", "llama3-70b-attn-out", "--m", "4096", "--small-m", "512",
-                 "--warmup", "1", "--iters", "1", "--calls-per-sample", "1", "--no-calibrate",
-                 "--out", str(out)]) == 0
-    record = json.loads(out.read_text())
-    rows = record["results"]["rows"]
-    assert {(r["op"], r["guard"]) for r in rows} == {(op, g) for op in ("rs", "ar", "ag") for g in (False, True)}
-    for r in rows:
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    _arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_overlap_benchmark_tiny_cpu_and_report(dist_pool, tmp_path, monkeypatch):
+    args = _args("--device", "cpu", "--dtype", "float32", "--tiny", "--ops", "rs,ar,ag",
+                 "--shapes", "llama3-70b-attn-out", "--m", "4096", "--small-m", "512",
+                 "--warmup", "1", "--iters", "1", "--calls-per-sample", "1", "--no-calibrate")
+    rows = _rows_plan(args)
+    assert [(r["op"], r["m"], r["K"], r["N"], r["guard"]) for r in rows] == [
+        (op, m, 128, 128, guard) for op in ("rs", "ar", "ag") for m, guard in ((64, False), (8, True))]
+    partial = tmp_path / "partial.jsonl"
+    out = dist_pool(2).run(_worker, rows, ["gemm", "comm", "sequential", "torch_fused", "auto", "auto_backend",
+                                           "overlap", "overlap_backend"], vars(args), str(partial))
+    res = out[0]
+    assert res["world_size"] == 2 and len(res["rows"]) == len(rows)
+    assert len(partial.read_text().splitlines()) == len(rows)  # rank 0 wrote every row as it finished
+    for r in res["rows"]:
         assert not r["errors"], r["errors"]
         expected = {"gemm", "comm", "sequential", "auto", "overlap"} | ({"auto_backend", "overlap_backend"}
                                                                          if r["op"] != "ag" else set())
-        assert set(r["times_ms"]) == expected
+        assert set(r["times_ms"]) == expected  # torch_fused is CUDA-only: not timed on CPU
         assert all(t > 0 for t in r["times_ms"].values())
-        # eta is computed from the same row's times.
         t = r["times_ms"]
-        assert abs(r["eta"]["overlap"] - (t["gemm"] + t["comm"] - t["overlap"]) / min(t["gemm"], t["comm"])) < 1e-9
-        # Every variant computed the same numbers as the sequential baseline.
-        assert max(r["rel_diff_vs_sequential"].values()) < 1e-5
-        assert r["plans"]["overlap"]["decision"] == "overlap"
-    assert record["results"]["partial_file"] is None  # nothing failed, so nothing left beside
-    text = report(out, tmp_path / "r.md", tmp_path / "img")
-    assert "## matmul_reduce_scatter, 2 ranks" in text and "Summary" in text
+        assert r["eta"]["overlap"] == pytest.approx((t["gemm"] + t["comm"] - t["overlap"]) / min(t["gemm"], t["comm"]))
+        assert r["speedup_vs_sequential"]["auto"] == pytest.approx(t["sequential"] / t["auto"])
+        assert max(r["rel_diff_vs_sequential"].values()) < 1e-5  # every variant computed the same numbers
+        assert r["plans"]["overlap"]["decision"] == "overlap" and sum(r["plans"]["overlap"]["chunk_sizes"]) > 0
+    summary = summarize(res["rows"])
+    assert set(summary) == {"rs/2", "ar/2", "ag/2"} and summary["rs/2"]["rows"] == 2
+
+    record = {"benchmark": "overlap", "env": {"device": "cpu", "gpu_count": 0}, "args": vars(args),
+              "results": {"worlds": [{"world_size": 2}], "rows": res["rows"]}}
+    path = tmp_path / "overlap.json"
+    path.write_text(json.dumps(record))
+    text = report(path, tmp_path / "r.md", tmp_path / "img")
+    assert "## matmul_reduce_scatter, 2 ranks" in text and "## Summary" in text and "| ours auto |" in text
     assert (tmp_path / "img" / "overlap_2x.png").stat().st_size > 1000
+
+
+def test_unknown_ops_and_shapes_are_refused():
+    with pytest.raises(SystemExit, match="--ops: unknown"):
+        _rows_plan(_args("--ops", "rs,xx"))
+    with pytest.raises(SystemExit, match="--shapes: unknown"):
+        _rows_plan(_args("--shapes", "gpt5"))
