@@ -34,3 +34,15 @@ def test_plan_writes_assignment_and_reports_bad_input(tmp_path):
     assert doc["splits"] == 2 and all(a["path"][0] == a["src"] for a in doc["assignments"])
     bad = CliRunner().invoke(app, ["net", "plan", "--topology", "torus:n=4"])
     assert bad.exit_code == 2 and "neither a .yaml/.json file" in bad.output
+
+
+def test_compare_runs_several_jobs_from_a_traffic_file(tmp_path):
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text("- {op: allreduce, algorithm: ring, hosts: 0-7, size: 8MiB, name: a}\n"
+                    "- {op: alltoall, algorithm: direct, hosts: 8-15, size: 8MiB, name: b}\n")
+    js = tmp_path / "c.json"
+    r = CliRunner().invoke(app, ["net", "compare", "--topology", "fat_tree:k=4", "--traffic", str(jobs),
+                                 "--policies", "spray,planned", "--png", str(tmp_path / "c.png"), "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    assert "2 job(s)" in r.output
+    assert {row["policy"] for row in json.loads(js.read_text())["rows"]} == {"spray", "planned"}

@@ -126,3 +126,19 @@ def test_link_bytes_conserve_flow_bytes():
     rs = res.routing.steps[0][0]
     expect = sum(rs.size[i] * len(p) for i, p in enumerate(rs.paths))
     assert res.link_bytes.sum() == pytest.approx(expect, rel=REL)
+
+
+def test_hierarchical_allreduce_on_rail_optimized_with_nvlink():
+    # 2 servers x 2 GPUs, one leaf per rail, NIC 1 GB/s, NVLink 2 GB/s, M = 4 GB, g = 2:
+    # intra RS (M/2 over NVLink: 1 s) + inter RS and AG per rail (M/4 each over the rail leaf:
+    # 1 s + 1 s) + intra AG (1 s) = 4 s.
+    topo = net.rail_optimized(servers=2, spines=1, gpus_per_server=2, link_gbps=ONE_GBPS_IN_GBIT,
+                              nvlink_gbps=2 * ONE_GBPS_IN_GBIT)
+    tr = net.collective("allreduce", "hierarchical", hosts=range(4), size_bytes=4 * GB, gpus_per_node=2)
+    res = net.simulate(topo, tr, policy="ecmp")
+    assert np.allclose(res.step_times_s, [1.0, 1.0, 1.0, 1.0], rtol=REL)
+    nv = [i for i in range(topo.num_links) if "nvs" in topo.link_name(i)]
+    spine = [i for i in range(topo.num_links) if "spine" in topo.link_name(i)]
+    # 4 GPUs x (RS + AG) x 2 GB chunks x 2 hops (GPU -> NVSwitch -> GPU)
+    assert res.link_bytes[nv].sum() == pytest.approx(4 * 2 * 2 * 2 * GB, rel=REL)
+    assert res.link_bytes[spine].sum() == 0.0  # rails never leave their leaf
