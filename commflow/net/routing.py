@@ -526,6 +526,14 @@ def _colour_plan(topo: Topology, pt: PathTable, cands: list[np.ndarray], src_h: 
     lengths = {c.shape[1] for c in cands}
     if not lengths <= {1, 2, 4}:
         return None
+    # Colouring counts sub-flows per link; that is the congestion only if the links a colour
+    # class can land on have equal capacity (else a degraded cable would get a full share).
+    inner = [c[:, 1:-1].ravel() for c in cands if c.shape[1] == 4]
+    if inner and len(np.unique(t.link_gbps[np.concatenate(inner)])) > 1:
+        return None
+    ports = [c[:, 0] for c in cands] + [c[:, -1] for c in cands]
+    if len(np.unique(t.link_gbps[np.concatenate(ports)])) > 1:
+        return None
     n_sub = len(cands)
     choice = np.zeros(n_sub, np.int64)
     # Stage 1: port (plane) of every sub-flow.

@@ -194,3 +194,18 @@ def test_fat_tree_recursive_colouring_matches_the_single_path_milp(case):
     assert routing.meta["planner"] == ["colouring"]
     milp = net.optimal(topo, tr, single_path=True, splits=k)
     assert net.congestion(topo, tr, routing=routing) == pytest.approx(milp.max_congestion, rel=LP_REL)
+
+
+def test_degraded_cable_spray_is_oblivious_and_the_planner_avoids_it():
+    # One leaf-spine cable at 100G instead of 400G. Spraying still gives it 1/S of every flow;
+    # the planner must not colour blindly onto it: it reaches the single-path MILP optimum.
+    topo = net.leaf_spine(4, 3, 4).with_capacity([("leaf0", "spine0")], 100)
+    hosts = [int(h) for h in np.random.default_rng(0).permutation(16)]
+    tr = net.collective("allreduce", "ring", hosts=hosts, size_bytes=2**24, channels=2)
+    planned = net.simulate(topo, tr, "planned", splits=2)
+    milp = net.optimal(topo, tr, single_path=True, splits=2)
+    lp = net.optimal(topo, tr)
+    spray = net.simulate(topo, tr, "spray")
+    assert planned.routing.meta["planner"] == ["greedy"]
+    assert planned.max_congestion == pytest.approx(milp.max_congestion, rel=LP_REL)
+    assert lp.max_congestion <= planned.max_congestion * (1 + LP_REL) < spray.max_congestion
