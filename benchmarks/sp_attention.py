@@ -184,7 +184,7 @@ def _max_seq(name, cfg, info, rows, say):
     predicted = int((cap - intercept) / slope) // gran * gran if slope > 0 else None
     rec.update(status="predicted", cap_gib=cap, gib_per_token=slope, gib_fixed=intercept, predicted_seq=predicted)
     if cfg["max_seq_verify"] and predicted:
-        tflops = max((r["tflops_per_gpu"] for r in rows if r["strategy"] == name and r.get("status") == "ok"))
+        tflops = max(r["tflops_per_gpu"] for r in rows if r["strategy"] == name and r.get("status") == "ok")
         seq = predicted
         for _ in range(4):
             est = flops_fwd_bwd(cfg["batch"], seq, cfg["heads"], cfg["head_dim"], cfg["causal"]) / info.world_size / (tflops * 1e12)
