@@ -5,12 +5,12 @@ when devices leave a fully decentralized learning network, does losing their
 *connectivity* hurt more than losing their *data*? The main API:
 
 * :class:`DecentralConfig` + :class:`Schedule` (events :class:`DropNodes`,
-  :class:`FailLinks`, :class:`Rejoin`) describe a run; :func:`prepare` builds it;
+  :class:`FailLinks`, :class:`Rejoin`; :class:`RelayOnly`) describe a run; :func:`prepare` builds it;
 * :func:`simulate` runs it vectorized in one process (N models as one tensor);
 * :func:`run_p2p` / :func:`run_node` run it with one gloo process per node,
   exchanging models point-to-point, and give the simulator's numbers;
 * :func:`run_comparison` + :func:`write_outputs` compare named scenarios
-  (``none``, ``data``, ``relay``), the ``commflow decentral`` command.
+  (``none``, ``data``, ``relay``, ``relay-nodrop``), the ``commflow decentral`` command.
 
 Building blocks: :func:`build_graph` / :func:`read_edge_list`, :func:`mixing_matrix` /
 :func:`mixing_row`, :func:`partition`.
@@ -22,7 +22,7 @@ from .experiment import DecentralConfig, Prepared, RunResult, prepare
 from .graphs import build_graph, read_edge_list
 from .mixing import MIXING_RULES, invariant_weights, mixing_matrix, mixing_row
 from .p2p import run_node, run_p2p
-from .schedule import DropNodes, FailLinks, Plan, Rejoin, Schedule, resolve, scenario_events
+from .schedule import DropNodes, FailLinks, Plan, Rejoin, RelayOnly, Schedule, resolve, scenario_events
 from .simulator import simulate
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "Plan",
     "Prepared",
     "Rejoin",
+    "RelayOnly",
     "RunResult",
     "Schedule",
     "build_graph",

@@ -20,7 +20,8 @@ __all__ = ["decentral"]
 
 _SCENARIO_HELP = (
     "'relay[:BY]': drop round(f*N) relay-only nodes (no data; default BY=degree, the hubs); "
-    "'data[:BY]': drop round(f*N) data-holding nodes (default BY=low-degree); 'none': no drop. "
+    "'data[:BY]': drop round(f*N) data-holding nodes (default BY=low-degree); 'none': no drop; "
+    "'relay-nodrop[:BY]': round(f*N) relay-only nodes that never drop. "
     "BY: random | degree | betweenness | low-degree | low-betweenness."
 )
 

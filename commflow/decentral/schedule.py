@@ -12,6 +12,8 @@ A :class:`Schedule` is a declarative list of events, each at the *start* of a ro
   random or by edge betweenness.
 * :class:`Rejoin`: every node dropped and every link failed before it comes back; a
   rejoining node resumes from its frozen (stale) model.
+* :class:`RelayOnly` (not an event: true for the whole run): nodes that hold no data but
+  stay, to measure what relays cost or give without any drop.
 
 :func:`resolve` turns a schedule into a :class:`Plan` of concrete node ids and links,
 once, up front: selections are scored on the *initial* graph (the data partition must
@@ -25,6 +27,7 @@ Named scenarios (the CLI's ``--compare``; the seed finding compares the first tw
 ``relay[:BY]``  drop ``round(f*N)`` relay-only nodes, by default the highest-degree ones
 ``data[:BY]``   drop ``round(f*N)`` data-holding nodes, by default the lowest-degree ones
 ``none``        no node drops (every node holds data)
+``relay-nodrop[:BY]``  ``round(f*N)`` relay-only nodes (default: the hubs) that never drop
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "DropNodes",
     "FailLinks",
     "Rejoin",
+    "RelayOnly",
     "Schedule",
     "Plan",
     "Topology",
@@ -53,7 +57,7 @@ __all__ = [
 
 NODE_SELECTORS = ("random", "degree", "betweenness", "low-degree", "low-betweenness")
 LINK_SELECTORS = ("random", "betweenness")
-SCENARIO_KINDS = {"none": None, "data": "low-degree", "relay": "degree"}  # kind -> default selector
+SCENARIO_KINDS = {"none": None, "data": "low-degree", "relay": "degree", "relay-nodrop": "degree"}  # -> default BY
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -96,7 +100,24 @@ class Rejoin:
     """Round (0-based)."""
 
 
-Event = DropNodes | FailLinks | Rejoin
+@dataclass(kw_only=True, frozen=True)
+class RelayOnly:
+    """Nodes that hold no training data for the whole run but stay in the network.
+
+    Give one of fraction, count, nodes. A later :class:`DropNodes` may still drop them.
+    """
+
+    fraction: float | None = None
+    """Share of all N nodes, in [0, 1]."""
+    count: int | None = None
+    """Number of nodes, in [0, N]."""
+    nodes: tuple[int, ...] | None = None
+    """Explicit node ids."""
+    by: str = "random"
+    """One of :data:`NODE_SELECTORS`, scored on the initial graph."""
+
+
+Event = DropNodes | FailLinks | Rejoin | RelayOnly
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -104,7 +125,7 @@ class Schedule:
     """Events of one run, applied in round order (list order within a round)."""
 
     events: tuple[Event, ...] = ()
-    """The events; see :class:`DropNodes`, :class:`FailLinks`, :class:`Rejoin`."""
+    """The events; see :class:`DropNodes`, :class:`FailLinks`, :class:`Rejoin`, :class:`RelayOnly`."""
 
 
 @dataclass(frozen=True)
@@ -178,16 +199,19 @@ def scenario_events(name: str, *, fraction: float, at: int) -> tuple[Event, ...]
     by = by or SCENARIO_KINDS[kind]
     if by not in NODE_SELECTORS:
         raise ValueError(f"scenario={name!r}: unknown selector {by!r}; choose from {NODE_SELECTORS}")
+    if kind == "relay-nodrop":
+        return (RelayOnly(fraction=fraction, by=by),)
     return (DropNodes(at=at, fraction=fraction, by=by, holds_data=(kind == "data")),)
 
 
-def _amount(event: DropNodes | FailLinks, total: int, what: str, i: int) -> int:
+def _amount(event: DropNodes | FailLinks | RelayOnly, total: int, what: str, i: int) -> int:
+    has_nodes = isinstance(event, DropNodes | RelayOnly)
     given = [k for k in ("fraction", "count") if getattr(event, k) is not None]
-    if isinstance(event, DropNodes) and event.nodes is not None:
+    if has_nodes and event.nodes is not None:
         given.append("nodes")
     if len(given) != 1:
         raise ValueError(f"events[{i}] {type(event).__name__}: give exactly one of fraction, count"
-                         f"{', nodes' if isinstance(event, DropNodes) else ''}; got {given or 'none'}")
+                         f"{', nodes' if has_nodes else ''}; got {given or 'none'}")
     if event.fraction is not None:
         if not 0.0 <= event.fraction <= 1.0:
             raise ValueError(f"events[{i}] {type(event).__name__}: fraction={event.fraction} must be in [0, 1]")
@@ -228,14 +252,15 @@ def resolve(schedule: Schedule, graph: nx.Graph, *, rounds: int, seed: int) -> P
     edges = edge_array(graph)
     events = list(schedule.events)
     for i, ev in enumerate(events):
-        if not isinstance(ev, DropNodes | FailLinks | Rejoin):
-            raise ValueError(f"events[{i}]: unknown event kind {type(ev).__name__}; use DropNodes, FailLinks, Rejoin")
-        if not 0 <= ev.at < rounds:
+        if not isinstance(ev, Event):
+            raise ValueError(f"events[{i}]: unknown event kind {type(ev).__name__}; "
+                             "use DropNodes, FailLinks, Rejoin, RelayOnly")
+        if not isinstance(ev, RelayOnly) and not 0 <= ev.at < rounds:
             raise ValueError(
                 f"events[{i}] {type(ev).__name__}: at={ev.at} is beyond the run; rounds are 0..{rounds - 1}"
             )
-        if isinstance(ev, DropNodes) and ev.nodes is None and ev.by not in NODE_SELECTORS:
-            raise ValueError(f"events[{i}] DropNodes: by={ev.by!r} is unknown; choose from {NODE_SELECTORS}")
+        if isinstance(ev, DropNodes | RelayOnly) and ev.nodes is None and ev.by not in NODE_SELECTORS:
+            raise ValueError(f"events[{i}] {type(ev).__name__}: by={ev.by!r} is unknown; choose from {NODE_SELECTORS}")
         if isinstance(ev, FailLinks) and ev.by not in LINK_SELECTORS:
             raise ValueError(f"events[{i}] FailLinks: by={ev.by!r} is unknown; choose from {LINK_SELECTORS}")
 
@@ -247,34 +272,40 @@ def resolve(schedule: Schedule, graph: nx.Graph, *, rounds: int, seed: int) -> P
             scores[key] = dict(graph.degree) if key == "degree" else nx.betweenness_centrality(graph)
         return scores[key]
 
+    def pick_nodes(ev: DropNodes | RelayOnly, i: int, taken: set[int], rng: np.random.Generator) -> list[int]:
+        name = type(ev).__name__
+        k = _amount(ev, n, "nodes", i)
+        if ev.nodes is not None:
+            picked = [int(v) for v in ev.nodes]
+            if any(not 0 <= v < n for v in picked) or len(set(picked)) != len(picked):
+                raise ValueError(f"events[{i}] {name}: nodes={ev.nodes} must be distinct ids in 0..{n - 1}")
+            if taken & set(picked):
+                raise ValueError(f"events[{i}] {name}: nodes {sorted(taken & set(picked))} "
+                                 "are already dropped by an earlier event")
+            return picked
+        candidates = [v for v in range(n) if v not in taken]
+        if k > len(candidates):
+            raise ValueError(f"events[{i}] {name}: asks for {k} nodes but only {len(candidates)} "
+                             f"of {n} are left after earlier drops")
+        return _ranked(node_scores(ev.by) if ev.by != "random" else {}, candidates, ev.by, rng)[:k]
+
     actions: list[tuple[int, str, tuple]] = []
     taken_nodes: set[int] = set()
     taken_links: set[tuple[int, int]] = set()
     relay: set[int] = set()
-    order = sorted(range(len(events)), key=lambda j: (events[j].at, j))
+    # RelayOnly holds for the whole run: resolve it first (round -1).
+    order = sorted(range(len(events)), key=lambda j: (getattr(events[j], "at", -1), j))
     for i in order:
         ev = events[i]
         rng = stream(seed, "schedule", i)
-        if isinstance(ev, Rejoin):
+        if isinstance(ev, RelayOnly):
+            relay.update(pick_nodes(ev, i, set(), rng))
+        elif isinstance(ev, Rejoin):
             if not any(at < ev.at and kind != "rejoin" for at, kind, _ in actions):
                 raise ValueError(f"events[{i}] Rejoin: at={ev.at} but nothing was dropped or failed before it")
             actions.append((ev.at, "rejoin", ()))
         elif isinstance(ev, DropNodes):
-            k = _amount(ev, n, "nodes", i)
-            if ev.nodes is not None:
-                picked = [int(v) for v in ev.nodes]
-                bad = [v for v in picked if not 0 <= v < n]
-                if bad or len(set(picked)) != len(picked):
-                    raise ValueError(f"events[{i}] DropNodes: nodes={ev.nodes} must be distinct ids in 0..{n - 1}")
-                if taken_nodes & set(picked):
-                    raise ValueError(f"events[{i}] DropNodes: nodes {sorted(taken_nodes & set(picked))} "
-                                     "are already dropped by an earlier event")
-            else:
-                candidates = [v for v in range(n) if v not in taken_nodes]
-                if k > len(candidates):
-                    raise ValueError(f"events[{i}] DropNodes: asks for {k} nodes but only {len(candidates)} "
-                                     f"of {n} are left after earlier drops")
-                picked = _ranked(node_scores(ev.by) if ev.by != "random" else {}, candidates, ev.by, rng)[:k]
+            picked = pick_nodes(ev, i, taken_nodes, rng)
             taken_nodes.update(picked)
             if not ev.holds_data:
                 relay.update(picked)

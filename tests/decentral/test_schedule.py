@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 from commflow.decentral.graphs import build_graph
-from commflow.decentral.schedule import DropNodes, FailLinks, Rejoin, Schedule, resolve, scenario_events
+from commflow.decentral.schedule import (
+    DropNodes,
+    FailLinks,
+    Rejoin,
+    RelayOnly,
+    Schedule,
+    resolve,
+    scenario_events,
+)
 
 ROUNDS = 10
 
@@ -106,3 +114,18 @@ def test_unknown_scenarios_fail(name, match):
 def test_rounds_must_be_positive(ba):
     with pytest.raises(ValueError, match="rounds=0 must be >= 1"):
         resolve(Schedule(), ba, rounds=0, seed=0)
+
+
+def test_relay_only_nodes_stay_and_can_still_be_dropped_later(ba):
+    deg = dict(ba.degree)
+    plan = _plan(ba, RelayOnly(count=4, by="degree"))
+    assert plan.actions == () and plan.topology(ROUNDS - 1).alive.all()
+    assert sorted(plan.relay_nodes) == sorted(sorted(deg, key=deg.get, reverse=True)[:4])
+    (ev,) = scenario_events("relay-nodrop", fraction=0.1, at=3)
+    assert ev == RelayOnly(fraction=0.1, by="degree")
+    both = _plan(ba, RelayOnly(nodes=(5, 6)), DropNodes(at=1, nodes=(6, 7)))
+    assert both.relay_nodes == {5, 6} and both.dropped_nodes() == [6, 7]
+    with pytest.raises(ValueError, match=r"events\[0\] RelayOnly: count=41 must be in \[0, 40\]"):
+        _plan(ba, RelayOnly(count=41))
+    with pytest.raises(ValueError, match=r"RelayOnly: by='hubs' is unknown"):
+        _plan(ba, RelayOnly(count=1, by="hubs"))
