@@ -8,8 +8,10 @@ shards of one ``[B, S, H, D]`` problem, in the same process group and the same r
   with ``batch_dim_idx=0`` for ``[b, s, h, d]`` and the local shape asserted;
 * ``torch_cp_allgather`` / ``torch_cp_alltoall``: torch's ``context_parallel``
   with each rotate method (head-tail load balancing = our zigzag shards);
-* ``sdpa_1gpu``: plain SDPA on every GPU at the per-GPU shape ``(S, H/W)``, no
-  communication: the compute limit of sequence parallelism.
+* ``sdpa_1gpu`` / ``sdpa_1gpu_bhsd``: plain SDPA on every GPU at the per-GPU shape
+  ``(S, H/W)``, no communication: the compute limit of sequence parallelism, with
+  inputs in ``[B, S, H, D]`` memory (the model layout every SP strategy here uses)
+  and in ``[B, H, S, D]`` memory (the report takes the faster as the limit).
 
 Before timing, each strategy is checked against the naive reference at
 ``--check-seq`` tokens (a wrong-but-fast peer is refused, not timed).
@@ -63,17 +65,27 @@ def _shapes(strategy, cfg, world, seq):
     return (b, seq // world, h, d), (b, seq // world, hkv, d)
 
 
+def _leaf(x: torch.Tensor, head_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A leaf tensor holding ``x [B, S, H, D]`` and the ``[B, S, H, D]`` view a strategy gets."""
+    if head_major:
+        leaf = x.transpose(1, 2).contiguous().requires_grad_(True)
+        return leaf, leaf.transpose(1, 2)
+    leaf = x.contiguous().requires_grad_(True)
+    return leaf, leaf
+
+
 def _random_inputs(strategy, cfg, world, seq, device):
+    """(leaves, forward arguments, dout) of random local inputs."""
     q_shape, kv_shape = _shapes(strategy, cfg, world, seq)
     dtype = getattr(torch, cfg["dtype"])
-    make = lambda shape: torch.randn(shape, device=device, dtype=dtype).requires_grad_(True)
-    return make(q_shape), make(kv_shape), make(kv_shape), torch.randn(q_shape, device=device, dtype=dtype)
+    pairs = [_leaf(torch.randn(s, device=device, dtype=dtype), strategy.head_major) for s in (q_shape, kv_shape, kv_shape)]
+    return [p[0] for p in pairs], [p[1] for p in pairs], torch.randn(q_shape, device=device, dtype=dtype)
 
 
-def _step(strategy, q, k, v, dout):
-    for t in (q, k, v):
+def _step(strategy, leaves, args, dout):
+    for t in leaves:
         t.grad = None
-    strategy.forward(q, k, v).backward(dout)
+    strategy.forward(*args).backward(dout)
 
 
 def _agree(ok: bool) -> bool:
@@ -106,12 +118,13 @@ def _check(name, cfg, info):
         local = lambda x, which: pick(x, hkv_l if which in "kv" else hq_l)
     else:
         local = lambda x, which: shard(x, layout=strategy.layout)
-    ins = [local(glob[n], n).detach().clone().requires_grad_(True) for n in "qkv"]
+    pairs = [_leaf(local(glob[n], n).detach(), strategy.head_major) for n in "qkv"]
     with strategy.context():
-        out = strategy.forward(*ins)
+        out = strategy.forward(*(p[1] for p in pairs))
         out.backward(local(glob["do"], "q").contiguous())
+    grads = [p[0].grad.transpose(1, 2) if strategy.head_major else p[0].grad for p in pairs]
     errors = {}
-    for tag, got, want, which in zip(("out", "dq", "dk", "dv"), [out, *(t.grad for t in ins)], [ref, *ref_grads], "qqkv"):
+    for tag, got, want, which in zip(("out", "dq", "dk", "dv"), [out, *grads], [ref, *ref_grads], "qqkv"):
         want = local(want, which).float()
         errors[tag] = ((got.float() - want).abs().max() / want.abs().max()).item()
     worst = max_over_ranks(max(errors.values()))
@@ -126,16 +139,16 @@ def _measure(name, cfg, info, seq):
     _free(dev)
     status = "ok"
     try:
-        q, k, v, dout = _random_inputs(strategy, cfg, world, seq, dev)
+        leaves, args, dout = _random_inputs(strategy, cfg, world, seq, dev)
         inputs_gib = torch.cuda.memory_allocated(dev) / 2**30 if cuda else None
         if cuda:
             torch.cuda.reset_peak_memory_stats(dev)
         with strategy.context():
-            t = time_ms(lambda: _step(strategy, q, k, v, dout), warmup=cfg["warmup"], iters=cfg["iters"],
+            t = time_ms(lambda: _step(strategy, leaves, args, dout), warmup=cfg["warmup"], iters=cfg["iters"],
                         device=dev, barrier=True)
     except torch.OutOfMemoryError:
         status = "oom"
-    q = k = v = dout = None
+    leaves = args = dout = None
     ok = _agree(status == "ok")
     if not ok:
         _free(dev)
@@ -160,13 +173,13 @@ def _try_step(name, cfg, info, seq) -> bool:
     _free(dev)
     ok = True
     try:
-        q, k, v, dout = _random_inputs(strategy, cfg, info.world_size, seq, dev)
+        leaves, args, dout = _random_inputs(strategy, cfg, info.world_size, seq, dev)
         with strategy.context():
-            _step(strategy, q, k, v, dout)
+            _step(strategy, leaves, args, dout)
         torch.cuda.synchronize(dev)
     except torch.OutOfMemoryError:
         ok = False
-    q = k = v = dout = None
+    leaves = args = dout = None
     _free(dev)
     return _agree(ok)
 
@@ -277,7 +290,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem-fraction", type=float, default=0.95, help="allocator cap per GPU (fraction of memory)")
     p.add_argument("--max-seq", action="store_true", help="predict the longest trainable sequence per strategy")
     p.add_argument("--max-seq-verify", action="store_true", help="run one fwd+bwd at the predicted length")
-    p.add_argument("--max-seq-strategies", default=",".join(s for s in ALL if s != "sdpa_1gpu"))
+    p.add_argument("--max-seq-strategies", default=",".join(s for s in ALL if not s.startswith("sdpa_1gpu")))
     p.add_argument("--max-seq-granularity", type=int, default=65536)
     p.add_argument("--progress", default=None, help="append every check/row as JSON Lines to this file (rank 0)")
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 __all__ = ["ALL", "OURS", "PEERS", "Strategy", "Unavailable", "build"]
 
 OURS = ("ulysses", "ring", "allgather")
-PEERS = ("deepspeed", "torch_cp_allgather", "torch_cp_alltoall", "sdpa_1gpu")
+PEERS = ("deepspeed", "torch_cp_allgather", "torch_cp_alltoall", "sdpa_1gpu", "sdpa_1gpu_bhsd")
 ALL = OURS + PEERS
 
 
@@ -35,6 +35,8 @@ class Strategy:
     """``(q, k, v) -> out`` on local ``[B, S_local, H, D]`` tensors (autograd-aware)."""
     layout: str = "contiguous"
     """How the global sequence is sharded for it; ``"heads"``: no sharding, a slice of H/W heads."""
+    head_major: bool = False
+    """Inputs live in ``[B, H, S, D]`` memory (forward still sees ``[B, S, H, D]`` views)."""
     context: object = field(default=contextlib.nullcontext)
     """Zero-argument factory of a context manager that wraps forward and backward."""
 
@@ -137,6 +139,9 @@ def build(name: str, cfg: dict, group, world: int, device, seq: int) -> Strategy
         return _deepspeed(cfg, group, world, seq)
     if name in ("torch_cp_allgather", "torch_cp_alltoall"):
         return _torch_cp(name.rsplit("_", 1)[1], cfg, device, world, seq)
-    if name == "sdpa_1gpu":
-        return Strategy(name, lambda q, k, v: _sdpa(q, k, v, cfg["causal"], None), "heads")
+    if name in ("sdpa_1gpu", "sdpa_1gpu_bhsd"):
+        # The compute limit: one GPU's share of the heads, no communication, in the
+        # [B, S, H, D] memory layout models (and our strategies) use, and in [B, H, S, D].
+        fn = lambda q, k, v: _sdpa(q, k, v, cfg["causal"], None)
+        return Strategy(name, fn, "heads", head_major=name.endswith("bhsd"))
     raise ValueError(f"unknown strategy {name!r}; choose from {ALL}")

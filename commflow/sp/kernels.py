@@ -32,6 +32,7 @@ causal mask is aligned (torch's flash aligns it bottom-right, cuDNN top-left).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,8 @@ __all__ = [
 
 aten = torch.ops.aten
 BACKENDS = ("flash", "cudnn", "math")
+# Escape hatch: COMMFLOW_SP_CUDNN_PACKED=0 copies Ulysses' packed q/k/v rows before cuDNN.
+_CUDNN_PACKED = os.environ.get("COMMFLOW_SP_CUDNN_PACKED", "1") != "0"
 
 
 @dataclass
@@ -68,12 +71,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float) -> str:
     """The backend torch's SDPA dispatcher would pick for these tensors, mapped onto
     ``flash`` / ``cudnn`` / ``math``."""
-    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-        return "math"
-    choice = torch._fused_sdp_choice(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 0.0, causal,
-        scale=scale, enable_gqa=q.shape[2] != k.shape[2],
-    )
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] % 8:
+        return "math"  # the raw fused ops want head_dim % 8 == 0 (SDPA pads; we do not)
+    # Leaf views that require grad: the dispatcher's backward constraints then apply.
+    qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_(True) for t in (q, k, v))
+    choice = torch._fused_sdp_choice(qt, kt, vt, None, 0.0, causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
     if choice == int(SDPBackend.FLASH_ATTENTION):
         return "flash"
     if choice == int(SDPBackend.CUDNN_ATTENTION):
@@ -86,10 +88,6 @@ def _check_block(q, k, causal):
         raise ValueError(
             f"causal kernel calls must be square (a diagonal block), got Lq={q.shape[1]}, Lk={k.shape[1]}"
         )
-
-
-def _bshd_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.is_contiguous() else x.contiguous()
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -166,9 +164,41 @@ def _flash_backward(dout, q, k, v, out, lse, extras, causal, scale):
 # --- cuDNN ---------------------------------------------------------------------------------
 
 
-def _cudnn_forward(q, k, v, causal, scale):
+def _cudnn_layout(x: torch.Tensor, packed: bool = False) -> torch.Tensor:
+    """``x [B, L, H, D]`` in a layout cuDNN attention is known to take, copying if needed.
+
+    Accepted without a copy: ``[B, L, H, D]``-contiguous (what models pass),
+    ``[B, H, L, D]``-contiguous and, with ``packed``, cuDNN's packed-QKV rows
+    ``[1, L, 3, H, D]`` (the buffer Ulysses receives for MHA). torch releases have
+    differed in which other strided layouts their cuDNN path handles.
+    """
+    b, s, h, d = x.shape
+    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
+        return x
+    if packed and b == 1 and x.stride()[1:] == (3 * h * d, d, 1) and _CUDNN_PACKED:
+        return x
+    return x.contiguous()
+
+
+def _is_packed_qkv(q, k, v) -> bool:
+    """q, k, v are consecutive head groups of one buffer (Ulysses' receive buffer)."""
+    row = q.shape[2] * q.shape[3]
+    return (
+        q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+        and k.storage_offset() == q.storage_offset() + row
+        and v.storage_offset() == k.storage_offset() + row
+    )
+
+
+def _cudnn_inputs(q, k, v):
     groups = q.shape[2] // k.shape[2]
-    q, k, v = _bshd_contiguous(q), _bshd_contiguous(_repeat_kv(k, groups)), _bshd_contiguous(_repeat_kv(v, groups))
+    packed = groups == 1 and _is_packed_qkv(q, k, v)
+    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    return _cudnn_layout(q, packed), _cudnn_layout(k, packed), _cudnn_layout(v, packed)
+
+
+def _cudnn_forward(q, k, v, causal, scale):
+    q, k, v = _cudnn_inputs(q, k, v)
     out, lse, cum_q, cum_k, _, _, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False, scale=scale
     )
@@ -179,10 +209,11 @@ def _cudnn_forward(q, k, v, causal, scale):
 
 def _cudnn_backward(dout, q, k, v, out, lse, extras, causal, scale):
     cum_q, cum_k, seed, offset = extras
-    hkv, groups = k.shape[2], q.shape[2] // k.shape[2]
-    q = _bshd_contiguous(q)
-    k, v = _bshd_contiguous(_repeat_kv(k, groups)), _bshd_contiguous(_repeat_kv(v, groups))
-    dout, out = _bshd_contiguous(dout), _bshd_contiguous(out)
+    hkv = k.shape[2]
+    q, k, v = _cudnn_inputs(q, k, v)
+    # dO in the layout of O (cuDNN reads both with one set of strides in some releases).
+    out = _cudnn_layout(out)
+    dout = dout if dout.stride() == out.stride() else torch.empty_like(out).copy_(dout)
     dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
         dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2),
         lse.unsqueeze(-1), seed, offset, None, cum_q, cum_k, q.shape[1], k.shape[1], 0.0, causal,
