@@ -1,0 +1,191 @@
+"""The tracer on a real 4-rank gloo world: every wrapped call becomes a record with
+the right op, group, sequence number, peer, bytes and iteration, completes (sync,
+future callback, or polled), DDP's gradient all-reduce is traced without changing
+its result, and unwatch() puts torch.distributed back as it was."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from commflow.monitor.trace import PeriodFinder
+
+W = 4
+FLOAT = 4  # bytes
+
+
+def _all_ops() -> dict:
+    import commflow.dist as cdist
+    from commflow import monitor
+
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "isend", "batch_isend_irecv")}
+    rank = dist.get_rank()
+    sub = dist.new_group([0, 1])  # collective: every rank creates it
+    tr = monitor.watch(infer_iterations=False)
+    try:
+        monitor.step(7)
+        x = torch.ones(8)
+        dist.all_reduce(x)
+        dist.all_gather([torch.empty(8) for _ in range(W)], x)
+        # commflow.dist bound these aliases at import, before watch(): patched in place too.
+        cdist.all_gather_tensor(torch.empty(8 * W), x)
+        dist.reduce_scatter(torch.empty(8), [torch.ones(8) for _ in range(W)])
+        cdist.reduce_scatter_tensor(torch.empty(8), torch.ones(8 * W))
+        dist.all_to_all_single(torch.empty(4 * W), torch.ones(4 * W))
+        dist.all_to_all([torch.empty(2) for _ in range(W)], [torch.ones(2) for _ in range(W)])
+        dist.broadcast(x, 0)
+        dist.barrier()
+        if rank in (0, 1):
+            dist.all_reduce(torch.ones(3), group=sub)
+        nxt, prv = (rank + 1) % W, (rank - 1) % W
+        buf = torch.empty(5)
+        s, r = dist.isend(torch.ones(5), nxt), dist.irecv(buf, prv)
+        s.wait()
+        r.wait()
+        if rank % 2 == 0:
+            dist.send(torch.ones(6), rank + 1)
+        else:
+            dist.recv(torch.empty(6), rank - 1)
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, torch.ones(2), nxt),
+                                        dist.P2POp(dist.irecv, torch.empty(2), prv)])
+        for w in works:
+            w.wait()
+        w = dist.all_reduce(torch.ones(16), async_op=True)
+        w.wait()
+        time.sleep(0.05)
+        tr.poll()
+        recs = [(r.op, r.group, r.seq, r.peer, r.nbytes, r.iteration, r.t_done is not None and r.t_done >= r.t_enter,
+                 r.error) for r in tr.records()]
+        inflight = len(tr.inflight)
+    finally:
+        monitor.unwatch()
+    restored = all(getattr(dist, n) is f for n, f in originals.items())
+    return {"recs": recs, "inflight": inflight, "restored": restored, "rank": rank}
+
+
+def _expected(rank: int) -> list[tuple]:
+    """What a plain reading of each call says the record must be."""
+    world = "0,1,2,3"
+    nxt, prv = (rank + 1) % W, (rank - 1) % W
+    exp = [
+        ("all_reduce", world, 0, -1, 8 * FLOAT),
+        ("all_gather", world, 1, -1, 8 * FLOAT),
+        (None, world, 2, -1, 8 * FLOAT),  # all_gather_single on 2.13+, all_gather_into_tensor before
+        ("reduce_scatter", world, 3, -1, 8 * W * FLOAT),
+        (None, world, 4, -1, 8 * W * FLOAT),
+        ("all_to_all_single", world, 5, -1, 4 * W * FLOAT),
+        ("all_to_all", world, 6, -1, 2 * W * FLOAT),
+        ("broadcast", world, 7, -1, 8 * FLOAT),
+        ("barrier", world, 8, -1, 0),
+    ]
+    if rank in (0, 1):
+        exp.append(("all_reduce", "0,1", 0, -1, 3 * FLOAT))
+    exp += [("isend", world, 0, nxt, 5 * FLOAT), ("irecv", world, 0, prv, 5 * FLOAT)]
+    if rank % 2 == 0:
+        exp.append(("send", world, 1, rank + 1, 6 * FLOAT))
+    else:
+        exp.append(("recv", world, 1, rank - 1, 6 * FLOAT))
+    # batch: per directed channel the next number after what this rank already used on it
+    used_send = {nxt: 1 + (1 if rank % 2 == 0 and rank + 1 == nxt else 0)}
+    used_recv = {prv: 1 + (1 if rank % 2 == 1 and rank - 1 == prv else 0)}
+    exp += [("isend", world, used_send[nxt], nxt, 2 * FLOAT), ("irecv", world, used_recv[prv], prv, 2 * FLOAT)]
+    exp.append(("all_reduce", world, 9, -1, 16 * FLOAT))
+    return exp
+
+
+def test_every_call_is_recorded_with_op_group_seq_peer_bytes(dist_pool):
+    results = dist_pool(W).run(_all_ops)
+    for res in results:
+        rank = res["rank"]
+        got = res["recs"]
+        exp = _expected(rank)
+        assert len(got) == len(exp), (rank, [g[0] for g in got])
+        for g, e in zip(got, exp):
+            op, group, seq, peer, nbytes, iteration, done, error = g
+            if e[0] is not None:
+                assert op == e[0], (rank, g, e)
+            assert (group, seq, peer, nbytes) == e[1:], (rank, g, e)
+            assert iteration == 7 and done and error is None, (rank, g)
+        assert got[2][0] in ("all_gather_single", "all_gather_into_tensor")
+        assert got[4][0] in ("reduce_scatter_single", "reduce_scatter_tensor")
+        assert res["inflight"] == 0
+        assert res["restored"]
+
+
+def _ddp_grads() -> dict:
+    from torch import nn
+
+    from commflow import monitor
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    ref = nn.Linear(6, 3)
+    ref.load_state_dict(model.state_dict())
+    tr = monitor.watch(infer_iterations=False)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        x = torch.full((2, 6), float(rank + 1))
+        ddp(x).sum().backward()
+        time.sleep(0.05)
+        tr.poll()
+        recs = [(r.op, r.nbytes, r.is_async, r.t_done is not None) for r in tr.records()]
+    finally:
+        monitor.unwatch()
+    # Reference: the mean over ranks of each rank's gradient, computed here by hand.
+    grads = []
+    for r in range(W):
+        ref.zero_grad()
+        ref(torch.full((2, 6), float(r + 1))).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in ref.parameters()]))
+    want = torch.stack(grads).mean(0)
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return {"recs": recs, "err": (got - want).abs().max().item()}
+
+
+def test_ddp_gradient_allreduce_is_traced_and_unchanged(dist_pool):
+    for res in dist_pool(W).run(_ddp_grads):
+        assert res["err"] < 1e-6
+        buckets = [r for r in res["recs"] if r[0] == "all_reduce" and r[2]]
+        assert buckets, res["recs"]
+        assert sum(b[1] for b in buckets) == (6 * 3 + 3) * FLOAT  # every gradient, once
+        assert all(b[3] for b in buckets)
+
+
+def _inferred_iterations() -> list[int]:
+    from commflow import monitor
+
+    tr = monitor.watch()
+    try:
+        x = torch.ones(4)
+        for _ in range(8):  # an iteration: all_reduce, all_gather, barrier
+            dist.all_reduce(x)
+            dist.all_gather([torch.empty(4) for _ in range(W)], x)
+            dist.barrier()
+        return [r.iteration for r in tr.records()]
+    finally:
+        monitor.unwatch()
+
+
+def test_iterations_inferred_from_the_call_pattern_agree_across_ranks(dist_pool):
+    per_rank = dist_pool(W).run(_inferred_iterations)
+    assert all(p == per_rank[0] for p in per_rank)
+    its = per_rank[0]
+    # Locked after three periods; from then on one iteration per period, starting at the all_reduce.
+    locked = its[9:]
+    assert locked == [1 + i // 3 for i in range(len(locked))]
+
+
+@pytest.mark.parametrize("seq,anchor", [
+    (["a", "b", "c"] * 4, "a"),
+    (["x", "a", "b", "a", "b"] + ["a", "b", "c"] * 3, "a"),  # prologue before the loop
+    (["a", "a", "b"] * 4, "b"),  # the anchor must occur once per period
+])
+def test_period_finder_anchor(seq, anchor):
+    pf = PeriodFinder()
+    for s in seq:
+        pf.observe(s)
+    assert pf.anchor == anchor
