@@ -62,10 +62,10 @@ def global_inputs(case: Case, world: int, seed: int = 0):
     return {name: torch.randn(shape, generator=gen).to(dtype) for name, shape in shapes.items()}
 
 
-def run_case(strategy: str, case: Case, seed: int = 0) -> dict:
+def run_case(strategy: str, case: Case, seed: int = 0, device: str = "cpu") -> dict:
     """On every rank: errors of this rank's shard (output, dq, dk, dv) vs the reference."""
     world = dist.get_world_size()
-    g = global_inputs(case, world, seed)
+    g = {n: t.to(device) for n, t in global_inputs(case, world, seed).items()}
     q, k, v = (g[n].clone().requires_grad_(True) for n in ("q", "k", "v"))
     ref = attention_reference(q, k, v, causal=case.causal)
     ref_grads = torch.autograd.grad(ref, (q, k, v), g["dout"])
@@ -145,3 +145,31 @@ def error_messages(strategy: str, scenario: str) -> str:
     finally:
         os.environ.pop("COMMFLOW_SP_CHECK_SHARDS", None)
     return "<no error>"
+
+
+def gpu_cases(strategy: str) -> list[Case]:
+    """bf16 cases on GPUs: both masks and layouts, MHA and GQA, batch 1 and 2."""
+    cases = []
+    for causal in (False, True):
+        for layout in ("contiguous", "zigzag"):
+            for hkv, batch in ((8, 1), (2, 2)):
+                cases.append(Case(causal=causal, layout=layout, hq=8, hkv=hkv, batch=batch, dtype="bfloat16",
+                                  seq_per_rank=256, head_dim=64))
+    return cases
+
+
+def gpu_worker(strategy: str, backend: str, cases: list[Case]) -> tuple[str, list[dict]]:
+    """Under ``spawn(..., backend="nccl")``: run ``cases`` with SDPA limited to ``backend``.
+
+    Returns the backend our kernels picked for a representative block (the test
+    skips when the forced one is unavailable on this GPU) and the per-case errors.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from commflow.sp.kernels import select_backend
+
+    device = f"cuda:{torch.cuda.current_device()}"
+    with sdpa_kernel(getattr(SDPBackend, backend)):
+        probe = torch.randn(1, 256, 8, 64, device=device, dtype=torch.bfloat16)
+        chosen = select_backend(probe, probe, probe, causal=True, scale=0.125)
+        return chosen, [run_case(strategy, case, device=device) for case in cases]
