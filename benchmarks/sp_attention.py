@@ -281,7 +281,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-causal", action="store_true", help="full (bidirectional) attention")
     p.add_argument("--layout", choices=LAYOUTS, default=None,
                    help="shards of ring/allgather (default: zigzag if causal, else contiguous)")
-    p.add_argument("--strategies", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    p.add_argument("--strategies", default=",".join(ALL),
+                   help=f"comma-separated subset of {','.join(ALL)}; ulysses:N / allgather:N pin head_chunks=N")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--ulysses-chunks", type=int, default=None, help="head_chunks of ulysses (default: auto)")
@@ -295,12 +296,18 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", default=None, help="append every check/row as JSON Lines to this file (rank 0)")
 
 
+def _is_variant(name: str) -> bool:
+    """``ulysses:4`` / ``allgather:2``: one of ours with ``head_chunks`` pinned."""
+    base, sep, chunks = name.partition(":")
+    return bool(sep) and base in ("ulysses", "allgather") and chunks.isdigit()
+
+
 def _config(args: argparse.Namespace) -> dict:
     defaults = CUDA_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
     heads = args.heads or defaults["heads"]
     causal = not args.no_causal
     strategies = [s for s in args.strategies.split(",") if s]
-    unknown = set(strategies) - set(ALL)
+    unknown = {s for s in strategies if s not in ALL and not _is_variant(s)}
     if unknown:
         raise SystemExit(f"--strategies: unknown {sorted(unknown)}; choose from {list(ALL)}")
     nproc = args.nproc or (min(torch.cuda.device_count(), 8) if args.device == "cuda" else 2)

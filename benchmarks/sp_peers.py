@@ -52,18 +52,20 @@ def _sdpa(q, k, v, causal, scale):
 
 
 def _ours(name, cfg, group):
+    """``ulysses``, ``ring``, ``allgather``; ``ulysses:4`` / ``allgather:2`` pin head_chunks."""
     from commflow.sp import allgather_attention, ring_attention, ulysses_attention
 
+    base, _, chunks = name.partition(":")
     causal = cfg["causal"]
-    if name == "ulysses":
-        fn = lambda q, k, v: ulysses_attention(q, k, v, group=group, causal=causal, head_chunks=cfg["ulysses_chunks"])
+    if base == "ulysses":
+        n = int(chunks) if chunks else cfg["ulysses_chunks"]
+        fn = lambda q, k, v: ulysses_attention(q, k, v, group=group, causal=causal, head_chunks=n)
         return Strategy(name, fn, "contiguous")
-    if name == "ring":
+    if base == "ring":
         fn = lambda q, k, v: ring_attention(q, k, v, group=group, causal=causal, layout=cfg["layout"])
         return Strategy(name, fn, cfg["layout"])
-    fn = lambda q, k, v: allgather_attention(
-        q, k, v, group=group, causal=causal, layout=cfg["layout"], head_chunks=cfg["allgather_chunks"]
-    )
+    n = int(chunks) if chunks else cfg["allgather_chunks"]
+    fn = lambda q, k, v: allgather_attention(q, k, v, group=group, causal=causal, layout=cfg["layout"], head_chunks=n)
     return Strategy(name, fn, cfg["layout"])
 
 
@@ -133,7 +135,7 @@ def _torch_cp(rotate, cfg, device, world, seq):
 
 def build(name: str, cfg: dict, group, world: int, device, seq: int) -> Strategy:
     """Strategy ``name`` for a global sequence of ``seq`` tokens; raises :class:`Unavailable`."""
-    if name in OURS:
+    if name.partition(":")[0] in OURS:
         return _ours(name, cfg, group)
     if name == "deepspeed":
         return _deepspeed(cfg, group, world, seq)

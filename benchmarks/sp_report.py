@@ -35,8 +35,19 @@ def _tokens(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 and n < 2**20 else (f"{n / 2**20:g}M" if n >= 2**20 else str(n))
 
 
+def _label(name: str) -> str:
+    base, _, chunks = name.partition(":")
+    return LABELS.get(base, base) + (f" ({chunks} chunks)" if chunks else "")
+
+
 def _rows(record: dict) -> dict[tuple[str, int], dict]:
     return {(r["strategy"], r["seq"]): r for r in record["results"]["rows"]}
+
+
+def _names(rows: dict, seqs: list[int]) -> list[str]:
+    present = {n for n, _ in rows}
+    key = lambda n: (ORDER.index(n.partition(":")[0]) if n.partition(":")[0] in ORDER else len(ORDER), n)
+    return sorted(present, key=key)
 
 
 def _limit(rows: dict, seq: int) -> float | None:
@@ -66,7 +77,7 @@ def markdown(record: dict) -> str:
     cfg = res["config"]
     rows = _rows(record)
     seqs = sorted({s for _, s in rows})
-    names = [n for n in ORDER if any((n, s) in rows for s in seqs)]
+    names = _names(rows, seqs)
     card = f"{env.get('gpu_count') or cfg['nproc']}x {env['device']}" if env.get("gpu_count") else env["device"]
     out = [
         f"Card: **{card}**, {cfg['nproc']} ranks; torch {env['torch']}, NCCL {env.get('nccl')}, "
@@ -79,10 +90,10 @@ def markdown(record: dict) -> str:
         "",
     ]
     if res.get("skipped"):
-        out += ["Not measured: " + "; ".join(f"{LABELS.get(n, n)}: {why}" for n, why in res["skipped"].items()), ""]
+        out += ["Not measured: " + "; ".join(f"{_label(n)}: {why}" for n, why in res["skipped"].items()), ""]
 
     def table(title, fmt):
-        lines = [f"**{title}**", "", "| total seq | " + " | ".join(LABELS[n] for n in names) + " |",
+        lines = [f"**{title}**", "", "| total seq | " + " | ".join(_label(n) for n in names) + " |",
                  "|---" * (len(names) + 1) + "|"]
         for s in seqs:
             cells = []
@@ -113,7 +124,7 @@ def markdown(record: dict) -> str:
             ver = _tokens(m["verified_seq"]) if m.get("verified_seq") else ("OOM at " + ", ".join(
                 _tokens(s) for s in m["oom_at"]) if m.get("oom_at") else "not run")
             per_k = f"{m['gib_per_token'] * 1024:.3f}" if "gib_per_token" in m else "-"
-            out.append(f"| {LABELS.get(m['strategy'], m['strategy'])} | {pred} | {ver} | {per_k} |")
+            out.append(f"| {_label(m['strategy'])} | {pred} | {ver} | {per_k} |")
         out.append("")
     return "\n".join(out)
 
@@ -126,7 +137,7 @@ def plot(record: dict, path: Path) -> Path:
 
     rows = _rows(record)
     seqs = sorted({s for _, s in rows})
-    names = [n for n in ORDER if any((n, s) in rows for s in seqs)]
+    names = _names(rows, seqs)
     has_mem = any("peak_allocated_gib" in r for r in rows.values())
     fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(12 if has_mem else 6.5, 4.2), squeeze=False)
     for n in names:
@@ -136,9 +147,9 @@ def plot(record: dict, path: Path) -> Path:
         style = {"marker": "o"}
         if n.startswith("sdpa_1gpu"):
             style = {"linestyle": "--" if n == "sdpa_1gpu" else ":", "color": "black"}
-        axes[0][0].plot([s for s, _ in pts], [r["tflops_per_gpu"] for _, r in pts], label=LABELS[n], **style)
+        axes[0][0].plot([s for s, _ in pts], [r["tflops_per_gpu"] for _, r in pts], label=_label(n), **style)
         if has_mem:
-            axes[0][1].plot([s for s, _ in pts], [r["peak_allocated_gib"] for _, r in pts], label=LABELS[n], **style)
+            axes[0][1].plot([s for s, _ in pts], [r["peak_allocated_gib"] for _, r in pts], label=_label(n), **style)
     env, cfg = record["env"], record["results"]["config"]
     titles = ["TFLOP/s per GPU (fwd+bwd)", "peak memory per GPU (GiB)"]
     for ax, title in zip(axes[0], titles):

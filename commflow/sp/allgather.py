@@ -166,9 +166,13 @@ class _AllGatherAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def _default_chunks(hkv: int) -> int:
+def _default_chunks(q: torch.Tensor, hkv: int, layout: str) -> int:
+    """Deepest pipeline (4, 2 or 1 chunks) whose smallest kernel call still has enough
+    work to fill a GPU: >= 512 blocks of 128 query rows x heads."""
+    b, s, hq = q.shape[:3]
+    rows = s // 2 if layout == "zigzag" else s
     for n in (4, 2):
-        if hkv % n == 0:
+        if hkv % n == 0 and b * max(1, rows // 128) * (hq // n) >= 512:
             return n
     return 1
 
@@ -199,13 +203,14 @@ def allgather_attention(
         layout: ``"contiguous"`` or ``"zigzag"`` (balances causal work; the local
             sequence must then be even).
         head_chunks: pipeline depth over key/value heads (must divide ``Hkv``);
-            default 4, 2 or 1, whichever divides ``Hkv`` first.
+            default: 4 or 2 if that divides ``Hkv`` and each kernel call keeps
+            >= 512 blocks of 128 query rows x heads, else 1.
     """
     info = group_info(group)
     check_inputs("allgather_attention", q, k, v, causal=causal, scale=scale, layout=layout, world=info.world)
     hkv = k.shape[2]
     if head_chunks is None:
-        head_chunks = _default_chunks(hkv)
+        head_chunks = _default_chunks(q, hkv, layout)
     if not isinstance(head_chunks, int) or head_chunks < 1 or hkv % head_chunks:
         raise ValueError(
             f"allgather_attention: head_chunks must be a positive divisor of the key/value heads ({hkv}), "

@@ -69,8 +69,8 @@ class _RingAttention(torch.autograd.Function):
         w = info.world
         acc = acc_dtype(q.dtype)
         k, v = k.contiguous(), v.contiguous()
-        out_acc = torch.zeros((b, s, hq, d), dtype=acc, device=q.device)
-        lse = torch.full((b, hq, s), float("-inf"), dtype=acc, device=q.device)
+        out_acc = torch.empty((b, s, hq, d), dtype=acc, device=q.device)
+        lse = torch.empty((b, hq, s), dtype=acc, device=q.device)
         # Two receive buffers alternate; the caller's k, v are only ever sent.
         buffers = [(torch.empty_like(k), torch.empty_like(v)) for _ in range(2 if w > 2 else 1)]
         cur_k, cur_v = k, v
@@ -85,7 +85,11 @@ class _RingAttention(torch.autograd.Function):
                 o, o_lse, states[step] = attention_forward(
                     q[:, q0:q1], cur_k[:, k0:k1], cur_v[:, k0:k1], causal=blk_causal, scale=scale
                 )
-                merge_(out_acc[:, q0:q1], lse[:, :, q0:q1], o, o_lse)
+                if step == 0:  # the own block covers every row: copy instead of merging
+                    out_acc.copy_(o)
+                    lse.copy_(o_lse)
+                else:
+                    merge_(out_acc[:, q0:q1], lse[:, :, q0:q1], o, o_lse)
             if step + 1 < w:
                 _wait(works)
                 cur_k, cur_v = nxt_k, nxt_v

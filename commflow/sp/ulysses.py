@@ -156,6 +156,16 @@ class _Ulysses(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+def _default_chunks(q: torch.Tensor, local_kv_heads: int, world: int) -> int:
+    """Deepest pipeline (4, 2 or 1 head chunks) whose kernel calls still fill a GPU:
+    >= 1024 blocks of 128 query rows x heads (the whole sequence is local here)."""
+    b, s_local, hq = q.shape[:3]
+    for n in (4, 2):
+        if local_kv_heads % n == 0 and b * max(1, s_local * world // 128) * (hq // world // n) >= 1024:
+            return n
+    return 1
+
+
 def ulysses_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -180,7 +190,8 @@ def ulysses_attention(
         layout: ``"contiguous"`` (default) or ``"zigzag"``, so Ulysses layers can
             share the shards of ring layers; attention work is balanced either way.
         head_chunks: pipeline depth over the local heads (must divide the local
-            key/value heads); default 2 where possible.
+            key/value heads); default: 4 or 2 where that divides them and each
+            kernel call keeps >= 1024 blocks of 128 query rows x heads, else 1.
 
     Raises:
         ValueError: ``Hq`` not divisible by the group size (use ring or all-gather
@@ -198,7 +209,7 @@ def ulysses_attention(
     repeat = w // math.gcd(hkv, w)  # fewest copies of each key/value head that split over w ranks
     local_kv_heads = hkv * repeat // w
     if head_chunks is None:
-        head_chunks = 2 if local_kv_heads % 2 == 0 else 1
+        head_chunks = _default_chunks(q, local_kv_heads, w)
     if not isinstance(head_chunks, int) or head_chunks < 1 or local_kv_heads % head_chunks:
         raise ValueError(
             f"{fn}: head_chunks must be a positive divisor of the key/value heads per rank "
