@@ -35,7 +35,9 @@ from .mixing import mixing_row
 from .model import accuracy_single, batch_order, init_node_params, sgd_epoch_single
 from .schedule import Schedule
 
-__all__ = ["run_node", "run_p2p"]
+__all__ = ["run_node", "run_p2p", "MAX_P2P_NODES"]
+
+MAX_P2P_NODES = 64  # one OS process per node: beyond this, use the simulator
 
 
 def _exchange_and_average(
@@ -119,6 +121,9 @@ def run_p2p(config: DecentralConfig, schedule: Schedule, scenario: str = "custom
             timeout_s: float = 600.0) -> RunResult:
     """Spawn one gloo process per node, run :func:`run_node` on each, return rank 0's result."""
     n = prepare(config, schedule).num_nodes  # fail here, in the parent, on bad input
+    if n > MAX_P2P_NODES:
+        raise ValueError(f"nodes={n}: the multi-process mode starts one process per node and allows at most "
+                         f"{MAX_P2P_NODES}; use the simulator (mode='sim') for more")
     results = spawn(run_node, n, config, schedule, scenario, backend="gloo", timeout_s=timeout_s,
                     threads_per_rank=1)
     return results[0]

@@ -13,6 +13,7 @@ from commflow.decentral import (
     Schedule,
     prepare,
     run_node,
+    run_p2p,
     simulate,
 )
 from commflow.dist import RankFailure
@@ -61,6 +62,11 @@ def test_multi_process_mode_equals_the_simulator(dist_pool):
         # Anti-vacuity: training moved the models and the disruption showed up in the records.
         assert sim.records[-1]["mean_acc"] > 0.3
     assert [r["alive"] for r in per_rank[0][0].records] == [4, 3, 3, 4]
+
+
+def test_too_many_processes_are_refused_before_spawning():
+    with pytest.raises(ValueError, match="nodes=100: the multi-process mode starts one process per node"):
+        run_p2p(DecentralConfig(nodes=100, rounds=1), Schedule())
 
 
 def _wrong_world(cfg):
