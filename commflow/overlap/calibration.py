@@ -201,8 +201,9 @@ _ACTIVE: dict[tuple[str, int], Calibration] = {}
 def set_calibration(calibration: Calibration | None, *, device_type: str = "cuda", world_size: int | None = None) -> None:
     """Make ``calibration`` the one the ops use on this process (``None`` forgets it).
 
-    Every rank of a group must set the same one, or decisions differ and the ranks
-    hang; the ops check that once per group.
+    Every rank of a group must set the same one, before the ops run or all together,
+    or decisions differ and the ranks hang; the ops check agreement on the first call
+    with each shape (a later change on some ranks only is not caught for shapes seen).
     """
     if calibration is None:
         for key in [k for k in _ACTIVE if k[0] == device_type and (world_size is None or k[1] == world_size)]:

@@ -41,15 +41,18 @@ from .validate import GroupInfo, check_group, check_matmul_operands, check_mode,
 
 __all__ = ["all_gather_matmul", "matmul_all_reduce", "matmul_reduce_scatter", "resolve_plan"]
 
-_AGREED: set[tuple[int, str]] = set()
+_AGREED: dict[tuple, dist.ProcessGroup] = {}  # holds the group: its id is never reused
 
 
-def _check_agreement(g: GroupInfo, fingerprint: str, device: torch.device) -> None:
-    """Once per group and calibration: every rank must decide from the same constants,
-    or one rank overlaps while another does not and their collectives never match."""
+def _check_agreement(g: GroupInfo, fingerprint: str, device: torch.device, shape_key: tuple) -> None:
+    """On the first call with a shape on a group, every rank must plan from the same
+    constants, or one rank overlaps while another does not and their collectives never
+    match. Keyed by shape, not by the local calibration, so that every rank enters this
+    all-gather at the same call (ranks pass the same shapes, not necessarily the same
+    calibration: that is what is being checked)."""
     group = g.group if g.group is not None else dist.group.WORLD
-    key = (id(group), fingerprint)
-    if key in _AGREED:
+    key = (id(group), *shape_key)
+    if _AGREED.get(key) is group:
         return
     mine = torch.tensor([int(fingerprint[:15], 16)], dtype=torch.int64, device=device)
     every = torch.empty(g.world_size, dtype=torch.int64, device=device)
@@ -61,7 +64,7 @@ def _check_agreement(g: GroupInfo, fingerprint: str, device: torch.device) -> No
             "the rule is one calibration for the whole group (run commflow.overlap.calibrate on every rank, "
             "or give every rank the same file / set_calibration)"
         )
-    _AGREED.add(key)
+    _AGREED[key] = group
 
 
 def resolve_plan(op: str, m: int, n: int, k: int, g: GroupInfo, x: torch.Tensor, mode: str,
@@ -71,7 +74,7 @@ def resolve_plan(op: str, m: int, n: int, k: int, g: GroupInfo, x: torch.Tensor,
     group size), checked against the clock by ``run(plan)`` where autotune is on."""
     cal = get_calibration(x.device, g.world_size)
     if mode == "auto" and g.world_size > 1:
-        _check_agreement(g, cal.fingerprint(), x.device)
+        _check_agreement(g, cal.fingerprint(), x.device, (op, m, n, k, x.dtype, n_chunks, reduction))
     p = plan(op, m, n, k, world_size=g.world_size, dtype=x.dtype, calibration=cal, mode=mode,
              n_chunks=n_chunks, reduction=reduction)
     if mode == "auto" and g.world_size > 1 and run is not None and autotune_enabled(x.device):
