@@ -32,9 +32,9 @@ reduce-scatter / all-reduce on each chunk: one collective instead of two for the
 all-reduce, but NCCL sums bf16 in a ring and rounds at every hop.
 
 Why NCCL collectives and not point-to-point sends in T3's per-destination order:
-NCCL gives a single peer pair only a couple of channels ("send/recv are optimised for
-all-to-all", nccl-tests#268 saw 80-180 GB/s between two H100s), so a staggered
-one-peer-at-a-time schedule would move data at a fraction of the bus bandwidth; an
+NCCL gives a single peer pair only a couple of channels (send/recv "are currently
+optimized for alltoall", NVIDIA/nccl#1272; nccl-tests#268 saw 80-180 GB/s between two
+H100s), so a staggered one-peer-at-a-time schedule would leave most links idle; an
 all-to-all keeps every link busy and orders ranks identically, which NCCL needs.
 """
 
