@@ -106,7 +106,13 @@ def _torch_cp(rotate, cfg, device, world, seq):
         raise Unavailable("torch context_parallel's ring does not take GQA (enable_gqa) inputs")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel
-    from torch.distributed.tensor.experimental._attention import _cp_options, set_rotate_method
+    try:  # newer torch keeps the implementation here; _attention re-exports part of it
+        from torch.distributed.tensor.experimental._context_parallel._attention import (
+            _cp_options,
+            set_rotate_method,
+        )
+    except ImportError:
+        from torch.distributed.tensor.experimental._attention import _cp_options, set_rotate_method
 
     if world not in _MESHES:  # one mesh (and its communicator) for the whole run
         _MESHES[world] = init_device_mesh("cuda", (world,))
