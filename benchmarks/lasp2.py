@@ -2,9 +2,10 @@
 
 One run does three things per world size (``--nprocs``), in one process group:
 
-1. ``--check`` (default on): every path (LASP-2 contiguous and zigzag, both LASP-1 orders,
-   ring K/V, the local kernel, fla's own ``chunk_simple_gla``) with every kernel backend
-   (``fla`` = fla kernels + commflow's Triton gated dq/dk/dg, ``fla-torch-dqkg``, ``torch``)
+1. ``--check`` (default on): every path (LASP-2 with the fold and in the paper's overlapped
+   order, zigzag, both LASP-1 orders, ring K/V, the local kernel, fla's own
+   ``chunk_simple_gla``) with every kernel backend (``fla`` = fla kernels + commflow's
+   Triton kernels, ``fla-only`` = fla + the torch formulation, ``torch``)
    and every decay mode, forward and gradients against the float64 reference on the same
    (rounded) inputs; rows say pass/fail. Timings of a path that failed are flagged.
 2. The sweep: fwd+bwd time (median over ``--iters``, slowest rank) and peak memory per GPU
@@ -39,7 +40,7 @@ from commflow.dist import init_distributed, spawn
 from .registry import register
 from .timing import max_over_ranks, peak_memory_gib, time_ms
 
-METHODS = ("lasp2", "lasp2-zigzag", "lasp1", "lasp1-serial", "ring", "local", "fla-local", "fla-cp-gdn")
+METHODS = ("lasp2", "lasp2-overlap", "lasp2-zigzag", "lasp1", "lasp1-serial", "ring", "local", "fla-local", "fla-cp-gdn")
 CHECK_TOL = 3e-2  # bf16 inputs, bf16 tiles: max |err| / max |reference| per tensor
 CPU_CHECK_TOL = 1e-4  # float32 on CPU
 
@@ -70,6 +71,8 @@ def _linear_method(name, kernels):
 
     if name == "lasp2":
         return lambda q, k, v, g, gg: lasp2_attention(q, k, v, g=g, g_gamma=gg, kernels=kernels)
+    if name == "lasp2-overlap":
+        return lambda q, k, v, g, gg: lasp2_attention(q, k, v, g=g, g_gamma=gg, kernels=kernels, forward_overlap=True)
     if name == "lasp2-zigzag":
         return lambda q, k, v, g, gg: lasp2_attention(q, k, v, g=g, g_gamma=gg, kernels=kernels, layout="zigzag")
     if name == "lasp1":
@@ -145,7 +148,7 @@ def _check(cfg, info) -> list[dict]:
     s_local = cfg["check_seq_local"]
     dtype = getattr(torch, cfg["dtype"])
     tol = CHECK_TOL if dev.type == "cuda" else CPU_CHECK_TOL
-    backends = ["fla", "fla-torch-dqkg", "torch"] if dev.type == "cuda" else ["torch"]
+    backends = ["fla", "fla-only", "torch"] if dev.type == "cuda" else ["torch"]
     rows = []
     for decay in ("none", "gamma", "g"):
         leaves, g_gamma, do = _inputs(B, s_local * world, H, D, decay, dtype, dev, seed=123, requires_grad=False)
@@ -155,7 +158,8 @@ def _check(cfg, info) -> list[dict]:
         ref = [o_ref.detach(), *torch.autograd.grad(o_ref, ref_leaves, do.double())]
         for backend in backends:
             kernels = select_kernels(dev, backend=backend, chunk_size=cfg["chunk_size"] if backend == "torch" else None)
-            for method in ("lasp2", "lasp2-zigzag", "lasp1", "lasp1-serial", "ring", "local", "fla-local"):
+            for method in ("lasp2", "lasp2-overlap", "lasp2-zigzag", "lasp1", "lasp1-serial", "ring", "local",
+                           "fla-local"):
                 if method == "fla-local" and (backend != "fla" or dev.type != "cuda"):
                     continue
                 layout = "zigzag" if method == "lasp2-zigzag" else "contiguous"
@@ -180,12 +184,12 @@ def _check(cfg, info) -> list[dict]:
                 if method == "fla-local" and "#640" in row.get("error", ""):
                     row["pass"], row["refused"] = None, True  # fla's own guard: not a path we ship
                 rows.append(row)
-    if dev.type == "cuda":
+    if dev.type == "cuda":  # the commflow Triton kernel variants that ran, and their self-checks
         from commflow.sp import linear_triton
 
-        ok, worst = linear_triton.self_check(dev, dtype, D, D, 64)
-        rows.append({"world": world, "method": "triton-dqkg-self-check", "backend": "fla", "decay": "g",
-                     "errors": {"rel": worst}, "pass": ok})
+        for (_, _, K, V, C, mode, fold), (ok, worst) in linear_triton.verdicts().items():
+            rows.append({"world": world, "method": f"triton-self-check K={K} V={V} C={C} fold={fold}",
+                         "backend": "fla", "decay": mode, "errors": {"rel": worst}, "pass": ok})
     return rows
 
 
@@ -358,7 +362,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--decay", choices=["none", "gamma", "g"], default="g")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)} ('' for none)")
-    p.add_argument("--backend", default=None, help="linear kernels: auto (default), fla, fla-torch-dqkg, torch")
+    p.add_argument("--backend", default=None, help="linear kernels: auto (default), fla, fla-only, torch")
     p.add_argument("--chunk-size", type=int, default=64, help="torch kernels' chunk size")
     p.add_argument("--dtype", default=None, help="default bfloat16 (GPU), float32 (CPU)")
     p.add_argument("--warmup", type=int, default=3)
@@ -433,6 +437,8 @@ def summarize(worlds: list[dict]) -> list[dict]:
                 entry["fraction_of_compute_limit"] = t["local"] / t["lasp2"]
             if "lasp2-zigzag" in t:
                 entry["zigzag_over_contiguous"] = t["lasp2-zigzag"] / t["lasp2"]
+            if "lasp2-overlap" in t:
+                entry["overlap_over_fold"] = t["lasp2-overlap"] / t["lasp2"]
             out.append(entry)
     return out
 

@@ -182,7 +182,7 @@ class _Lasp2Causal(torch.autograd.Function):
     runs over all ``n W`` chunks in global order, so zigzag costs one all-gather too."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, g_gamma, scale, group, kernels: LinearKernels, layout: str):
+    def forward(ctx, q, k, v, g, g_gamma, scale, group, kernels: LinearKernels, layout: str, overlap: bool):
         rank, world = _rank_world(group)
         n = _segments(layout, world)
         B, S, H, K = q.shape
@@ -201,23 +201,15 @@ class _Lasp2Causal(torch.autograd.Function):
                 payload = torch.cat([payload, gs.to(sdt).sum(1).reshape(-1)])
             gathered = payload.new_empty(world * payload.numel())
             work = all_gather_tensor(gathered, payload, group=group, async_op=True)
-            o = kernels.output(qs, ks, vs, dec, h, scale)  # overlapped with the all-gather
+            if overlap:  # the local output runs under the all-gather; S_in's share is added after
+                o = kernels.output(qs, ks, vs, dec, h, scale)
             work.wait()
-            parts = gathered.view(world, -1)
-            n_state = B * n * H * K * Vd
-            states = parts[:, :n_state].view(world, B, n, H, K, Vd)
-            if dec.mode == "g":
-                log_gammas = parts[:, n_state:].view(world, B, n, H)
-            elif dec.mode == "gamma":
-                log_gammas = (g_gamma.to(sdt) * c).expand(world, B, n, H)
-            else:
-                log_gammas = states.new_zeros(world, B, n, H)
-            owners = chunk_owners(world, layout)
-            states, log_gammas = _to_global_order(states, owners), _to_global_order(log_gammas, owners)
-            mine = [owners.index((rank, seg)) for seg in range(n)]
-            s_in = torch.stack([torch.einsum("wbh,wbhkv->bhkv", scan_weights(log_gammas, i, reverse=False), states)
-                                for i in mine], dim=1).view(B * n, H, K, Vd)
-            o = _add_inter(o, qs, s_in, _local_log_decay(qs, gs, g_gamma), scale)
+            s_in, log_gammas = _incoming(gathered, world, rank, layout, B, n, H, K, Vd, dec.mode, g_gamma, c, sdt,
+                                         reverse=False)
+            if overlap:
+                o = _add_inter(o, qs, s_in, _local_log_decay(qs, gs, g_gamma), scale)
+            else:  # S_in folded into every chunk's state inside the output kernel: no extra pass
+                o = kernels.output(qs, ks, vs, dec, h, scale, fold=s_in)
         ctx.save_for_backward(q, k, v, g, g_gamma, s_in, log_gammas)
         ctx.scale, ctx.group, ctx.kernels, ctx.rank, ctx.world, ctx.layout = scale, group, kernels, rank, world, layout
         return o.reshape(B, S, H, Vd)
@@ -232,27 +224,53 @@ class _Lasp2Causal(torch.autograd.Function):
         qs, ks, vs, dos = (x.view(B * n, c, H, x.shape[-1]) for x in (q, k, v, do.contiguous()))
         gs = None if g is None else g.view(B * n, c, H)
         dec = kernels.prepare(gs, g_gamma, c)
+        # dh with a zero outgoing gradient; its dh0 is D, this rank's own share of dS_in.
+        dh, d_own = kernels.state_grads(qs, dos, dec, scale)
         ds_out = None
         if world == 1:
             h, _ = kernels.states(ks, vs, dec, None, False, states_in_fp32=True)
         else:
-            sdt = s_in.dtype
-            G = _local_log_decay(qs, gs, g_gamma)
-            q_dec = qs.to(sdt) if G is None else qs.to(sdt) * torch.exp(G)[..., None]
-            d_own = scale * torch.einsum("bshk,bshv->bhkv", q_dec, dos.to(sdt))  # D per segment, chain dtype
+            d_own = d_own.to(s_in.dtype)
             gathered = d_own.new_empty(world * d_own.numel())
             work = all_gather_tensor(gathered, d_own.reshape(-1), group=ctx.group, async_op=True)
             # Overlapped with the all-gather: the states with the incoming state (fp32 for the backward).
             h, _ = kernels.states(ks, vs, dec, s_in, False, states_in_fp32=True)
             work.wait()
-            owners = chunk_owners(world, ctx.layout)
-            d_all = _to_global_order(gathered.view(world, B, n, H, K, Vd), owners)
-            mine = [owners.index((rank, seg)) for seg in range(n)]
-            ds_out = torch.stack([torch.einsum("wbh,wbhkv->bhkv", scan_weights(log_gammas, i, reverse=True), d_all)
-                                  for i in mine], dim=1).view(B * n, H, K, Vd)
-        dq, dk, dv, dg, _ = kernels.backward(qs, ks, vs, dec, h, dos, s_in if world > 1 else None, ds_out, scale)
+            ds_out = _outgoing_grad(gathered, log_gammas, world, rank, ctx.layout, B, n, H, K, Vd)
+        # The gradient from later ranks folded into every chunk's dh inside the kernels.
+        dq, dk, dv, dg = kernels.grads(qs, ks, vs, dec, h, dh, dos, scale, fold=ds_out)
         dg = None if dg is None else dg.reshape(B, S, H)
-        return dq.reshape(B, S, H, K), dk.reshape(B, S, H, K), dv.reshape(B, S, H, Vd), dg, None, None, None, None, None
+        return (dq.reshape(B, S, H, K), dk.reshape(B, S, H, K), dv.reshape(B, S, H, Vd), dg,
+                None, None, None, None, None, None)
+
+
+def _incoming(gathered, world, rank, layout, B, n, H, K, Vd, mode, g_gamma, c, sdt, reverse):
+    """``(S_in [B n, H, K, V], log decays of all chunks [n W, B, H])`` from the gathered payload."""
+    parts = gathered.view(world, -1)
+    n_state = B * n * H * K * Vd
+    states = parts[:, :n_state].view(world, B, n, H, K, Vd)
+    if mode == "g":
+        log_gammas = parts[:, n_state:].view(world, B, n, H)
+    elif mode == "gamma":
+        log_gammas = (g_gamma.to(sdt) * c).expand(world, B, n, H)
+    else:
+        log_gammas = states.new_zeros(world, B, n, H)
+    owners = chunk_owners(world, layout)
+    states, log_gammas = _to_global_order(states, owners), _to_global_order(log_gammas, owners)
+    mine = [owners.index((rank, seg)) for seg in range(n)]
+    s_in = torch.stack([torch.einsum("wbh,wbhkv->bhkv", scan_weights(log_gammas, i, reverse=reverse), states)
+                        for i in mine], dim=1)
+    return s_in.view(B * n, H, K, Vd), log_gammas
+
+
+def _outgoing_grad(gathered, log_gammas, world, rank, layout, B, n, H, K, Vd):
+    """``dS_out [B n, H, K, V]``: the suffix scan of the gathered per-chunk ``D``."""
+    owners = chunk_owners(world, layout)
+    d_all = _to_global_order(gathered.view(world, B, n, H, K, Vd), owners)
+    mine = [owners.index((rank, seg)) for seg in range(n)]
+    ds_out = torch.stack([torch.einsum("wbh,wbhkv->bhkv", scan_weights(log_gammas, i, reverse=True), d_all)
+                          for i in mine], dim=1)
+    return ds_out.view(B * n, H, K, Vd)
 
 
 class _Lasp2Bidirectional(torch.autograd.Function):
@@ -295,6 +313,7 @@ def lasp2_attention(
     scale: float | None = None,
     layout: str = "contiguous",
     kernels: LinearKernels | str | None = None,
+    forward_overlap: bool = False,
     check_decay_sign: bool = True,
 ) -> torch.Tensor:
     """Sequence-parallel linear attention over ``group`` (LASP-2).
@@ -309,11 +328,16 @@ def lasp2_attention(
         causal: False: bidirectional ``o_t = scale q_t^T sum_s k_s v_s^T`` (no decay allowed).
         scale: score scale, default ``D_k ** -0.5``.
         kernels: a :class:`~commflow.sp.linear_kernels.LinearKernels`, a backend name
-            (``"torch"``, ``"fla"``, ``"fla-torch-dqkg"``) or None (fla on CUDA, torch otherwise).
+            (``"torch"``, ``"fla"``, ``"fla-only"``) or None (fla on CUDA, torch otherwise).
         layout: how the sequence is sharded: ``"contiguous"`` (rank ``r`` holds tokens
             ``[r S/W, (r+1) S/W)``) or ``"zigzag"`` (rank ``r`` holds chunks ``r`` and ``2W-1-r`` of
             ``2W``; :func:`commflow.sp.shard`). Zigzag lets a hybrid model keep causal softmax layers
             balanced; here it costs nothing but a payload of two states instead of one.
+        forward_overlap: False (default): wait for the all-gather, then fold ``S_in`` into the
+            output kernel (no extra pass over ``q``/``o``; the all-gather, ``W`` d x d states,
+            is exposed). True: the paper's order, the local output overlapped with the
+            all-gather and ``S_in``'s share added after (one extra pass). docs/lasp2.md
+            has the measurements behind the default.
         check_decay_sign: check ``g <= 0`` / ``g_gamma <= 0`` (one host sync).
 
     Returns:
@@ -331,4 +355,4 @@ def lasp2_attention(
     if decay_mode(g, g_gamma) == "g" and not g.is_contiguous():
         g = g.contiguous()
     return _Lasp2Causal.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, g_gamma, scale, group, kernels,
-                              layout)
+                              layout, forward_overlap)

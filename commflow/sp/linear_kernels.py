@@ -16,12 +16,19 @@ and the backward, with ``dh_n`` the gradient of the state *leaving* chunk ``n``:
     db_t = q_t . dq_t - k_t . dk_t  (+ at t = last: exp(b_last) <h_n, dh_n> + sum_s k_s . dk_s^inter)
     dg   = reverse cumsum of db within the chunk
 
-Every backend implements the same four steps, so LASP-2 can run them apart (states
-first, the all-gather of the final state overlapped with the output):
+Every backend implements the same steps, so LASP-2 can run them apart and put its
+collectives between them:
 
-* :meth:`LinearKernels.states`   -> per-chunk entering states ``h [B, NT, H, K, V]`` and the final state;
-* :meth:`LinearKernels.output`   -> ``o`` from ``h``;
-* :meth:`LinearKernels.backward` -> ``dq, dk, dv, dg, dh0`` from ``h``, ``do`` and the final-state gradient.
+* :meth:`LinearKernels.states`      -> per-chunk entering states ``h [B, NT, H, K, V]`` and the final state;
+* :meth:`LinearKernels.output`      -> ``o`` from ``h``, optionally with a *fold* state ``F`` added to every
+  chunk's entering state, decayed from the start of the shard (``h_n + exp(G_{n,start}) F``): the
+  incoming state of a rank, at no extra pass over ``q`` or ``o``;
+* :meth:`LinearKernels.state_grads` -> ``dh`` with a zero final-state gradient, and ``dh0`` (for LASP-2:
+  the part of the incoming-state gradient that this rank's own output produces);
+* :meth:`LinearKernels.grads`       -> ``dq, dk, dv, dg`` from ``h`` and ``dh``, optionally with a fold
+  ``F`` added to every chunk's leaving-state gradient, decayed to the end of the shard
+  (``dh_n + exp(G_end - G_{n,end}) F``): the gradient arriving from later ranks;
+* :meth:`LinearKernels.backward`    -> the above for an initial state and a final-state gradient.
 
 Backends: :class:`TorchChunkKernels` (any device, computes in float32, or float64 for
 float64 inputs: CPU tests, gradcheck, fallback) and :class:`FlaChunkKernels` (fla-core
@@ -46,6 +53,7 @@ __all__ = [
     "TorchChunkKernels",
     "chunk_linear_attention",
     "fla_available",
+    "fold_log_weights",
     "select_kernels",
     "torch_chunk_dqkg",
 ]
@@ -87,13 +95,42 @@ class LinearKernels:
         """``(h [B, NT, H, K, V], final [B, H, K, V] fp32 or None)``; ``h[:, n]`` enters chunk ``n``."""
         raise NotImplementedError
 
-    def output(self, q, k, v, decay: Decay, h, scale: float) -> torch.Tensor:
+    def output(self, q, k, v, decay: Decay, h, scale: float, fold=None) -> torch.Tensor:
+        """``o``; ``fold`` ``[B, H, K, V]`` fp32 is added to every chunk's state, decayed from the shard start."""
+        raise NotImplementedError
+
+    def state_grads(self, q, do, decay: Decay, scale: float):
+        """``(dh [B, NT, H, K, V] fp32, dh0 [B, H, K, V] fp32)`` for a zero final-state gradient."""
+        raise NotImplementedError
+
+    def grads(self, q, k, v, decay: Decay, h, dh, do, scale: float, fold=None):
+        """``(dq, dk, dv, dg or None)``; ``h`` from :meth:`states` (``states_in_fp32=True``), ``dh``
+        from :meth:`state_grads`; ``fold`` is added to every chunk's ``dh``, decayed to the shard end."""
+        raise NotImplementedError
+
+    def chunk_totals(self, decay: Decay, batch: int, seq_len: int) -> torch.Tensor:
+        """Natural-log decay of each chunk ``[B, NT, H]`` (fp32; zeros without decay)."""
         raise NotImplementedError
 
     def backward(self, q, k, v, decay: Decay, h, do, initial_state, dht, scale: float):
-        """``(dq, dk, dv, dg or None, dh0 fp32 or None)``; ``h`` from :meth:`states` with
-        ``states_in_fp32=True`` and the same ``initial_state``; ``dht`` may be None (zero)."""
-        raise NotImplementedError
+        """``(dq, dk, dv, dg, dh0)`` with an initial state (in ``h``) and a final-state gradient ``dht``."""
+        dh, dh0 = self.state_grads(q, do, decay, scale)
+        dq, dk, dv, dg = self.grads(q, k, v, decay, h, dh, do, scale, fold=dht)
+        if initial_state is None:
+            return dq, dk, dv, dg, None
+        if dht is not None:  # dh0 = D + Gamma dht, Gamma the decay over the whole sequence
+            total = self.chunk_totals(decay, q.shape[0], q.shape[1]).sum(1).to(device=dh0.device, dtype=dh0.dtype)
+            dh0 = dh0 + torch.exp(total)[..., None, None] * dht.to(dh0.dtype)
+        return dq, dk, dv, dg, dh0
+
+
+def fold_log_weights(totals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From per-chunk log decays ``[B, NT, H]``: the log weights of a fold at each chunk,
+    from the shard start (exclusive prefix sum) and to the shard end (exclusive suffix sum)."""
+    inclusive = torch.cumsum(totals, 1)
+    start = inclusive - totals
+    tail = inclusive[:, -1:] - inclusive
+    return start.contiguous(), tail.contiguous()
 
 
 # ----------------------------------------------------------------------------- torch
@@ -185,6 +222,17 @@ class TorchChunkKernels(LinearKernels):
             return None
         return decay.chunk_cum.expand(B, *decay.chunk_cum.shape[1:])
 
+    def chunk_totals(self, decay, batch, seq_len):
+        b = self._b(decay, batch)
+        if b is None:
+            n = -(-seq_len // self.chunk_size)
+            return torch.zeros(batch, n, 1, dtype=torch.float32)
+        return b[:, :, -1, :]  # padded tokens have g = 0: the last slot is the chunk's total
+
+    def _fold_weights(self, decay, batch, seq_len, device, dtype):
+        start, tail = fold_log_weights(self.chunk_totals(decay, batch, seq_len).to(device=device, dtype=dtype))
+        return torch.exp(start), torch.exp(tail)  # [B, NT, H or 1]
+
     def states(self, k, v, decay, initial_state, output_final_state, states_in_fp32=False):
         C, cdt = self.chunk_size, _compute_dtype(k)
         B, _, H, K = k.shape
@@ -203,40 +251,42 @@ class TorchChunkKernels(LinearKernels):
             state = (state * chunk_decay[:, n, :, None, None] if b is not None else state) + local[:, n]
         return torch.stack(h, dim=1), (state if output_final_state else None)
 
-    def output(self, q, k, v, decay, h, scale):
+    def output(self, q, k, v, decay, h, scale, fold=None):
         C, cdt, S = self.chunk_size, _compute_dtype(q), q.shape[1]
         qc, kc, vc = _chunked(q, C, cdt), _chunked(k, C, cdt), _chunked(v, C, cdt)
         b = self._b(decay, q.shape[0])
+        h = h.to(cdt)
+        if fold is not None:
+            start, _ = self._fold_weights(decay, q.shape[0], S, q.device, cdt)
+            h = h + start[..., None, None] * fold.to(cdt)[:, None]
         q_dec = qc if b is None else qc * torch.exp(b)[..., None]
-        inter = torch.einsum("bnchk,bnhkv->bnchv", q_dec, h.to(cdt))
+        inter = torch.einsum("bnchk,bnhkv->bnchv", q_dec, h)
         scores = torch.einsum("bnthk,bnshk->bnhts", qc, kc) * _intra_decay(b, C, q.device).to(cdt)
         intra = torch.einsum("bnhts,bnshv->bnthv", scores, vc)
         return _unchunked(scale * (inter + intra), S).to(q.dtype)
 
-    def state_grads(self, q, do, decay, dht, scale, *, has_initial_state: bool):
-        """``(dh [B, NT, H, K, V], dh0 or None)``: gradients of the states leaving each chunk,
-        swept from the end (``dht``: gradient of the final state, None for zero)."""
+    def state_grads(self, q, do, decay, scale):
         C, cdt = self.chunk_size, _compute_dtype(q)
         B, _, H, K = q.shape
         qc, doc = _chunked(q, C, cdt), _chunked(do, C, cdt)
         b = self._b(decay, B)
-        cur = q.new_zeros(B, H, K, do.shape[-1], dtype=cdt)
-        if dht is not None:
-            cur = cur + dht.to(cdt)
         q_dec = qc if b is None else qc * torch.exp(b)[..., None]
         from_q = scale * torch.einsum("bnchk,bnchv->bnhkv", q_dec, doc)
+        cur = q.new_zeros(B, H, K, do.shape[-1], dtype=cdt)
         dh = []
-        for n in reversed(range(qc.shape[1])):
+        for n in reversed(range(qc.shape[1])):  # swept from the end
             dh.append(cur)
             cur = (cur * torch.exp(b[:, n, -1, :])[..., None, None] if b is not None else cur) + from_q[:, n]
-        return torch.stack(dh[::-1], dim=1), (cur if has_initial_state else None)
+        return torch.stack(dh[::-1], dim=1), cur
 
-    def backward(self, q, k, v, decay, h, do, initial_state, dht, scale):
+    def grads(self, q, k, v, decay, h, dh, do, scale, fold=None):
         C, cdt, S = self.chunk_size, _compute_dtype(q), q.shape[1]
         qc, kc, vc, doc = (_chunked(x, C, cdt) for x in (q, k, v, do))
         b = self._b(decay, q.shape[0])
-        h = h.to(cdt)
-        dh, dh0 = self.state_grads(q, do, decay, dht, scale, has_initial_state=initial_state is not None)
+        h, dh = h.to(cdt), dh.to(cdt)
+        if fold is not None:
+            _, tail = self._fold_weights(decay, q.shape[0], S, q.device, cdt)
+            dh = dh + tail[..., None, None] * fold.to(cdt)[:, None]
         dq, dk, db = torch_chunk_dqkg(qc, kc, vc, doc, b, h, dh, scale, C, need_dg=decay.mode == "g")
         scores = torch.einsum("bnthk,bnshk->bnhts", qc, kc) * _intra_decay(b, C, q.device).to(cdt)
         dv_inter = torch.einsum("bnshk,bnhkv->bnshv", kc, dh)
@@ -246,8 +296,21 @@ class TorchChunkKernels(LinearKernels):
         dg = None
         if db is not None:
             dg = _unchunked(db.flip(2).cumsum(2).flip(2)[..., None], S)[..., 0].to(decay.g.dtype)
-        return (_unchunked(dq, S).to(q.dtype), _unchunked(dk, S).to(k.dtype), _unchunked(dv, S).to(v.dtype),
-                dg, dh0)
+        return _unchunked(dq, S).to(q.dtype), _unchunked(dk, S).to(k.dtype), _unchunked(dv, S).to(v.dtype), dg
+
+    # fla-layout views of the decay, for checking the Triton kernels against this backend
+
+    def chunk_cum_log2(self, decay, seq_len) -> torch.Tensor:
+        """Chunk-local cumulative log2 decay ``[B, T, H]`` fp32 (fla's ``g`` after its cumsum)."""
+        return (_unchunked(decay.chunk_cum[..., None], seq_len)[..., 0] / LN2).float().contiguous()
+
+    def chunk_totals_log2(self, decay, batch, seq_len) -> torch.Tensor:
+        return (self.chunk_totals(decay, batch, seq_len) / LN2).float().contiguous()
+
+    def dg_from_db(self, db, chunk_size) -> torch.Tensor:
+        """Chunk-local reverse cumsum of a per-token ``db [B, T, H]``."""
+        T = db.shape[1]
+        return _unchunked(_chunked(db[..., None], chunk_size, torch.float32).flip(2).cumsum(2).flip(2), T)[..., 0]
 
 
 # ----------------------------------------------------------------------------- fla
@@ -263,25 +326,24 @@ def fla_available() -> bool:
 
 
 class FlaChunkKernels(LinearKernels):
-    """fla-core's Triton chunk kernels (``chunk_fwd_h``, ``chunk_fwd_o``, ``chunk_bwd_dh``,
-    ``chunk_bwd_dqkwg``, ``chunk_bwd_dv``; the pieces ``chunk_simple_gla`` is made of).
+    """fla-core's Triton kernels where they are allowed and suffice, commflow's elsewhere.
 
-    fla 0.6.0 refuses its gated ``chunk_bwd_dqkwg`` on Hopper with Triton 3.4-3.7.0 (wrong
-    results upstream, fla #640). For the data-dependent gate this backend computes
-    ``dq, dk, dg`` with :func:`commflow.sp.linear_triton.chunk_bwd_dqkg` (own kernel,
-    validated against :func:`torch_chunk_dqkg` on first use per shape, falling back to it
-    on a mismatch) unless ``gated_dqkg="torch"``.
+    fla (``chunk_simple_gla``'s pieces): ``chunk_local_cumsum``, ``chunk_fwd_h``, ``chunk_bwd_dh``,
+    ``chunk_fwd_o`` and ``chunk_bwd_dqkwg`` / ``chunk_bwd_dv`` without a fold and without a
+    data-dependent gate. commflow (:mod:`commflow.sp.linear_triton`): the output with a fold,
+    and ``dq, dk, dg`` / ``dv`` with a fold or a data-dependent gate (fla 0.6.0 refuses its
+    gated ``chunk_bwd_dqkwg`` on Hopper with Triton 3.4-3.7.0, fla #640). Each commflow
+    kernel variant is self-checked against the torch backend on first use; if it fails
+    (or ``own_kernels=False``), the torch formulation runs instead, on fla's tensors.
     """
 
     name = "fla"
 
-    def __init__(self, chunk_size: int = 64, gated_dqkg: str = "triton"):
+    def __init__(self, chunk_size: int = 64, own_kernels: bool = True):
         if chunk_size != 64:
             raise ValueError(f"chunk_size must be 64 for the fla kernels, got {chunk_size}")
-        if gated_dqkg not in ("triton", "torch"):
-            raise ValueError(f"gated_dqkg must be 'triton' or 'torch', got {gated_dqkg!r}")
         self.chunk_size = chunk_size
-        self.gated_dqkg = gated_dqkg
+        self.own_kernels = own_kernels
 
     def prepare(self, g, g_gamma, seq_len):
         from fla.ops.utils import chunk_local_cumsum
@@ -290,8 +352,33 @@ class FlaChunkKernels(LinearKernels):
         if g is not None:  # fla's kernels run on exp2: pre-scale by 1/ln2 like chunk_simple_gla does
             dec.chunk_cum = chunk_local_cumsum(g.detach().float(), chunk_size=self.chunk_size, scale=1 / LN2)
         if g_gamma is not None:
-            dec.gamma2 = g_gamma.detach().float() / LN2
+            dec.gamma2 = (g_gamma.detach().float() / LN2).contiguous()
         return dec
+
+    def _own(self, q, v, decay, fold: bool) -> bool:
+        if not self.own_kernels:
+            return False
+        from .linear_triton import checked
+
+        return checked(q.device, q.dtype, q.shape[-1], v.shape[-1], self.chunk_size, decay.mode, fold)
+
+    def chunk_totals_log2(self, decay, batch, seq_len) -> torch.Tensor:
+        C = self.chunk_size
+        n = -(-seq_len // C)
+        if decay.mode == "g":
+            last = torch.clamp(torch.arange(n, device=decay.g.device) * C + C - 1, max=seq_len - 1)
+            return decay.chunk_cum[:, last, :].float()
+        lengths = torch.clamp(seq_len - torch.arange(n) * C, max=C).float()
+        if decay.mode == "gamma":
+            return (lengths.to(decay.gamma2.device)[None, :, None] * decay.gamma2[None, None, :]).expand(batch, n, -1)
+        return torch.zeros(batch, n, 1)
+
+    def chunk_totals(self, decay, batch, seq_len):
+        return self.chunk_totals_log2(decay, batch, seq_len) * LN2
+
+    def _fold_log2(self, decay, q, which: int):
+        weights = fold_log_weights(self.chunk_totals_log2(decay, q.shape[0], q.shape[1]).to(q.device))[which]
+        return weights.expand(q.shape[0], weights.shape[1], q.shape[2]).contiguous()
 
     def states(self, k, v, decay, initial_state, output_final_state, states_in_fp32=False):
         from fla.ops.common.chunk_h import chunk_fwd_h
@@ -300,36 +387,57 @@ class FlaChunkKernels(LinearKernels):
                            output_final_state=output_final_state, chunk_size=self.chunk_size,
                            states_in_fp32=states_in_fp32)
 
-    def output(self, q, k, v, decay, h, scale):
+    def output(self, q, k, v, decay, h, scale, fold=None):
         from fla.ops.common.chunk_o import chunk_fwd_o
 
+        if fold is None:
+            return chunk_fwd_o(q=q, k=k, v=v, h=h, g=decay.chunk_cum, g_gamma=decay.gamma2, scale=scale,
+                               chunk_size=self.chunk_size)
+        weights = self._fold_log2(decay, q, 0)
+        if self._own(q, v, decay, fold=True):
+            from .linear_triton import chunk_fwd_o as own_fwd_o
+
+            return own_fwd_o(q, k, v, h, decay.chunk_cum, decay.gamma2, scale, self.chunk_size,
+                             fold=fold.float().contiguous(), fold_w=weights)
+        h = (h.float() + torch.exp2(weights)[..., None, None] * fold.float()[:, None]).to(h.dtype)
         return chunk_fwd_o(q=q, k=k, v=v, h=h, g=decay.chunk_cum, g_gamma=decay.gamma2, scale=scale,
                            chunk_size=self.chunk_size)
 
-    def backward(self, q, k, v, decay, h, do, initial_state, dht, scale):
+    def state_grads(self, q, do, decay, scale):
         from fla.ops.common.chunk_h import chunk_bwd_dh
+
+        zero = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], do.shape[-1], dtype=torch.float32)
+        # chunk_bwd_dh reads only shapes from k and v; an h0 makes it return dh0.
+        return chunk_bwd_dh(q=q, k=q, v=do, do=do, h0=zero, dht=None, scale=scale, g=decay.chunk_cum,
+                            g_gamma=decay.gamma2, chunk_size=self.chunk_size, states_in_fp32=True)
+
+    def grads(self, q, k, v, decay, h, dh, do, scale, fold=None):
         from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv
         from fla.ops.utils import chunk_local_cumsum
 
         C = self.chunk_size
-        dh, dh0 = chunk_bwd_dh(q=q, k=k, v=v, do=do, h0=initial_state, dht=dht, scale=scale, g=decay.chunk_cum,
-                               g_gamma=decay.gamma2, chunk_size=C, states_in_fp32=True)
-        dg = None
-        if decay.mode == "g":
-            db = None
-            if self.gated_dqkg == "triton":
-                from .linear_triton import checked_chunk_bwd_dqkg
+        weights = None if fold is None else self._fold_log2(decay, q, 1)
+        gated = decay.mode == "g"
+        if (fold is not None or gated) and self._own(q, v, decay, fold=fold is not None):
+            from .linear_triton import chunk_bwd_dqkg
+            from .linear_triton import chunk_bwd_dv as own_dv
 
-                dq, dk, db = checked_chunk_bwd_dqkg(q, k, v, do, decay.chunk_cum, h, dh, scale, C)
-            if db is None:  # torch formulation (also the fallback of a failed self-check)
+            f = None if fold is None else fold.float().contiguous()
+            dq, dk, db = chunk_bwd_dqkg(q, k, v, do, h, dh, decay.chunk_cum, decay.gamma2, scale, C, fold=f,
+                                        fold_w=weights)
+            dv = own_dv(q, k, do, dh, decay.chunk_cum, decay.gamma2, scale, C, fold=f, fold_w=weights)
+        else:  # fla's kernels, or the torch formulation where fla's is refused
+            if fold is not None:
+                dh = dh.float() + torch.exp2(weights)[..., None, None] * fold.float()[:, None]
+            if gated:
                 dq, dk, db = _fla_layout_dqkg_torch(q, k, v, do, decay.chunk_cum, h, dh, scale, C)
-            dg = chunk_local_cumsum(db, chunk_size=C, reverse=True).to(decay.g.dtype)
-        else:
-            dq, dk, _, _ = chunk_bwd_dqkwg(q=q, k=k, v=v, do=do, h=h, dh=dh, g_gamma=decay.gamma2, scale=scale,
-                                           chunk_size=C)
-        dv = chunk_bwd_dv(q=q, k=k, do=do, dh=dh, g=decay.chunk_cum, g_gamma=decay.gamma2, scale=scale,
-                          chunk_size=C)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
+            else:
+                dq, dk, _, _ = chunk_bwd_dqkwg(q=q, k=k, v=v, do=do, h=h, dh=dh, g_gamma=decay.gamma2, scale=scale,
+                                               chunk_size=C)
+            dv = chunk_bwd_dv(q=q, k=k, do=do, dh=dh, g=decay.chunk_cum, g_gamma=decay.gamma2, scale=scale,
+                              chunk_size=C)
+        dg = chunk_local_cumsum(db, chunk_size=C, reverse=True).to(decay.g.dtype) if gated else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg
 
 
 def _fla_layout_dqkg_torch(q, k, v, do, g2, h, dh, scale, C):
@@ -352,9 +460,9 @@ def select_kernels(device: torch.device | str, *, backend: str | None = None, ch
                    ) -> LinearKernels:
     """The backend for tensors on ``device``.
 
-    ``backend``: ``"torch"``, ``"fla"``, ``"fla-torch-dqkg"`` (fla with the torch gated
-    dq/dk/dg) or None for ``$COMMFLOW_LINEAR_KERNELS`` else auto (fla on CUDA when
-    importable, torch otherwise).
+    ``backend``: ``"torch"``, ``"fla"`` (fla + commflow's Triton kernels), ``"fla-only"``
+    (fla's kernels, the torch formulation where commflow's would run) or None for
+    ``$COMMFLOW_LINEAR_KERNELS`` else auto (fla on CUDA when importable, torch otherwise).
     """
     backend = backend or os.environ.get("COMMFLOW_LINEAR_KERNELS") or "auto"
     cuda = torch.device(device).type == "cuda"
@@ -362,13 +470,13 @@ def select_kernels(device: torch.device | str, *, backend: str | None = None, ch
         backend = "fla" if cuda and fla_available() else "torch"
     if backend == "torch":
         return TorchChunkKernels(chunk_size or 64)
-    if backend in ("fla", "fla-torch-dqkg"):
+    if backend in ("fla", "fla-only"):
         if not cuda:
             raise ValueError(f"backend {backend!r} needs CUDA tensors, got device {device}")
         if not fla_available():
             raise ValueError(f"backend {backend!r} needs fla-core and triton (pip install 'commflow[gpu]')")
-        return FlaChunkKernels(chunk_size or 64, gated_dqkg="torch" if backend == "fla-torch-dqkg" else "triton")
-    raise ValueError(f"backend must be one of 'auto', 'torch', 'fla', 'fla-torch-dqkg', got {backend!r}")
+        return FlaChunkKernels(chunk_size or 64, own_kernels=backend == "fla")
+    raise ValueError(f"backend must be one of 'auto', 'torch', 'fla', 'fla-only', got {backend!r}")
 
 
 # ----------------------------------------------------------------------------- autograd op
@@ -389,9 +497,8 @@ class _ChunkLinearAttention(torch.autograd.Function):
         q, k, v, g, g_gamma, initial_state = ctx.saved_tensors
         kernels = ctx.kernels
         dec = kernels.prepare(g, g_gamma, q.shape[1])
-        h0 = initial_state if initial_state is not None else None
-        h, _ = kernels.states(k, v, dec, h0, False, states_in_fp32=True)
-        dq, dk, dv, dg, dh0 = kernels.backward(q, k, v, dec, h, do.contiguous(), h0, dht, ctx.scale)
+        h, _ = kernels.states(k, v, dec, initial_state, False, states_in_fp32=True)
+        dq, dk, dv, dg, dh0 = kernels.backward(q, k, v, dec, h, do.contiguous(), initial_state, dht, ctx.scale)
         return dq, dk, dv, dg, None, dh0, None, None, None
 
 

@@ -1,27 +1,31 @@
-"""Own Triton kernel for the gated chunk backward's ``dq, dk, dg`` (scalar data-dependent ``g``).
+"""commflow's own Triton chunk kernels: output, dv and dq/dk/dg, with an optional state *fold*.
 
-Why it exists: fla-core 0.6.0 refuses its gated ``chunk_bwd_dqkwg`` on Hopper with Triton
-3.4-3.7.0 because Triton miscompiled it there (fla #640; the GPU machine has Triton 3.6).
-The bisection in fla PR #826 traced the wrong results to ``tl.dot(tl.trans(b_ds), b_q)``:
-transposing a tensor that lives in the wgmma *output* register layout. This kernel
-never transposes a computed tensor. It forms both ``ds[t, s] = do_t . v_s`` and
-``ds^T[s, t] = v_s . do_t`` as products of tiles loaded from memory (the transposed tile
-is loaded with swapped strides), which costs one extra ``[BT, BT]`` product per
-``V`` block and keeps every ``tl.dot`` operand a freshly loaded or cast tile.
+Why they exist:
 
-Math (chunk-local base-2 cumulative gate ``b2``, see :mod:`commflow.sp.linear_kernels`)::
+1. fla-core 0.6.0 refuses its gated ``chunk_bwd_dqkwg`` on Hopper with Triton 3.4-3.7.0
+   because Triton miscompiled it there (fla #640; the GPU machine has Triton 3.6). The
+   bisection in fla PR #826 traced the wrong results to ``tl.dot(tl.trans(b_ds), b_q)``:
+   a transpose of a tensor in the wgmma *output* register layout. These kernels never
+   transpose a computed tensor: every ``tl.dot`` operand is a tile loaded from memory
+   (transposed tiles are loaded with swapped strides) or a cast of an accumulator used
+   untransposed. ``dq/dk`` need ``ds = do v^T`` and its transpose, so both are formed as
+   products of loaded tiles (one extra ``[BT, BT]`` product per ``V`` block).
+2. LASP-2 without extra memory passes. The fold adds a rank-level state to every chunk's
+   state tile as it is loaded: the output kernel uses ``h_c + 2^{w_c} S_in`` (the state
+   arriving from earlier ranks, decayed to chunk ``c``), the backward kernels use
+   ``dh_c + 2^{w_c} dS_out`` (the gradient arriving from later ranks). The fold state is
+   ``[B, H, K, V]`` fp32 and stays in L2; no full pass over ``q``/``o`` or ``dh`` is added.
 
-    dq = scale * (exp2(b2_t) do h^T + (ds * M * exp2(b2_t - b2_s)) k)
-    dk = exp2(b2_last - b2_s) v dh^T + scale * (ds^T * M^T * exp2(b2_t - b2_s)) q
-    db = q . dq - k . dk  (+ at the chunk's last token: exp2(b2_last) <h, dh> + sum_s k_s . dk_s^inter)
+Layout as fla: ``q, k`` ``[B, T, H, K]``, ``v, do`` ``[B, T, H, V]``, states
+``[B, NT, H, K, V]`` (``h[:, c]`` enters chunk ``c``, ``dh[:, c]`` is the gradient of the
+state leaving it), ``g2`` ``[B, T, H]`` fp32 chunk-local cumulative log2 decay,
+``gamma2`` ``[H]`` (constant log2 decay), fold weights ``w`` ``[B, NT, H]`` (log2).
 
-``db`` comes back per token, before the chunk-local reverse cumsum that turns it into ``dg``.
-
-Correctness guard: :func:`checked_chunk_bwd_dqkg` runs the kernel once per (device,
-dtype, head dims, chunk size) on a small random problem against the torch formulation
-(:func:`commflow.sp.linear_kernels.torch_chunk_dqkg`) and, on a mismatch, warns and makes
-the caller use the torch formulation instead: a miscompiling Triton never gives wrong
-gradients silently. ``COMMFLOW_LASP2_DQKG=torch`` skips the kernel altogether.
+Correctness guard: :func:`checked` runs each kernel variant once per (device, dtype, head
+dims, chunk size, decay mode, fold) on a small random problem against the torch
+formulation and, on a mismatch, warns and returns None so the caller uses torch instead:
+a miscompiling Triton never gives wrong results silently. ``COMMFLOW_LINEAR_TRITON=0``
+disables these kernels.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import warnings
 
 import torch
 
-__all__ = ["checked_chunk_bwd_dqkg", "chunk_bwd_dqkg", "self_check"]
+__all__ = ["checked", "chunk_bwd_dqkg", "chunk_bwd_dv", "chunk_fwd_o", "self_check"]
 
 try:  # optional: only the GPU path needs Triton
     import triton
@@ -44,33 +48,152 @@ LN2 = math.log(2.0)
 # The largest relative error (max |kernel - torch| / max |torch|) the self-check accepts:
 # bf16 tiles in the products give ~1e-2; the miscompile of fla #640 gave errors of order 1.
 SELF_CHECK_RTOL = 5e-2
+_KEY = ["H", "K", "V", "BT", "USE_G", "USE_GAMMA", "HAS_FOLD"]
 
 if triton is not None:
 
+    @triton.jit
+    def _gates(g, gamma, rows, m_t, i_t, i_h, last, bos, H: tl.constexpr, BT: tl.constexpr,
+               USE_G: tl.constexpr, USE_GAMMA: tl.constexpr):
+        """Chunk-local cumulative log2 decay of the chunk's tokens and of its last token."""
+        if USE_G:
+            b_g = tl.load(g + rows, mask=m_t, other=0.0)
+            b_g_last = tl.load(g + (bos + last) * H + i_h)
+        else:
+            b_gamma = tl.load(gamma + i_h)
+            b_g = b_gamma * (tl.arange(0, BT) + 1).to(tl.float32)
+            b_g_last = b_gamma * (last - i_t * BT + 1).to(tl.float32)
+        return b_g, b_g_last
+
     @triton.autotune(
-        configs=[triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)],
-        key=["H", "K", "V", "BT", "BK", "BV"],
+        configs=[triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (64, 128) for w in (4, 8)
+                 for s in (2, 3)],
+        key=_KEY,
     )
     @triton.jit(do_not_specialize=["T"])
-    def _chunk_bwd_dqkg_kernel(
-        q, k, v, g, h, dh, do, dq, dk, db, scale, T, n_rows,
-        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    def _chunk_fwd_o_kernel(
+        q, k, v, h, g, gamma, fold, fold_w, o, scale, T,
+        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        USE_G: tl.constexpr, USE_GAMMA: tl.constexpr, HAS_FOLD: tl.constexpr,
     ):
-        i_k = tl.program_id(0)
-        i_t = tl.program_id(1)
-        i_bh = tl.program_id(2)
+        i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         i_b = (i_bh // H).to(tl.int64)
         i_h = i_bh % H
         n_chunks = tl.cdiv(T, BT)
-        bos = i_b * T  # first token of this batch row
-        state = ((i_b * n_chunks + i_t) * H + i_h).to(tl.int64) * K * V
+        bos = i_b * T
+        chunk = (i_b * n_chunks + i_t) * H + i_h
+        state = chunk.to(tl.int64) * K * V
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        rows = (bos + o_t) * H + i_h
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        if HAS_FOLD:
+            w = tl.exp2(tl.load(fold_w + chunk))
+            fbase = (i_b * H + i_h) * K * V
+        b_o = tl.zeros([BT, BV], dtype=tl.float32)
+        b_a = tl.zeros([BT, BT], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m_k = o_k < K
+            b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+            b_kt = tl.load(k + rows[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+            m_kv = m_k[:, None] & m_v[None, :]
+            b_h = tl.load(h + state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+            if HAS_FOLD:
+                b_h += w * tl.load(fold + fbase + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+            b_o = tl.dot(b_q, b_h.to(b_q.dtype), b_o)
+            b_a = tl.dot(b_q, b_kt, b_a)
+        keep = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
+        if USE_G or USE_GAMMA:
+            last = tl.minimum(i_t * BT + BT, T) - 1
+            b_g, b_g_last = _gates(g, gamma, rows, m_t, i_t, i_h, last, bos, H, BT, USE_G, USE_GAMMA)
+            b_o = b_o * tl.exp2(b_g)[:, None]
+            b_a = tl.where(keep, b_a * tl.exp2(tl.minimum(b_g[:, None] - b_g[None, :], 0.0)), 0.0)
+        else:
+            b_a = tl.where(keep, b_a, 0.0)
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_v = tl.load(v + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_o = (b_o + tl.dot(b_a.to(b_v.dtype), b_v)) * scale
+        tl.store(o + rows[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
 
+    @triton.autotune(
+        configs=[triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (64, 128) for w in (4, 8)
+                 for s in (2, 3)],
+        key=_KEY,
+    )
+    @triton.jit(do_not_specialize=["T"])
+    def _chunk_bwd_dv_kernel(
+        q, k, do, dh, g, gamma, fold, fold_w, dv, scale, T,
+        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        USE_G: tl.constexpr, USE_GAMMA: tl.constexpr, HAS_FOLD: tl.constexpr,
+    ):
+        i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        i_b = (i_bh // H).to(tl.int64)
+        i_h = i_bh % H
+        n_chunks = tl.cdiv(T, BT)
+        bos = i_b * T
+        chunk = (i_b * n_chunks + i_t) * H + i_h
+        state = chunk.to(tl.int64) * K * V
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        rows = (bos + o_t) * H + i_h
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        if HAS_FOLD:
+            w = tl.exp2(tl.load(fold_w + chunk))
+            fbase = (i_b * H + i_h) * K * V
+        b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+        b_a = tl.zeros([BT, BT], dtype=tl.float32)  # [s, t] = k_s . q_t
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m_k = o_k < K
+            b_k = tl.load(k + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+            b_qt = tl.load(q + rows[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+            m_kv = m_k[:, None] & m_v[None, :]
+            b_dh = tl.load(dh + state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+            if HAS_FOLD:
+                b_dh += w * tl.load(fold + fbase + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+            b_a = tl.dot(b_k, b_qt, b_a)
+            b_dv = tl.dot(b_k, b_dh.to(b_k.dtype), b_dv)
+        keep = (o_t[None, :] >= o_t[:, None]) & m_t[:, None] & m_t[None, :]  # t >= s
+        if USE_G or USE_GAMMA:
+            last = tl.minimum(i_t * BT + BT, T) - 1
+            b_g, b_g_last = _gates(g, gamma, rows, m_t, i_t, i_h, last, bos, H, BT, USE_G, USE_GAMMA)
+            b_dv = b_dv * tl.where(m_t, tl.exp2(b_g_last - b_g), 0.0)[:, None]
+            b_a = tl.where(keep, b_a * tl.exp2(tl.minimum(b_g[None, :] - b_g[:, None], 0.0)), 0.0) * scale
+        else:
+            b_a = tl.where(keep, b_a, 0.0) * scale
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_do = tl.load(do + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_dv = tl.dot(b_a.to(b_do.dtype), b_do, b_dv)
+        tl.store(dv + rows[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
+
+    @triton.autotune(
+        configs=[triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)],
+        key=_KEY,
+    )
+    @triton.jit(do_not_specialize=["T"])
+    def _chunk_bwd_dqkg_kernel(
+        q, k, v, h, dh, do, g, gamma, fold, fold_w, dq, dk, db, scale, T, n_rows,
+        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        USE_G: tl.constexpr, USE_GAMMA: tl.constexpr, HAS_FOLD: tl.constexpr,
+    ):
+        i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        i_b = (i_bh // H).to(tl.int64)
+        i_h = i_bh % H
+        n_chunks = tl.cdiv(T, BT)
+        bos = i_b * T
+        chunk = (i_b * n_chunks + i_t) * H + i_h
+        state = chunk.to(tl.int64) * K * V
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        rows = (bos + o_t) * H + i_h  # [BT] token-head row index
+        rows = (bos + o_t) * H + i_h
+        if HAS_FOLD:
+            w = tl.exp2(tl.load(fold_w + chunk))
+            fbase = (i_b * H + i_h) * K * V
 
         b_dq = tl.zeros([BT, BK], dtype=tl.float32)
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)
@@ -87,52 +210,85 @@ if triton is not None:
             b_do = tl.load(do + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
             b_dot = tl.load(do + rows[None, :] * V + o_v[:, None], mask=m_vt, other=0.0)
             m_vk = m_v[:, None] & m_k[None, :]
-            b_h = tl.load(h + state + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0.0)  # h^T [BV, BK]
-            b_dh = tl.load(dh + state + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0.0)
-            b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=0)
+            offs = o_k[None, :] * V + o_v[:, None]  # state^T tiles [BV, BK]
+            b_h = tl.load(h + state + offs, mask=m_vk, other=0.0).to(tl.float32)
+            b_dh = tl.load(dh + state + offs, mask=m_vk, other=0.0).to(tl.float32)
+            if HAS_FOLD:
+                b_dh += w * tl.load(fold + fbase + offs, mask=m_vk, other=0.0)
+            if USE_G:
+                b_hdh += tl.sum(b_h * b_dh, axis=0)
             b_ds = tl.dot(b_do, b_vt, b_ds)
             b_dst = tl.dot(b_v, b_dot, b_dst)
             b_dq = tl.dot(b_do, b_h.to(b_do.dtype), b_dq)
             b_dk = tl.dot(b_v, b_dh.to(b_v.dtype), b_dk)
 
-        last = tl.minimum(i_t * BT + BT, T) - 1
-        b_g = tl.load(g + rows, mask=m_t, other=0.0)
-        b_g_last = tl.load(g + (bos + last) * H + i_h)
         m_tk = m_t[:, None] & m_k[None, :]
         b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
         b_k = tl.load(k + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-
-        b_dq = b_dq * (tl.exp2(b_g) * scale)[:, None]
-        b_dk = b_dk * tl.where(m_t, tl.exp2(b_g_last - b_g), 0.0)[:, None]
-        # The state's share of d b_last, before the intra-chunk terms join dk.
-        b_db_last = tl.sum(b_hdh) * tl.exp2(b_g_last) + tl.sum(b_dk * b_k.to(tl.float32))
-
-        diff = b_g[:, None] - b_g[None, :]  # [t, s]: g_t - g_s, <= 0 where s <= t
-        keep = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
-        b_ds = tl.where(keep, b_ds * tl.exp2(tl.minimum(diff, 0.0)), 0.0) * scale
-        diff_t = b_g[None, :] - b_g[:, None]  # [s, t]: g_t - g_s
-        keep_t = (o_t[None, :] >= o_t[:, None]) & m_t[:, None] & m_t[None, :]
-        b_dst = tl.where(keep_t, b_dst * tl.exp2(tl.minimum(diff_t, 0.0)), 0.0) * scale
+        keep = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]  # [t, s]: s <= t
+        keep_t = (o_t[None, :] >= o_t[:, None]) & m_t[:, None] & m_t[None, :]  # [s, t]: t >= s
+        last = tl.minimum(i_t * BT + BT, T) - 1
+        if USE_G or USE_GAMMA:
+            b_g, b_g_last = _gates(g, gamma, rows, m_t, i_t, i_h, last, bos, H, BT, USE_G, USE_GAMMA)
+            b_dq = b_dq * (tl.exp2(b_g) * scale)[:, None]
+            b_dk = b_dk * tl.where(m_t, tl.exp2(b_g_last - b_g), 0.0)[:, None]
+            b_ds = tl.where(keep, b_ds * tl.exp2(tl.minimum(b_g[:, None] - b_g[None, :], 0.0)), 0.0) * scale
+            b_dst = tl.where(keep_t, b_dst * tl.exp2(tl.minimum(b_g[None, :] - b_g[:, None], 0.0)), 0.0) * scale
+        else:
+            b_dq = b_dq * scale
+            b_ds = tl.where(keep, b_ds, 0.0) * scale
+            b_dst = tl.where(keep_t, b_dst, 0.0) * scale
+        if USE_G:  # the state's share of d b_last, before the intra-chunk terms join dk
+            b_db_last = tl.sum(b_hdh) * tl.exp2(b_g_last) + tl.sum(b_dk * b_k.to(tl.float32))
         b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq)
         b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk)
-
-        b_db = tl.sum(b_dq * b_q.to(tl.float32), axis=1) - tl.sum(b_dk * b_k.to(tl.float32), axis=1)
-        b_db = tl.where(o_t == last, b_db + b_db_last, b_db)
         tl.store(dq + rows[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
         tl.store(dk + rows[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
-        tl.store(db + i_k.to(tl.int64) * n_rows + rows, b_db, mask=m_t)
+        if USE_G:
+            b_db = tl.sum(b_dq * b_q.to(tl.float32), axis=1) - tl.sum(b_dk * b_k.to(tl.float32), axis=1)
+            b_db = tl.where(o_t == last, b_db + b_db_last, b_db)
+            tl.store(db + i_k.to(tl.int64) * n_rows + rows, b_db, mask=m_t)
 
 
-def chunk_bwd_dqkg(q, k, v, do, g2, h, dh, scale: float, chunk_size: int = 64):
-    """``(dq, dk, db)`` for the gated chunk backward (fla's layout).
+def _flags(g2, gamma2, fold):
+    return {"USE_G": g2 is not None, "USE_GAMMA": gamma2 is not None, "HAS_FOLD": fold is not None}
 
-    ``q, k`` ``[B, T, H, K]``, ``v, do`` ``[B, T, H, V]``, ``g2`` ``[B, T, H]`` fp32 chunk-local
-    cumulative log decay in base 2 (fla's ``chunk_local_cumsum(g, scale=1/ln 2)``), ``h`` and
-    ``dh`` ``[B, NT, H, K, V]`` (entering states / gradients of the leaving states). ``db`` is
-    fp32 ``[B, T, H]``, before the chunk-local reverse cumsum.
-    """
-    if triton is None:
-        raise RuntimeError("chunk_bwd_dqkg needs triton")
+
+def _dummy(x):
+    return x.new_empty(1, dtype=torch.float32)
+
+
+def chunk_fwd_o(q, k, v, h, g2, gamma2, scale: float, chunk_size: int = 64, fold=None, fold_w=None):
+    """``o [B, T, H, V]`` from the entering states ``h`` (+ ``2^{fold_w} fold`` per chunk)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT, BK = chunk_size, min(128, max(16, triton.next_power_of_2(K)))
+    o = torch.empty_like(v)
+    d = _dummy(q)
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), triton.cdiv(T, BT), B * H)  # noqa: E731
+    _chunk_fwd_o_kernel[grid](q, k, v, h, d if g2 is None else g2, d if gamma2 is None else gamma2,
+                              d if fold is None else fold, d if fold_w is None else fold_w, o, scale, T,
+                              H=H, K=K, V=V, BT=BT, BK=BK, **_flags(g2, gamma2, fold))
+    return o
+
+
+def chunk_bwd_dv(q, k, do, dh, g2, gamma2, scale: float, chunk_size: int = 64, fold=None, fold_w=None):
+    """``dv [B, T, H, V]`` from the leaving-state gradients ``dh`` (+ ``2^{fold_w} fold``)."""
+    B, T, H, K = q.shape
+    V = do.shape[-1]
+    BT, BK = chunk_size, min(128, max(16, triton.next_power_of_2(K)))
+    dv = torch.empty_like(do)
+    d = _dummy(q)
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), triton.cdiv(T, BT), B * H)  # noqa: E731
+    _chunk_bwd_dv_kernel[grid](q, k, do, dh, d if g2 is None else g2, d if gamma2 is None else gamma2,
+                               d if fold is None else fold, d if fold_w is None else fold_w, dv, scale, T,
+                               H=H, K=K, V=V, BT=BT, BK=BK, **_flags(g2, gamma2, fold))
+    return dv
+
+
+def chunk_bwd_dqkg(q, k, v, do, h, dh, g2, gamma2, scale: float, chunk_size: int = 64, fold=None, fold_w=None):
+    """``(dq, dk, db)``; ``db`` fp32 ``[B, T, H]`` (gated only, else None), before the chunk-local
+    reverse cumsum that turns it into ``dg``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     BT = chunk_size
@@ -140,61 +296,82 @@ def chunk_bwd_dqkg(q, k, v, do, g2, h, dh, scale: float, chunk_size: int = 64):
     BV = min(64, max(16, triton.next_power_of_2(V)))
     NK = triton.cdiv(K, BK)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
-    db = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
+    db = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device) if g2 is not None else _dummy(q)
+    d = _dummy(q)
     grid = (NK, triton.cdiv(T, BT), B * H)
-    _chunk_bwd_dqkg_kernel[grid](q, k, v, g2, h, dh, do, dq, dk, db, scale, T, B * T * H, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV)
+    _chunk_bwd_dqkg_kernel[grid](q, k, v, h, dh, do, d if g2 is None else g2, d if gamma2 is None else gamma2,
+                                 d if fold is None else fold, d if fold_w is None else fold_w, dq, dk, db, scale,
+                                 T, B * T * H, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, **_flags(g2, gamma2, fold))
+    if g2 is None:
+        return dq, dk, None
     return dq, dk, db.sum(0) if NK > 1 else db[0]
 
 
-_VERDICTS: dict[tuple, bool] = {}
+# ----------------------------------------------------------------------------- self-check
 
 
-def self_check(device, dtype, K: int, V: int, chunk_size: int, *, seed: int = 0) -> tuple[bool, float]:
-    """Run the kernel on a small random problem with these compile-time constants and compare
-    with the torch formulation. Returns ``(ok, worst relative error)``."""
-    from .linear_kernels import TorchChunkKernels, _chunked, _unchunked, torch_chunk_dqkg
+def self_check(device, dtype, K: int, V: int, chunk_size: int, mode: str, fold: bool, *, seed: int = 0
+               ) -> tuple[bool, float]:
+    """All three kernels for one variant on a small random problem (two full chunks and a
+    partial one) against the torch backend. Returns ``(ok, worst relative error)``."""
+    from .linear_kernels import TorchChunkKernels, fold_log_weights
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    C, B, H = chunk_size, 1, 2
-    T = 2 * C + C // 2  # two full chunks and a partial one
+    C, B, H = chunk_size, 2, 2
+    T = 2 * C + C // 2
 
-    def rnd(*shape):
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
 
-    q, k, v, do = rnd(B, T, H, K) * K**-0.5, rnd(B, T, H, K), rnd(B, T, H, V), rnd(B, T, H, V)
-    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=gen) + 3).to(device)
-    kern = TorchChunkKernels(C)
-    dec = kern.prepare(g, None, T)
-    h, _ = kern.states(k, v, dec, None, False)
-    dh, _ = kern.state_grads(q, do, dec, None, 0.5, has_initial_state=False)
-    b = dec.chunk_cum
-    g2 = _unchunked(b[..., None], T)[..., 0] / LN2
-    scale = 0.5
-    dq, dk, db = chunk_bwd_dqkg(q, k, v, do, g2.float().contiguous(), h.float().contiguous(),
-                                dh.float().contiguous(), scale, C)
-    chunked = [_chunked(x, C, torch.float32) for x in (q, k, v, do)]
-    rq, rk, rdb = torch_chunk_dqkg(*chunked, b.float(), h.float(), dh.float(), scale, C, need_dg=True)
-    errs = []
-    for mine, ref in ((dq, rq), (dk, rk), (db[..., None], rdb[..., None])):
-        ref = _unchunked(ref, T)
-        errs.append(((mine.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item())
+    q, k, v, do = rnd(B, T, H, K, scale=K**-0.5), rnd(B, T, H, K, scale=K**-0.5), rnd(B, T, H, V), rnd(B, T, H, V)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=gen) + 2).to(device) if mode == "g" else None
+    g_gamma = (-torch.rand(H, generator=gen) * 0.2).to(device) if mode == "gamma" else None
+    s_fold = torch.randn(B, H, K, V, generator=gen).to(device) if fold else None
+    scale = K**-0.5
+    ref = TorchChunkKernels(C)
+    dec = ref.prepare(g, g_gamma, T)
+    h, _ = ref.states(k, v, dec, s_fold, False)  # h with the fold already in
+    h_local, _ = ref.states(k, v, dec, None, False)
+    want_o = ref.output(q, k, v, dec, h_local, scale, fold=s_fold)
+    dh, _ = ref.state_grads(q, do, dec, scale)
+    want = ref.grads(q, k, v, dec, h, dh, do, scale, fold=s_fold)
+
+    g2 = None if g is None else ref.chunk_cum_log2(dec, T)
+    gamma2 = None if g_gamma is None else (g_gamma.float() / LN2).contiguous()
+    w_start = w_tail = None
+    if fold:
+        totals = ref.chunk_totals_log2(dec, B, T).to(device)
+        w_start, w_tail = (w.expand(B, w.shape[1], H).contiguous() for w in fold_log_weights(totals))
+    f32 = (lambda x: x.float().contiguous())
+    o = chunk_fwd_o(q, k, v, f32(h_local), g2, gamma2, scale, C, fold=s_fold, fold_w=w_start)
+    dq, dk, db = chunk_bwd_dqkg(q, k, v, do, f32(h), f32(dh), g2, gamma2, scale, C, fold=s_fold, fold_w=w_tail)
+    dv = chunk_bwd_dv(q, k, do, f32(dh), g2, gamma2, scale, C, fold=s_fold, fold_w=w_tail)
+    got = [o, dq, dk, dv]
+    if db is not None:
+        got.append(ref.dg_from_db(db, C))
+    errs = [((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+            for a, b in zip(got, [want_o, *want])]
     worst = max(errs)
-    return bool(worst < SELF_CHECK_RTOL) and math.isfinite(worst), worst
+    return bool(math.isfinite(worst) and worst < SELF_CHECK_RTOL), worst
 
 
-def checked_chunk_bwd_dqkg(q, k, v, do, g2, h, dh, scale: float, chunk_size: int = 64):
-    """:func:`chunk_bwd_dqkg` after a once-per-configuration self-check; ``(None, None, None)``
-    when the kernel is disabled or failed its check (the caller then uses the torch formulation)."""
-    if triton is None or os.environ.get("COMMFLOW_LASP2_DQKG", "triton") == "torch":
-        return None, None, None
-    key = (str(q.device), q.dtype, q.shape[-1], v.shape[-1], chunk_size)
+_VERDICTS: dict[tuple, tuple[bool, float]] = {}
+
+
+def checked(device, dtype, K: int, V: int, chunk_size: int, mode: str, fold: bool) -> bool:
+    """Whether this kernel variant may be used here: Triton present, not disabled, self-check passed."""
+    if triton is None or os.environ.get("COMMFLOW_LINEAR_TRITON", "1") == "0":
+        return False
+    key = (str(device), dtype, K, V, chunk_size, mode, fold)
     if key not in _VERDICTS:
-        ok, worst = self_check(q.device, q.dtype, q.shape[-1], v.shape[-1], chunk_size)
-        _VERDICTS[key] = ok
-        if not ok:
-            warnings.warn(f"commflow's Triton gated dq/dk/dg kernel failed its self-check on {key} "
-                          f"(relative error {worst:.3g} > {SELF_CHECK_RTOL}); using the torch formulation",
+        _VERDICTS[key] = self_check(device, dtype, K, V, chunk_size, mode, fold)
+        if not _VERDICTS[key][0]:
+            warnings.warn(f"commflow's Triton linear-attention kernels failed their self-check on {key} "
+                          f"(relative error {_VERDICTS[key][1]:.3g} > {SELF_CHECK_RTOL}); using torch instead",
                           RuntimeWarning, stacklevel=2)
-    if not _VERDICTS[key]:
-        return None, None, None
-    return chunk_bwd_dqkg(q, k, v, do, g2, h, dh, scale, chunk_size)
+    return _VERDICTS[key][0]
+
+
+def verdicts() -> dict[tuple, tuple[bool, float]]:
+    """Self-check results so far: ``{(device, dtype, K, V, chunk, mode, fold): (ok, worst error)}``."""
+    return dict(_VERDICTS)

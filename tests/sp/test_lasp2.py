@@ -46,7 +46,7 @@ def _inputs(mode, batch, seq, heads, dk, dv, dtype, seed=0):
     return q, k, v, do, g, g_gamma
 
 
-def _run_cases(cases, attention=lasp2_attention, layout="contiguous"):
+def _run_cases(cases, attention=lasp2_attention, layout="contiguous", extra=None):
     """Per case: (output error, {grad name: error}) as max |mine - reference| / max |reference|."""
     world = dist.get_world_size()
     results = []
@@ -62,6 +62,7 @@ def _run_cases(cases, attention=lasp2_attention, layout="contiguous"):
         kw = {"causal": causal} if not causal else {}
         if layout != "contiguous":
             kw["layout"] = layout
+        kw.update(extra or {})
         o = attention(local["q"], local["k"], local["v"], g=local.get("g"), g_gamma=g_gamma,
                       kernels=TorchChunkKernels(chunk_size=4), **kw)
         grads = torch.autograd.grad(o, list(local.values()), shard(do, layout=layout))
@@ -90,6 +91,12 @@ def _run_baselines(cases):
 def test_lasp2_matches_reference(dist_pool, world):
     results = dist_pool(world).run(_run_cases, CASES)
     _assert_close(results, CASES)
+
+
+def test_lasp2_forward_overlap_matches_reference(dist_pool):
+    """The paper's order (local output under the all-gather, S_in's share added after)."""
+    results = dist_pool(4).run(_run_cases, CASES, lasp2_attention, "contiguous", {"forward_overlap": True})
+    _assert_close(results, CASES, label="lasp2-overlap")
 
 
 @pytest.mark.parametrize("world", [2, 4])

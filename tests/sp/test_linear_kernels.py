@@ -20,13 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from commflow.sp.linear_kernels import (
-    LN2,
     TorchChunkKernels,
-    _chunked,
     _fla_layout_dqkg_torch,
-    _unchunked,
     chunk_linear_attention,
     fla_available,
+    fold_log_weights,
 )
 from commflow.sp.linear_reference import linear_attention_naive, linear_attention_recurrent
 
@@ -116,12 +114,25 @@ def test_fla_layout_torch_fallback_equals_torch_backend(seq):
     dec = kern.prepare(g, None, seq)
     h, _ = kern.states(k, v, dec, h0, False, states_in_fp32=True)
     dq_ref, dk_ref, _, dg_ref, _ = kern.backward(q, k, v, dec, h, do, h0, d_final, 0.7)
-    dh, _ = kern.state_grads(q, do, dec, d_final, 0.7, has_initial_state=True)
-    g2 = _unchunked(dec.chunk_cum[..., None], seq)[..., 0] / LN2
-    dq, dk, db = _fla_layout_dqkg_torch(q, k, v, do, g2, h, dh, 0.7, C)
-    dg = _unchunked(_chunked(db[..., None], C, torch.float32).flip(2).cumsum(2).flip(2), seq)[..., 0]
+    dh, _ = kern.state_grads(q, do, dec, 0.7)
+    _, tail = fold_log_weights(kern.chunk_totals(dec, q.shape[0], seq))
+    dh = dh + torch.exp(tail)[..., None, None] * d_final[:, None]  # the final-state gradient, folded
+    dq, dk, db = _fla_layout_dqkg_torch(q, k, v, do, kern.chunk_cum_log2(dec, seq), h, dh, 0.7, C)
+    dg = kern.dg_from_db(db, C)
     for mine, ref in ((dq, dq_ref), (dk, dk_ref), (dg, dg_ref)):
         assert _rel(mine, ref) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["none", "gamma", "g"])
+def test_output_fold_equals_initial_state(mode):
+    """Folding S into the output equals running the chunks from initial state S."""
+    q, k, v, g, g_gamma, h0, _, _ = _problem(mode)
+    kern = TorchChunkKernels(4)
+    dec = kern.prepare(g, g_gamma, q.shape[1])
+    h_with, _ = kern.states(k, v, dec, h0, False)
+    h_local, _ = kern.states(k, v, dec, None, False)
+    torch.testing.assert_close(kern.output(q, k, v, dec, h_local, 0.5, fold=h0), kern.output(q, k, v, dec, h_with, 0.5),
+                               rtol=0, atol=TOL_F64)
 
 
 _INTERPRETER_CHECK = textwrap.dedent("""
@@ -129,15 +140,19 @@ _INTERPRETER_CHECK = textwrap.dedent("""
     autotuner.Autotuner._bench = lambda self, *args, config, **meta: [1.0, 1.0, 1.0]  # no timing on CPU
     import torch
     from commflow.sp.linear_triton import self_check
-    for K, V, C in [(16, 16, 16), (32, 48, 16), (160, 80, 16)]:  # several K and V blocks, masks
-        ok, err = self_check("cpu", torch.float32, K, V, C)
-        print(K, V, C, ok, err)
-        assert ok and err < 1e-5, (K, V, C, err)
+    # Every kernel (output, dv, dq/dk/dg) in every decay mode, with and without a fold; then
+    # several K and V blocks with masked tails.
+    cases = [(16, 16, 16, mode, fold) for mode in ("none", "gamma", "g") for fold in (False, True)]
+    cases += [(32, 48, 16, "g", True), (160, 80, 16, "gamma", True)]
+    for K, V, C, mode, fold in cases:
+        ok, err = self_check("cpu", torch.float32, K, V, C, mode, fold)
+        print(K, V, C, mode, fold, ok, err)
+        assert ok and err < 1e-5, (K, V, C, mode, fold, err)
 """)
 
 
 def test_triton_gated_kernel_in_interpreter():
-    """The own Triton dq/dk/dg kernel, run by Triton's CPU interpreter, equals the torch formulation."""
+    """commflow's Triton kernels, run by Triton's CPU interpreter, equal the torch backend."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True, text=True,
@@ -146,7 +161,7 @@ def test_triton_gated_kernel_in_interpreter():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["fla", "fla-torch-dqkg"])
+@pytest.mark.parametrize("backend", ["fla", "fla-only"])
 @pytest.mark.parametrize("mode", ["none", "gamma", "g"])
 def test_fla_backend_equals_reference_bf16(mode, backend):
     if not fla_available():
