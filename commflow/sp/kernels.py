@@ -75,7 +75,10 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         return "math"  # the raw fused ops want head_dim % 8 == 0 (SDPA pads; we do not)
     # Leaf views that require grad: the dispatcher's backward constraints then apply.
     qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_(True) for t in (q, k, v))
-    choice = torch._fused_sdp_choice(qt, kt, vt, None, 0.0, causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    try:
+        choice = torch._fused_sdp_choice(qt, kt, vt, None, 0.0, causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    except RuntimeError:  # an sdpa_kernel(...) context left no fused kernel for this call
+        return "math"
     if choice == int(SDPBackend.FLASH_ATTENTION):
         return "flash"
     if choice == int(SDPBackend.CUDNN_ATTENTION):
