@@ -8,9 +8,10 @@ reference. Math and names as in :mod:`commflow.sp.lasp2`.
 ``lasp1_attention``
     LASP-1 (Sun et al., arXiv 2404.02882): the d x d state travels a serial chain
     0 -> 1 -> ... -> W-1 by point-to-point sends (backward: W-1 -> ... -> 0).
-    ``serial_compute=False`` is the paper's algorithm: every rank computes its local part
+    ``serial_compute=False`` is the paper's algorithm: every rank computes its local states
     first, in parallel, and only the state update ``S_out = Gamma S_in + S_local`` waits on
-    the chain (W-1 hops of latency, no overlap). ``serial_compute=True`` is the order of
+    the chain (W-1 hops of latency); the output then uses the same fold kernel as LASP-2, so
+    the two differ only in how the states travel. ``serial_compute=True`` is the order of
     the released code (OpenNLPLab/LASP ``lasp_naive`` / ``lasp_fuse_parallel``): receive,
     then run the whole local kernel with that initial state, then send, so rank r starts
     computing only when rank r-1 has finished.
@@ -19,7 +20,8 @@ reference. Math and names as in :mod:`commflow.sp.lasp2`.
     Ring attention (Liu et al., arXiv 2310.01889) applied to linear attention: K, V (and
     ``g``) blocks rotate around the ring in W-1 steps, each rank folding every earlier
     block into its incoming state (``k_j^T v_j``, one GEMM per step) while the next block
-    is in flight; the backward rotates the blocks again with fp32 gradient accumulators
+    is in flight (then LASP-2's fold kernel for the output); the backward rotates the blocks
+    again with fp32 gradient accumulators
     that travel with them and come home after a last hop. Communication grows with the
     sequence: ``W-1`` blocks of ``S/W x H x (2D+1)`` per rank and direction.
 """
@@ -29,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from commflow.sp.lasp2 import _add_inter, _local_log_decay, check_lasp2_inputs
+from commflow.sp.lasp2 import check_lasp2_inputs
 from commflow.sp.linear_kernels import LinearKernels, select_kernels
 
 __all__ = ["lasp1_attention", "ring_kv_attention"]
@@ -50,14 +52,6 @@ def _log_gamma(q, g, g_gamma) -> torch.Tensor:
     return torch.zeros(B, H, dtype=sdt, device=q.device)
 
 
-def _own_state_grad(q, do, g, g_gamma, scale):
-    """``D_r = scale * (q * exp(G))^T do``: this rank's output's share of ``dS_in``."""
-    sdt = _state_dtype(q)
-    G = _local_log_decay(q, g, g_gamma)
-    q_dec = q.to(sdt) if G is None else q.to(sdt) * torch.exp(G)[..., None]
-    return scale * torch.einsum("bshk,bshv->bhkv", q_dec, do.to(sdt))
-
-
 class _Lasp1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, g_gamma, scale, kernels: LinearKernels, serial_compute: bool):
@@ -66,20 +60,19 @@ class _Lasp1(torch.autograd.Function):
         sdt = _state_dtype(q)
         s_in = torch.zeros(B, H, K, v.shape[-1], dtype=sdt, device=q.device)
         dec = kernels.prepare(g, g_gamma, S)
-        if serial_compute:
+        if serial_compute:  # receive, run the whole local kernel from S_in, send
             if rank > 0:
                 dist.recv(s_in, src=rank - 1)
             h, s_out = kernels.states(k, v, dec, s_in, True)
+            send = dist.isend(s_out.to(sdt).contiguous(), dst=rank + 1) if rank < world - 1 else None
             o = kernels.output(q, k, v, dec, h, scale)
-        else:
+        else:  # local states in parallel; only S_out = Gamma S_in + S_local waits on the chain
             h, s_local = kernels.states(k, v, dec, None, True)
-            o = kernels.output(q, k, v, dec, h, scale)
             if rank > 0:
                 dist.recv(s_in, src=rank - 1)
             s_out = torch.exp(_log_gamma(q, g, g_gamma))[..., None, None] * s_in + s_local
-        send = dist.isend(s_out.to(sdt).contiguous(), dst=rank + 1) if rank < world - 1 else None
-        if not serial_compute and rank > 0:
-            o = _add_inter(o, q, s_in, _local_log_decay(q, g, g_gamma), scale)
+            send = dist.isend(s_out.to(sdt).contiguous(), dst=rank + 1) if rank < world - 1 else None
+            o = kernels.output(q, k, v, dec, h, scale, fold=s_in)  # the same fold kernel as LASP-2
         if send is not None:
             send.wait()
         ctx.save_for_backward(q, k, v, g, g_gamma, s_in)
@@ -99,15 +92,15 @@ class _Lasp1(torch.autograd.Function):
                 dist.recv(ds_out, src=rank + 1)
             h, _ = kernels.states(k, v, dec, s_in, False, states_in_fp32=True)
             dq, dk, dv, dg, ds_in = kernels.backward(q, k, v, dec, h, do, s_in, ds_out, scale)
+            send = dist.isend(ds_in.to(s_in.dtype).contiguous(), dst=rank - 1) if rank > 0 else None
         else:
-            own = _own_state_grad(q, do, g, g_gamma, scale)
-            h, _ = kernels.states(k, v, dec, s_in, False, states_in_fp32=True)
+            dh, own = kernels.state_grads(q, do, dec, scale)
             if rank < world - 1:
                 dist.recv(ds_out, src=rank + 1)
-            ds_in = own + torch.exp(_log_gamma(q, g, g_gamma))[..., None, None] * ds_out
-        send = dist.isend(ds_in.to(s_in.dtype).contiguous(), dst=rank - 1) if rank > 0 else None
-        if not ctx.serial_compute:
-            dq, dk, dv, dg, _ = kernels.backward(q, k, v, dec, h, do, s_in, ds_out, scale)
+            ds_in = own.to(s_in.dtype) + torch.exp(_log_gamma(q, g, g_gamma))[..., None, None] * ds_out
+            send = dist.isend(ds_in.contiguous(), dst=rank - 1) if rank > 0 else None
+            h, _ = kernels.states(k, v, dec, s_in, False, states_in_fp32=True)
+            dq, dk, dv, dg = kernels.grads(q, k, v, dec, h, dh, do, scale, fold=ds_out)
         if send is not None:
             send.wait()
         return dq, dk, dv, dg, None, None, None, None
@@ -144,8 +137,6 @@ class _RingKV(torch.autograd.Function):
         B, S, H, K = q.shape
         sdt = _state_dtype(q)
         dec = kernels.prepare(g, g_gamma, S)
-        h, _ = kernels.states(k, v, dec, None, False)
-        o = kernels.output(q, k, v, dec, h, scale)
         # The gate travels with the block; a constant g_gamma is the same everywhere.
         g_full = g if g is not None else (None if g_gamma is None else g_gamma.to(sdt)[None, None].expand(B, S, H))
         block = [k, v] + ([g.contiguous()] if g is not None else [])
@@ -153,6 +144,7 @@ class _RingKV(torch.autograd.Function):
         log_between = torch.zeros(B, H, dtype=sdt, device=q.device)  # log prod of Gamma between block and us
         nxt = [torch.empty_like(t) for t in block]
         reqs = _exchange(block, nxt) if world > 1 else []
+        h, _ = kernels.states(k, v, dec, None, False)  # under the first transfer
         for step in range(1, world):
             for r in reqs:
                 r.wait()
@@ -170,8 +162,7 @@ class _RingKV(torch.autograd.Function):
             s_in = s_in + torch.exp(log_between)[..., None, None] * s_j
             if log_gamma_j is not None:
                 log_between = log_between + log_gamma_j
-        if rank > 0:
-            o = _add_inter(o, q, s_in, _local_log_decay(q, g, g_gamma), scale)
+        o = kernels.output(q, k, v, dec, h, scale, fold=s_in if rank > 0 else None)  # LASP-2's fold kernel
         ctx.save_for_backward(q, k, v, g, g_gamma, s_in)
         ctx.scale, ctx.kernels = scale, kernels
         return o
