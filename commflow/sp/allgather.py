@@ -131,7 +131,13 @@ class _AllGatherAttention(torch.autograd.Function):
         acc = acc_dtype(q.dtype)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         slices = _chunk_slices(hq, k.shape[2], ctx.chunks)
-        scatters = []  # (work, result, target, rows, kv heads)
+        in_flight = []  # the previous chunk's reduce-scatters: (work, result, target, rows, kv heads)
+
+        def finish(scatters):
+            for work, result, target, (a, bnd), kh in scatters:
+                work.wait()
+                target[:, a:bnd, kh] = result.permute(1, 0, 2, 3)
+
         pending = _post_gathers({"k": k, "v": v}, rows, slices[0][1], info)
         for c, (qh, kh) in enumerate(slices):
             nxt = _post_gathers({"k": k, "v": v}, rows, slices[c + 1][1], info) if c + 1 < ctx.chunks else None
@@ -154,15 +160,17 @@ class _AllGatherAttention(torch.autograd.Function):
             dq[:, :, qh] = dq_acc
             del bufs, works
             # Sum every rank's contribution to our keys: reduce-scatter in fp32, overlapped
-            # with the next chunk.
+            # with the next chunk. The previous chunk's is done by now (it ran under this
+            # chunk); finishing it frees its fp32 buffers, so at most two chunks' are alive.
+            scatters = []
             for (which, name), grad in grads.items():
                 result = torch.empty(grad.shape[1:], dtype=acc, device=q.device)
                 work = reduce_scatter_tensor(result, grad.flatten(0, 1), group=info.group, async_op=True)
                 scatters.append((work, result, dk if which == "k" else dv, rows[name], kh))
-            pending = nxt
-        for work, result, target, (a, bnd), kh in scatters:
-            work.wait()
-            target[:, a:bnd, kh] = result.permute(1, 0, 2, 3)
+            del grads
+            finish(in_flight)
+            in_flight, pending = scatters, nxt
+        finish(in_flight)
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -88,7 +88,11 @@ class _Ulysses(torch.autograd.Function):
 
         out = torch.empty_like(q)
         out6 = out.view(b, s_local, w, chunks, hq_c, d)
-        saved, states, returns = [], [], []
+        def finish(c, recv, work):
+            work.wait()
+            out6[:, :, :, c] = recv.permute(1, 2, 0, 3, 4)  # head group j of chunk c came from rank j
+
+        saved, states, returning = [], [], None
         pending = send_qkv(0)
         for c in range(chunks):
             nxt = send_qkv(c + 1) if c + 1 < chunks else None  # in flight while chunk c computes
@@ -101,11 +105,11 @@ class _Ulysses(torch.autograd.Function):
             out_c, lse_c, state = attention_forward(q_c, k_c, v_c, causal=causal, scale=scale)
             saved += [qkv, out_c, lse_c]
             states.append(state)
-            returns.append(_all_to_all(_seq_major(global_to_zigzag(out_c, w) if reorder else out_c, w), info))
-            pending = nxt
-        for c, (recv, work) in enumerate(returns):
-            work.wait()
-            out6[:, :, :, c] = recv.permute(1, 2, 0, 3, 4)  # head group j of chunk c came from rank j
+            sent = (c, *_all_to_all(_seq_major(global_to_zigzag(out_c, w) if reorder else out_c, w), info))
+            if returning:  # the previous chunk's return ran under this chunk's kernel
+                finish(*returning)
+            returning, pending = sent, nxt
+        finish(*returning)
         ctx.save_for_backward(*saved)
         ctx.info, ctx.causal, ctx.scale, ctx.reorder, ctx.states = info, causal, scale, reorder, states
         ctx.shape, ctx.kv_heads, ctx.repeat, ctx.chunks, ctx.heads = q.shape, k.shape[2], repeat, chunks, (hq_c, hkv_c)
@@ -126,7 +130,14 @@ class _Ulysses(torch.autograd.Function):
         dkv = torch.empty((2, b, s_local, ctx.kv_heads, d), dtype=dout.dtype, device=dout.device)
         dq6 = dq.view(b, s_local, w, chunks, hq_c, d)
         dkv7 = dkv.view(2, b, s_local, w, chunks, hkv_c, d)
-        returns = []
+        def finish(c, recv, work):
+            work.wait()
+            recv = recv.permute(1, 2, 0, 3, 4)  # [B, S/W, W, h, D]: head group j from rank j
+            dq6[:, :, :, c] = recv[..., :hq_c, :]
+            dkv7[0, :, :, :, c] = recv[..., hq_c : hq_c + hkv_c, :]
+            dkv7[1, :, :, :, c] = recv[..., hq_c + hkv_c :, :]
+
+        returning = None
         pending = send_dout(0)
         for c in range(chunks):
             nxt = send_dout(c + 1) if c + 1 < chunks else None
@@ -139,14 +150,12 @@ class _Ulysses(torch.autograd.Function):
                 do_c = zigzag_to_global(do_c, w)
             grads = attention_backward(do_c, q_c, k_c, v_c, out_c, lse_c, ctx.states[c], causal=ctx.causal, scale=ctx.scale)
             packed = torch.cat(grads, dim=2)  # [B, S, hq + 2 hkv, D], the layout the forward sent
-            returns.append(_all_to_all(_seq_major(global_to_zigzag(packed, w) if ctx.reorder else packed, w), info))
-            pending = nxt
-        for c, (recv, work) in enumerate(returns):
-            work.wait()
-            recv = recv.permute(1, 2, 0, 3, 4)  # [B, S/W, W, h, D]: head group j from rank j
-            dq6[:, :, :, c] = recv[..., :hq_c, :]
-            dkv7[0, :, :, :, c] = recv[..., hq_c : hq_c + hkv_c, :]
-            dkv7[1, :, :, :, c] = recv[..., hq_c + hkv_c :, :]
+            del grads
+            sent = (c, *_all_to_all(_seq_major(global_to_zigzag(packed, w) if ctx.reorder else packed, w), info))
+            if returning:
+                finish(*returning)
+            returning, pending = sent, nxt
+        finish(*returning)
         dk, dv = dkv[0], dkv[1]
         if ctx.repeat > 1:  # the copies of a repeated key/value head share its gradient
             heads = ctx.kv_heads // ctx.repeat
