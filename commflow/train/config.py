@@ -68,7 +68,7 @@ class ModelConfig:
     basic Linear-Llama), 'constant' (per-head decay, RetNet/Lightning) or 'gated'
     (data-dependent scalar gate per head and token, Simple GLA / Mamba-2)."""
     rope_theta: float = 500_000.0
-    """RoPE base of the softmax layers (Llama 3's)."""
+    """RoPE base of the softmax layers (Llama 3's by default; presets set their own)."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
 
@@ -101,20 +101,25 @@ class _Preset:
     """A learning rate known to work at this size (the --lr default)."""
 
 
-def _preset(d: int, layers: int, heads: int, kv_heads: int, ffn: int, lr: float) -> _Preset:
+def _preset(d: int, layers: int, heads: int, kv_heads: int, ffn: int, *, pattern: str = "LLLS", lr: float,
+            theta: float) -> _Preset:
     return _Preset(shape=ModelConfig(d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
-                                     ffn_hidden=ffn, pattern="LLLS"), lr=lr)
+                                     ffn_hidden=ffn, pattern=pattern, rope_theta=theta), lr=lr)
 
 
 # Linear-Llama shapes (Llama blocks, SwiGLU at ~8/3 d rounded to a multiple of 64).
+# tiny: the smallest hybrid, one LASP-2 layer then one softmax layer, sized so that the
+# CPU demo learns MQAR in minutes on 2 cores; the others use LASP-2H's 3:1 "LLLS".
 # 350m: a Llama-style 24 x 1024 stack (~310M without embeddings, ~375M at vocab 32K);
 # 1b: Llama-3.2-1B's shapes (16 x 2048, 32 heads, 8 KV heads, FFN 8192), the size of the
-# LASP-2 paper's Linear-Llama3-1B.
+# LASP-2 paper's Linear-Llama3-1B. RoPE base: Llama 3's 500K for the long-context sizes;
+# 10K for the small ones, whose 16-64-dim heads would otherwise rotate too slowly to
+# tell neighbouring tokens apart.
 PRESETS: dict[str, _Preset] = {
-    "tiny": _preset(64, 4, 4, 4, 192, lr=3e-3),
-    "small": _preset(256, 8, 4, 4, 704, lr=1e-3),
-    "350m": _preset(1024, 24, 8, 8, 2816, lr=3e-4),
-    "1b": _preset(2048, 16, 32, 8, 8192, lr=2e-4),
+    "tiny": _preset(64, 2, 4, 4, 192, pattern="LS", lr=3e-3, theta=10_000.0),
+    "small": _preset(256, 8, 4, 4, 704, lr=1e-3, theta=10_000.0),
+    "350m": _preset(1024, 24, 8, 8, 2816, lr=3e-4, theta=500_000.0),
+    "1b": _preset(2048, 16, 32, 8, 8192, lr=2e-4, theta=500_000.0),
 }
 
 
@@ -124,7 +129,8 @@ class ModelOptions:
     """Model size: tiny (CPU), small, 350m or 1b (Linear-Llama shapes)."""
     pattern: str | None = None
     """Layer kinds, 'L' linear (LASP-2) / 'S' softmax, tiled over the layers: 'LLLS' is
-    LASP-2H's 3:1 hybrid, 'S' pure softmax, 'L' pure linear. Default: the preset's ('LLLS')."""
+    LASP-2H's 3:1 hybrid, 'S' pure softmax, 'L' pure linear. Default: the preset's
+    ('LS' for tiny, 'LLLS' for the others)."""
     layers: int | None = None
     """Number of layers (default: the preset's); a multiple of the pattern's length."""
     linear_decay: str = "gated"
@@ -137,13 +143,13 @@ class ModelOptions:
 class DataConfig:
     data: Path | None = None
     """Byte-level text file (any file: vocab 256) or .npy token file; default: MQAR generated on the fly."""
-    seq_len: int = 128
+    seq_len: int = 32
     """Global sequence length in tokens (split across the sp ranks)."""
     batch: int = 32
     """Global batch in sequences (split across the dp ranks)."""
     mqar_pairs: int = 8
     """MQAR: key-value pairs per sequence (each is queried once)."""
-    mqar_vocab: int = 256
+    mqar_vocab: int = 64
     """MQAR: vocabulary (keys from the lower half, values from the upper half)."""
     seed: int = 0
     """Seed of the initial weights and of the data streams."""
@@ -172,7 +178,7 @@ class ParallelConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    steps: int = 500
+    steps: int = 1200
     """Optimizer steps to train for (in total, counting steps before a resume)."""
     lr: float | None = None
     """Peak AdamW learning rate (default: the preset's)."""
@@ -203,7 +209,7 @@ class LogConfig:
     eval_every: int = 100
     """Measure held-out accuracy every this many steps, and at the end (0 = only at the end)."""
     eval_batches: int = 4
-    """Held-out batches (of --batch sequences) per evaluation."""
+    """Held-out batches (of --batch sequences) per evaluation (0 = no evaluation)."""
     progress: bool = True
     """Show a live progress bar (rank 0)."""
 
@@ -376,7 +382,7 @@ def validate(cfg: TrainConfig, world_size: int) -> ModelConfig:
     _positive("keep", c.keep)
     _positive("log_every", lg.log_every)
     _positive("eval_every", lg.eval_every, zero_ok=True)
-    _positive("eval_batches", lg.eval_batches)
+    _positive("eval_batches", lg.eval_batches, zero_ok=True)
     if o.lr is not None:
         _positive("lr", o.lr)
     if d.batch % dp:

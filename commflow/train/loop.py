@@ -83,12 +83,15 @@ def _wrap_data_parallel(model: torch.nn.Module, cfg: TrainConfig, device: torch.
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         ddp.register_comm_hook(None, timer.ddp_comm_hook)
         return ddp
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     flat = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_sp",))
+    # bf16: gather parameters in bf16 (half the traffic), reduce gradients in fp32.
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if cfg.model.dtype == "bfloat16" else MixedPrecisionPolicy())
     for layer in model.layers:
-        fully_shard(layer, mesh=flat)
-    fully_shard(model, mesh=flat)
+        fully_shard(layer, mesh=flat, mp_policy=mp)
+    fully_shard(model, mesh=flat, mp_policy=mp)
     return model
 
 
@@ -144,11 +147,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     mesh = init_device_mesh(device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
     dp_rank, sp_rank = mesh.get_local_rank("dp"), mesh.get_local_rank("sp")
-    plan = SequenceParallel(group=mesh.get_group("sp") if sp > 1 else None, softmax=cfg.parallel.softmax_sp,
-                            layout=layout)
+    plan = SequenceParallel(group=mesh.get_group("sp"), softmax=cfg.parallel.softmax_sp, layout=layout)
 
     torch.manual_seed(cfg.data.seed)  # identical initial weights on every rank
-    model = LinearLlama(model_cfg, plan, activation_checkpoint=cfg.parallel.activation_checkpoint).to(device)
+    with torch.device(device):  # initialised where it runs: a 1B model's init on CPU takes a while
+        model = LinearLlama(model_cfg, plan, activation_checkpoint=cfg.parallel.activation_checkpoint)
     n_params = sum(p.numel() for p in model.parameters())
     timer = CommTimer(device).install()
     model = _wrap_data_parallel(model, cfg, device, timer)
@@ -214,8 +217,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 res = model(inputs, pos, labels)
             (res.loss_sum * loss_scale).backward()
             timer.backward_done()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            # The norm is logged too: Adam is invariant to a uniform gradient scale, so the
+            # norm is what shows that gradients are summed over exactly the right ranks.
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum, correct, count = _reduce([res.loss_sum.item(), float(res.correct), float(res.count)], device)
@@ -226,9 +232,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             done = step + 1
             record = {"step": done, "loss": loss_sum / count, "acc": correct / count,
                       "tokens_per_s": tokens_per_step / step_time, "comm_frac": min(1.0, comm / step_time),
-                      "step_time_s": step_time, "lr": lr, "elapsed_s": time.perf_counter() - t_start}
+                      "step_time_s": step_time, "lr": lr, "grad_norm": float(grad_norm),
+                      "elapsed_s": time.perf_counter() - t_start}
             is_last = done == cfg.optim.steps
-            if (cfg.log.eval_every and done % cfg.log.eval_every == 0) or is_last:
+            if cfg.log.eval_batches and ((cfg.log.eval_every and done % cfg.log.eval_every == 0) or is_last):
                 record["eval_loss"], record["eval_acc"] = evaluate()
             logged = done % cfg.log.log_every == 0 or is_last or "eval_acc" in record
             if not math.isfinite(record["loss"]):

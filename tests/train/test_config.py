@@ -37,7 +37,7 @@ def cfg(**flat) -> TrainConfig:
         ({"preset": "7b"}, 4, "--preset must be one of tiny, small, 350m, 1b; got '7b'"),
         ({"pattern": "LLXS"}, 4, "--pattern must be a non-empty string of 'L'"),
         ({"pattern": ""}, 4, "--pattern must be a non-empty string"),
-        ({"pattern": "LLS"}, 4, "--layers (4) must be a multiple of the pattern length"),
+        ({"pattern": "LLS"}, 4, "--layers (2) must be a multiple of the pattern length"),
         ({"data": "/nonexistent/file.txt"}, 4, "--data '/nonexistent/file.txt': no such file"),
         ({"batch": 3}, 4, "--batch (3) must be divisible by dp (2)"),
         ({"layout": "zigzag"}, 4, "--layout zigzag cannot be used with linear layers"),
@@ -63,7 +63,7 @@ def test_default_config_is_valid_on_a_2x2_mesh():
     c = TrainConfig()
     assert default_world_size(c) == 4
     model = validate(c, 4)
-    assert model.pattern == "LLLS" and model.vocab_size == c.data.mqar_vocab
+    assert model.pattern == "LS" and model.vocab_size == c.data.mqar_vocab
 
 
 def test_short_data_file_is_refused(tmp_path):
