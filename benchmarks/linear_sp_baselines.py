@@ -108,7 +108,8 @@ class _Lasp1(torch.autograd.Function):
 
 def lasp1_attention(q, k, v, *, g=None, g_gamma=None, scale=None, kernels=None, serial_compute=False):
     """LASP-1 serial state passing on the default group (see the module docstring)."""
-    check_lasp2_inputs(q, k, v, g=g, g_gamma=g_gamma, causal=True, scale=scale)
+    # Like the benchmark's LASP-2 calls: shapes checked, no host sync for the sign of g.
+    check_lasp2_inputs(q, k, v, g=g, g_gamma=g_gamma, causal=True, scale=scale, check_decay_sign=False)
     kernels = kernels if isinstance(kernels, LinearKernels) else select_kernels(q.device, backend=kernels)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _Lasp1.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, g_gamma, scale, kernels, serial_compute)
@@ -236,7 +237,7 @@ class _RingKV(torch.autograd.Function):
 
 def ring_kv_attention(q, k, v, *, g=None, g_gamma=None, scale=None, kernels=None):
     """Ring K/V passing for causal linear attention on the default group (module docstring)."""
-    check_lasp2_inputs(q, k, v, g=g, g_gamma=g_gamma, causal=True, scale=scale)
+    check_lasp2_inputs(q, k, v, g=g, g_gamma=g_gamma, causal=True, scale=scale, check_decay_sign=False)
     kernels = kernels if isinstance(kernels, LinearKernels) else select_kernels(q.device, backend=kernels)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _RingKV.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, g_gamma, scale, kernels)
