@@ -5,7 +5,7 @@ reporters' messages, feeds :class:`~commflow.monitor.detect.Detector`, checks th
 deadlines every 20 ms, and when a communication verdict needs a culprit it asks
 every worker for a probe sweep (:mod:`.localize`) and waits for the matrix before
 passing the verdict on. Verdicts go to ``on_verdict`` (the supervisor) and, with
-``out_dir``, to ``verdicts.jsonl``; injected faults to ``injected.jsonl``; per-iteration
+``out_dir``, to ``verdicts.jsonl``; per-iteration
 numbers to ``iterations.jsonl`` and, optionally, Prometheus gauges.
 """
 
@@ -77,6 +77,9 @@ class Coordinator:
         if self.out:
             self.out.mkdir(parents=True, exist_ok=True)
         self.on_verdict = on_verdict or (lambda v: None)
+        self.on_healthy: Callable[[int, float], None] = lambda attempt, t: None
+        """Called once per attempt when its first iteration has been closed."""
+        self._healthy_sent = -1
         self.auto_ack = auto_ack
         self.attempt = 0
         self.conn_rank: dict[int, int] = {}
@@ -148,10 +151,8 @@ class Coordinator:
             return
         for ev in msg.get("ev", ()):
             tag = ev[0]
-            if tag == "inj":
-                rec = {**ev[1], "attempt": self.attempt}
-                self.injected.append(rec)
-                self._append("injected.jsonl", rec)
+            if tag == "inj":  # the workers also append these to injected.jsonl themselves
+                self.injected.append({**ev[1], "attempt": self.attempt})
             elif tag == "probe" and self._probe is not None and ev[1] == self._probe["id"]:
                 self._probe["rows"][int(ev[2])] = ev[3]  # results so far (per round)
                 if len(ev) > 4 and ev[4]:
@@ -189,6 +190,12 @@ class Coordinator:
             if self._probe is not None:
                 self._check_probe(now)
                 return
+            if self._healthy_sent != self.attempt and self.detector.closed_iters >= 1:
+                self._healthy_sent = self.attempt
+                try:
+                    self.on_healthy(self.attempt, now)
+                except Exception as e:  # noqa: BLE001
+                    self.events.append((now, "callback_error", repr(e)))
             v = self.detector.tick(now)
             if v is not None:
                 if v.needs_probe and self.probe_cfg.enabled and len(self.connected_ranks()) >= 2:

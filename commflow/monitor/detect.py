@@ -197,6 +197,9 @@ class Detector:
         self.base_late: deque = deque(maxlen=self.cfg.history)  # lateness vectors (member order)
         self.base_comm: deque = deque(maxlen=self.cfg.history)
         self.base_period: deque = deque(maxlen=self.cfg.history)
+        self.base_its: deque = deque(maxlen=self.cfg.history)  # iteration of each base_late/base_comm entry
+        self.period_its: deque = deque(maxlen=self.cfg.history)
+        self._hist_version = 0  # bumped on every change; caches key on it
         self.streak: dict[tuple, int] = defaultdict(int)
         self.suppressed: set[tuple] = set()
         self.calm_for: dict[tuple, int] = {}
@@ -207,6 +210,7 @@ class Detector:
         self.crash_handled = False
         self._quorum: dict[tuple[int, int], int] = getattr(self, "_quorum", {})
         self._hist_cache: dict[int, tuple] = {}
+        self._base_cache: tuple | None = None
 
     def acknowledge(self, verdict: Verdict) -> None:
         """Keep watching after ``verdict`` without a restart (trials, benchmarks):
@@ -365,11 +369,16 @@ class Detector:
         if not quiet and n_coll:
             self._evaluate(row, members)
         warm = self.closed_iters > self.cfg.warmup_iterations  # first iterations: lazy setup, caches
-        if not row["flags"] and not quiet and (warm or len(self.base_period) < 3):
+        if row["flags"]:
+            self._forget_since(min(it - f[2]["window"] + 1 for f in row["flags"]))
+        elif not quiet and (warm or len(self.base_period) < 3):
             self.base_period.append(period)
+            self.period_its.append(it)
+            self._hist_version += 1
             if n_coll and warm:
                 self.base_late.append([row["late"][r] for r in members])
                 self.base_comm.append(row["comm"])
+                self.base_its.append(it)
         # An acknowledged anomaly is over once the shortest window has been calm for
         # that many iterations; the windows then restart, so the longer ones do not
         # re-raise it from the anomaly's own iterations.
@@ -399,12 +408,29 @@ class Detector:
             self._quorum[key] = next((q for q in range(1, m + 1) if tail(q) <= self.cfg.latest_alpha), m)
         return self._quorum[key]
 
+    def _forget_since(self, first: int) -> None:
+        """Drop baseline entries from iteration ``first`` on: an anomaly's first
+        iterations enter the baseline before its window fills up and flags it, and
+        would teach the detector that the anomaly is normal."""
+        dropped = False
+        while self.base_its and self.base_its[-1] >= first:
+            self.base_its.pop()
+            self.base_late.pop()
+            self.base_comm.pop()
+            dropped = True
+        while self.period_its and self.period_its[-1] >= first:
+            self.period_its.pop()
+            self.base_period.pop()
+            dropped = True
+        if dropped:
+            self._hist_version += 1000  # invalidates the cached statistics
+
     def _history_max(self, m: int) -> tuple[float, float]:
         """Largest m-window median the healthy history reached: (lateness of any rank,
         comm time). Noise on a shared host comes in bursts (a process starved of CPU
         for several iterations), which a Gaussian rule underrates; a fault has to beat
         the worst the same statistic did while healthy. Refreshed every 8 iterations."""
-        key = (m, len(self.base_late) // 8, len(self.base_comm) // 8)
+        key = self._hist_version // 8
         hit = self._hist_cache.get(m)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -417,28 +443,42 @@ class Detector:
         self._hist_cache[m] = (key, (lmax, cmax))
         return lmax, cmax
 
+    def _baseline(self) -> tuple[float, float, float]:
+        """(sigma of lateness, median comm, sigma of comm) of the healthy history,
+        refreshed every 8 iterations (they move slowly; this runs per iteration)."""
+        key = self._hist_version // 8
+        if self._base_cache is None or self._base_cache[0] != key:
+            cfg = self.cfg
+            sigma_l = max(robust_sigma(np.asarray(self.base_late).ravel()), cfg.sigma_floor)
+            comm = np.asarray(self.base_comm, dtype=float)
+            self._base_cache = (key, (sigma_l, float(np.median(comm)), max(robust_sigma(comm), cfg.sigma_floor)))
+        return self._base_cache[1]
+
     def _evaluate(self, row: dict, members: list[int]) -> None:
         cfg = self.cfg
         if len(self.base_comm) < cfg.min_history:
             return
         rows = [r for r in self.recent if r["collectives"] and not r["quiet"]]
-        sigma_l = max(robust_sigma(np.asarray(self.base_late).ravel()), cfg.sigma_floor)
-        comm_med = statistics.median(self.base_comm)
-        sigma_c = max(robust_sigma(self.base_comm), cfg.sigma_floor)
+        sigma_l, comm_med, sigma_c = self._baseline()
+        longest = rows[-max(cfg.windows):]
+        late = np.array([[w["late"].get(r, 0.0) for r in members] for w in longest])  # [iterations, ranks]
+        comm = np.array([w["comm"] for w in longest])
+        latest_of = late.argmax(axis=1)
         slow_hit = comm_hit = None
         for m in cfg.windows:
             if len(rows) < m or len(self.base_comm) < max(cfg.min_history, 2 * m):
                 break
-            win = rows[-m:]
             se = 1.2533 / math.sqrt(m)  # standard error of a median of m, in sigmas
             late_max, comm_max = self._history_max(m)
             if slow_hit is None:
-                med = {r: statistics.median(w["late"].get(r, 0.0) for w in win) for r in members}
-                worst = max(med, key=med.get)
+                med_arr = np.median(late[-m:], axis=0)
+                med = {r: float(v) for r, v in zip(members, med_arr)}
+                worst_i = int(med_arr.argmax())
+                worst = members[worst_i]
                 thr = max(cfg.slow_floor, cfg.kappa * se * sigma_l, cfg.history_margin * late_max)
                 # Persistence in rank order too: scheduling noise makes a random rank
                 # late now and then; a slow rank is the latest nearly every time.
-                latest = sum(1 for w in win if max(w["late"], key=w["late"].get) == worst)
+                latest = int(np.sum(latest_of[-m:] == worst_i))
                 quorum = self._latest_quorum(m, len(members))
                 if m == cfg.windows[0]:
                     row["short_slow"] = {r: med[r] > thr for r in members}
@@ -447,7 +487,7 @@ class Detector:
                                 "window_medians": med, "latest": latest, "quorum": quorum,
                                 "history_max": late_max}
             if comm_hit is None:
-                excess = statistics.median(w["comm"] for w in win) - comm_med
+                excess = float(np.median(comm[-m:])) - comm_med
                 thr = max(cfg.comm_floor, cfg.comm_rel * comm_med, cfg.kappa * se * sigma_c,
                           cfg.history_margin * comm_max)
                 if m == cfg.windows[0]:

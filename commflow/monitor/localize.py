@@ -23,7 +23,6 @@ training threads are stuck in a collective), or offline as its own job
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -88,8 +87,8 @@ def run_sweep(
     *,
     rank: int,
     world: int,
-    send: Callable[[object, int], object],
-    recv: Callable[[object, int], object],
+    send: Callable[[object, int, int], object],
+    recv: Callable[[object, int, int], object],
     barrier: Callable[[], None],
     make_buffer: Callable[[], object],
     edge_delay: Callable[[int], float | None] | None = None,
@@ -99,7 +98,7 @@ def run_sweep(
 ) -> dict[int, list[float | None]]:
     """Time every directed edge ``src -> rank``; return ``{src: [seconds or None]}``.
 
-    ``send(buf, dst)`` / ``recv(buf, src)`` start a transfer and return a work with
+    ``send(buf, dst, tag)`` / ``recv(buf, src, tag)`` start a transfer and return a work with
     ``wait()``; ``barrier()`` lines all ranks up before each transfer and must not use
     the links under test (the online sweep uses the store). ``edge_delay(dst)`` is the
     fault injector's say on this rank's edge to ``dst``: extra seconds, or None if the
@@ -109,41 +108,44 @@ def run_sweep(
     """
     got: dict[int, list[float | None]] = {}
     buf_out, buf_in = make_buffer(), make_buffer()
-    for pairs in tournament(world):
-        partner = next((b if a == rank else a for a, b in pairs if rank in (a, b)), None)
-        for phase in range(2):
-            dead = False  # once an edge timed out, later reps of it are not posted
-            for _ in range(reps):
-                barrier()  # every rank, every rep: the barrier count must match
-                if partner is None or dead:
-                    if partner is not None and rank != (min(rank, partner) if phase == 0 else max(rank, partner)):
-                        got.setdefault(partner, []).append(None)
+    # Repetitions are the outer loop: the same edge is measured a whole sweep apart, so
+    # a rank that was briefly starved of CPU spoils one sample per edge, not all of them.
+    # Each repetition has its own tag, so a receive left pending by a lost message
+    # cannot swallow the next repetition's message.
+    for rep in range(reps):
+        for pairs in tournament(world):
+            partner = next((b if a == rank else a for a, b in pairs if rank in (a, b)), None)
+            for phase in range(2):
+                barrier()  # every rank, every phase: the barrier count must match
+                if partner is None:
                     continue
                 a, b = (min(rank, partner), max(rank, partner))
                 sender, receiver = (a, b) if phase == 0 else (b, a)
                 if rank == sender:
                     delay = edge_delay(receiver) if edge_delay else 0.0
                     if delay is None:
-                        dead = True  # a dead link: the bytes never leave
-                        continue
+                        continue  # a dead link: the bytes never leave
                     if delay > 0:
                         time.sleep(delay)
-                    if _wait(send(buf_out, receiver), timeout_s) is None:
-                        dead = True
+                    _wait(send(buf_out, receiver, rep), timeout_s)
                     continue
                 t0 = time.perf_counter()
-                t_done = _wait(recv(buf_in, sender), timeout_s)
+                t_done = _wait(recv(buf_in, sender, rep), timeout_s)
                 got.setdefault(sender, []).append(None if t_done is None else t_done - t0)
-                if t_done is None:
-                    dead = True
-        if on_round is not None:
-            on_round({k: list(v) for k, v in got.items()})
+            if on_round is not None:
+                on_round({k: list(v) for k, v in got.items()})
     return got
 
 
 def matrix_from_rows(rows: dict[int, dict], world: int) -> np.ndarray:
     """Assemble ``M[src, dst]`` (seconds; inf = never arrived; nan = unmeasured)
-    from each receiver's ``{src: [latencies]}``: the median of its repetitions."""
+    from each receiver's ``{src: [latencies]}``.
+
+    An edge's value is the *fastest* of its repetitions: noise (a descheduled
+    process, a burst of other traffic) only ever adds time, so the minimum is the
+    edge's own latency, and an edge counts as slow only if it was slow every time.
+    It is dead only if no repetition arrived.
+    """
     m = np.full((world, world), np.nan)
     for dst, by_src in rows.items():
         for src, lats in by_src.items():
@@ -151,7 +153,7 @@ def matrix_from_rows(rows: dict[int, dict], world: int) -> np.ndarray:
             if src >= world or dst_i >= world:
                 continue
             vals = [v for v in lats if v is not None]
-            m[src, dst_i] = np.inf if len(vals) < len(lats) or not vals else statistics.median(vals)
+            m[src, dst_i] = min(vals) if vals else np.inf
     return m
 
 
@@ -302,8 +304,8 @@ def gloo_sweep_in_thread(
     return run_sweep(
         rank=rank,
         world=world,
-        send=lambda buf, dst: pg.send([buf], dst, 0),
-        recv=lambda buf, src: pg.recv([buf], src, 0),
+        send=lambda buf, dst, tag: pg.send([buf], dst, tag),
+        recv=lambda buf, src, tag: pg.recv([buf], src, tag),
         barrier=store_barrier,
         make_buffer=lambda: torch.ones(numel),
         edge_delay=edge_delay,

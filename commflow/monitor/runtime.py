@@ -10,6 +10,7 @@ how ``commflow launch`` hands it to its workers:
 ``COMMFLOW_INJECT``    JSON ``{"faults": [...], "seed": s}`` (resolved faults)
 ``COMMFLOW_SLOTS``     slot of every global rank, comma separated (``0,2,3``)
 ``COMMFLOW_ATTEMPT``   restart counter (0 = first attempt)
+``COMMFLOW_INJECT_LOG`` file each fired fault is appended to (ground truth)
 ``RANK`` etc.          the torchrun environment
 =====================  =============================================================
 """
@@ -89,8 +90,17 @@ def watch(
         parsed = [f if isinstance(f, Fault) else Fault(**f) for f in faults]
         slot = slots[rank] if rank < len(slots) else rank
         cuda = _uses_cuda()
-        injector = Injector(parsed, slot=slot, slots=slots, seed=seed, cuda=cuda,
-                            report=lambda event: tracer.outbox.append(("inj", event)))
+        log_path = os.environ.get("COMMFLOW_INJECT_LOG")
+
+        attempt = int(os.environ.get("COMMFLOW_ATTEMPT", 0))
+
+        def report(event: dict) -> None:
+            event["attempt"] = attempt
+            tracer.outbox.append(("inj", event))
+            if log_path:  # synchronous: a crash exits right after this line
+                _append_line(log_path, event)
+
+        injector = Injector(parsed, slot=slot, slots=slots, seed=seed, cuda=cuda, report=report)
         tracer.injector = injector
     tracer.install()
     _state["tracer"] = tracer
@@ -104,6 +114,16 @@ def watch(
         _state["reporter"] = reporter
         atexit.register(_goodbye)
     return tracer
+
+
+def _append_line(path: str, record: dict) -> None:
+    # One short write with O_APPEND: lines from several workers do not interleave.
+    line = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
 
 
 def _uses_cuda() -> bool:

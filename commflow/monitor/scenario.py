@@ -30,7 +30,7 @@ from .coordinator import Coordinator, ProbeConfig
 from .detect import DetectConfig, Verdict
 from .inject import resolve_faults
 
-__all__ = ["Scenario", "ScenarioResult", "run_scenario", "score", "trial_plan"]
+__all__ = ["Scenario", "ScenarioResult", "run_lanes", "run_scenario", "run_scenarios", "score", "trial_plan"]
 
 
 @dataclass(kw_only=True)
@@ -46,7 +46,7 @@ class Scenario:
     faults: list[str] = field(default_factory=list)
     seed: int = 0
     detect: DetectConfig = field(default_factory=DetectConfig)
-    probe: ProbeConfig = field(default_factory=lambda: ProbeConfig(nbytes=64 << 10, reps=2, timeout_s=0.5))
+    probe: ProbeConfig = field(default_factory=lambda: ProbeConfig(nbytes=64 << 10, reps=3, timeout_s=0.5))
     timeout_s: float = 300.0
 
 
@@ -67,7 +67,8 @@ class ScenarioResult:
     errors: list[str] = field(default_factory=list)
 
 
-def _worker(rank: int, sc: Scenario, store_port: int, endpoint: str, faults: list[dict], q: Any) -> None:
+def _worker(rank: int, sc: Scenario, store_port: int, endpoint: str, faults: list[dict], q: Any,
+            inject_log: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -75,7 +76,7 @@ def _worker(rank: int, sc: Scenario, store_port: int, endpoint: str, faults: lis
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(sc.world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store_port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store_port), COMMFLOW_INJECT_LOG=inject_log)
     out: dict = {"rank": rank, "iterations": 0, "error": None}
     try:
         store = dist.TCPStore("127.0.0.1", store_port, sc.world, is_master=False)
@@ -134,21 +135,69 @@ def _context():
 
 def run_scenario(sc: Scenario) -> ScenarioResult:
     """Run one job to the end (or its crash) with a live coordinator; see module doc."""
+    return run_scenarios([sc])[0]
+
+
+def run_scenarios(scenarios: list[Scenario]) -> list[ScenarioResult]:
+    """Run several jobs at the same time (each its own world and coordinator)."""
+    running = [_start(sc) for sc in scenarios]
+    return [_finish(run) for run in running]
+
+
+def run_lanes(lanes: list[list[Scenario]]) -> list[list[ScenarioResult]]:
+    """Lanes run side by side; the jobs of one lane run one after another."""
+    import threading
+
+    out: list[list[ScenarioResult]] = [[] for _ in lanes]
+    errors: list[BaseException] = []
+
+    def lane(i: int) -> None:
+        try:
+            for sc in lanes[i]:
+                out[i].append(run_scenario(sc))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=lane, args=(i,)) for i in range(len(lanes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+def _start(sc: Scenario) -> dict:
+    import tempfile
+
     import torch.distributed as dist
 
     faults = resolve_faults(sc.faults, sc.world, sc.seed)
     ctx = _context()
+    log_fd, inject_log = tempfile.mkstemp(prefix="commflow-injected-", suffix=".jsonl")
+    os.close(log_fd)
     store = dist.TCPStore("127.0.0.1", 0, sc.world, is_master=True, wait_for_workers=False)
     coord = Coordinator(sc.detect, sc.probe, auto_ack=True).start()
     q = ctx.Queue()
-    t0 = time.time()
-    procs = [ctx.Process(target=_worker, args=(r, sc, store.port, coord.endpoint, [f.to_json() for f in faults], q))
+    procs = [ctx.Process(target=_worker, args=(r, sc, store.port, coord.endpoint, [f.to_json() for f in faults], q,
+                                                inject_log))
              for r in range(sc.world)]
+    t0 = time.time()
     for p in procs:
         p.start()
+    return {"sc": sc, "faults": faults, "log": inject_log, "store": store, "coord": coord, "q": q, "procs": procs,
+            "t0": t0}
+
+
+def _finish(run: dict) -> ScenarioResult:
+    import json
+
+    sc, coord, q, procs = run["sc"], run["coord"], run["q"], run["procs"]
     outcome: dict[int, dict] = {}
+    drain_s = 0.0
     try:
-        deadline = time.time() + sc.timeout_s
+        deadline = run["t0"] + sc.timeout_s
         while len(outcome) < sc.world and time.time() < deadline:
             try:
                 got = q.get(timeout=0.2)
@@ -156,30 +205,35 @@ def run_scenario(sc: Scenario) -> ScenarioResult:
             except Exception:  # noqa: BLE001 - queue.Empty
                 if all(not p.is_alive() for p in procs):
                     break
-        # Let the coordinator drain the last reports (and settle a crash verdict).
+        # Let the coordinator drain the last reports, or settle a crash verdict.
         t_drain = time.time()
-        while time.time() - t_drain < 10 and (coord.detector.next_close or 0) < sc.iterations and any(
-            o.get("error") is None for o in outcome.values()
-        ) and len(outcome) == sc.world:
-            time.sleep(0.05)
+        failed = len(outcome) < sc.world or any(o.get("error") for o in outcome.values())
+        while time.time() - t_drain < 10:
+            if failed and (coord.verdicts or time.time() - t_drain > sc.detect.crash_settle_s + 1.5):
+                break
+            if not failed and (coord.detector.next_close or 0) >= sc.iterations and coord._probe is None:
+                break
+            time.sleep(0.02)
         drain_s = time.time() - t_drain
-        time.sleep(0.5)
     finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
             p.join(5)
         coord.stop()
-        del store
+        del run["store"]
+    with open(run["log"]) as fh:
+        injected = [json.loads(line) for line in fh if line.strip()]
+    os.unlink(run["log"])
     for r, p in enumerate(procs):
         outcome.setdefault(r, {"rank": r, "iterations": None, "error": f"exit code {p.exitcode}"})
     return ScenarioResult(
         verdicts=list(coord.verdicts),
-        injected=list(coord.injected),
-        faults=faults,
+        injected=injected,
+        faults=run["faults"],
         iterations=list(coord.iteration_rows),
         worker=outcome,
-        wall_s=time.time() - t0,
+        wall_s=time.time() - run["t0"],
         drain_s=drain_s,
         suspicions=list(coord.suspicions),
         events=list(coord.events),

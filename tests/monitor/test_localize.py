@@ -77,6 +77,8 @@ def test_link_exclusion_takes_the_endpoint_whose_other_edges_are_worse():
 
 
 def test_rows_from_receivers_become_the_matrix():
-    rows = {1: {"0": [0.001, 0.003, 0.002]}, 0: {"1": [0.004, None]}}
-    m = matrix_from_rows(rows, 2)
-    assert m[0, 1] == pytest.approx(0.002) and np.isinf(m[1, 0]) and np.isnan(m[0, 0])
+    # An edge is as fast as its fastest repetition; dead only if none arrived.
+    rows = {1: {"0": [0.003, 0.001, 0.002]}, 0: {"1": [None, None]}, 2: {"1": [None, 0.004]}}
+    m = matrix_from_rows(rows, 3)
+    assert m[0, 1] == pytest.approx(0.001) and np.isinf(m[1, 0]) and m[1, 2] == pytest.approx(0.004)
+    assert np.isnan(m[0, 0]) and np.isnan(m[2, 0])
