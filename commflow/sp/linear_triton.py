@@ -49,7 +49,9 @@ LN2 = math.log(2.0)
 # bf16 tiles in the products give ~1e-2; the miscompile of fla #640 gave errors of order 1.
 SELF_CHECK_RTOL = 5e-2
 # H is a runtime argument (index arithmetic only): one compile serves every head count.
-_KEY = ["K", "V", "BT", "USE_G", "USE_GAMMA", "HAS_FOLD"]
+# ``occupancy`` (a bucket of the program count, unused in the body) keeps the tuning done on
+# a small first call (e.g. the self-check) from deciding the tiles of long sequences.
+_KEY = ["K", "V", "BT", "USE_G", "USE_GAMMA", "HAS_FOLD", "occupancy"]
 _OUT_CONFIGS = [(128, 8, 3), (128, 8, 2), (64, 4, 3), (64, 4, 2)]  # (BV, warps, stages)
 
 if triton is not None:
@@ -71,9 +73,9 @@ if triton is not None:
         configs=[triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv, w, s in _OUT_CONFIGS],
         key=_KEY,
     )
-    @triton.jit(do_not_specialize=["T", "H"])
+    @triton.jit(do_not_specialize=["T", "H", "occupancy"])
     def _chunk_fwd_o_kernel(
-        q, k, v, h, g, gamma, fold, fold_w, o, scale, T,
+        q, k, v, h, g, gamma, fold, fold_w, o, scale, T, occupancy,
         H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         USE_G: tl.constexpr, USE_GAMMA: tl.constexpr, HAS_FOLD: tl.constexpr,
     ):
@@ -122,9 +124,9 @@ if triton is not None:
         configs=[triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv, w, s in _OUT_CONFIGS],
         key=_KEY,
     )
-    @triton.jit(do_not_specialize=["T", "H"])
+    @triton.jit(do_not_specialize=["T", "H", "occupancy"])
     def _chunk_bwd_dv_kernel(
-        q, k, do, dh, g, gamma, fold, fold_w, dv, scale, T,
+        q, k, do, dh, g, gamma, fold, fold_w, dv, scale, T, occupancy,
         H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         USE_G: tl.constexpr, USE_GAMMA: tl.constexpr, HAS_FOLD: tl.constexpr,
     ):
@@ -173,9 +175,9 @@ if triton is not None:
         configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (8, 3))],
         key=_KEY,
     )
-    @triton.jit(do_not_specialize=["T", "H"])
+    @triton.jit(do_not_specialize=["T", "H", "occupancy"])
     def _chunk_bwd_dqkg_kernel(
-        q, k, v, h, dh, do, g, gamma, fold, fold_w, dq, dk, db, scale, T, n_rows,
+        q, k, v, h, dh, do, g, gamma, fold, fold_w, dq, dk, db, scale, T, n_rows, occupancy,
         H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         USE_G: tl.constexpr, USE_GAMMA: tl.constexpr, HAS_FOLD: tl.constexpr,
     ):
@@ -258,6 +260,10 @@ def _dummy(x):
     return x.new_empty(1, dtype=torch.float32)
 
 
+def _occupancy(B, T, H, BT) -> int:
+    return min(4, triton.cdiv(T, BT) * B * H // 512)
+
+
 def chunk_fwd_o(q, k, v, h, g2, gamma2, scale: float, chunk_size: int = 64, fold=None, fold_w=None):
     """``o [B, T, H, V]`` from the entering states ``h`` (+ ``2^{fold_w} fold`` per chunk)."""
     B, T, H, K = q.shape
@@ -268,7 +274,7 @@ def chunk_fwd_o(q, k, v, h, g2, gamma2, scale: float, chunk_size: int = 64, fold
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), triton.cdiv(T, BT), B * H)  # noqa: E731
     _chunk_fwd_o_kernel[grid](q, k, v, h, d if g2 is None else g2, d if gamma2 is None else gamma2,
                               d if fold is None else fold, d if fold_w is None else fold_w, o, scale, T,
-                              H=H, K=K, V=V, BT=BT, BK=BK, **_flags(g2, gamma2, fold))
+                              _occupancy(B, T, H, BT), H=H, K=K, V=V, BT=BT, BK=BK, **_flags(g2, gamma2, fold))
     return o
 
 
@@ -282,7 +288,7 @@ def chunk_bwd_dv(q, k, do, dh, g2, gamma2, scale: float, chunk_size: int = 64, f
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), triton.cdiv(T, BT), B * H)  # noqa: E731
     _chunk_bwd_dv_kernel[grid](q, k, do, dh, d if g2 is None else g2, d if gamma2 is None else gamma2,
                                d if fold is None else fold, d if fold_w is None else fold_w, dv, scale, T,
-                               H=H, K=K, V=V, BT=BT, BK=BK, **_flags(g2, gamma2, fold))
+                               _occupancy(B, T, H, BT), H=H, K=K, V=V, BT=BT, BK=BK, **_flags(g2, gamma2, fold))
     return dv
 
 
@@ -301,7 +307,7 @@ def chunk_bwd_dqkg(q, k, v, do, h, dh, g2, gamma2, scale: float, chunk_size: int
     grid = (NK, triton.cdiv(T, BT), B * H)
     _chunk_bwd_dqkg_kernel[grid](q, k, v, h, dh, do, d if g2 is None else g2, d if gamma2 is None else gamma2,
                                  d if fold is None else fold, d if fold_w is None else fold_w, dq, dk, db, scale,
-                                 T, B * T * H, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, **_flags(g2, gamma2, fold))
+                                 T, B * T * H, _occupancy(B, T, H, BT), H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, **_flags(g2, gamma2, fold))
     if g2 is None:
         return dq, dk, None
     return dq, dk, db.sum(0) if NK > 1 else db[0]
