@@ -40,7 +40,7 @@ from commflow.dist import all_gather_tensor
 from .layout import LAYOUTS
 from .linear_kernels import LinearKernels, decay_mode, select_kernels
 
-__all__ = ["check_lasp2_inputs", "chunk_owners", "lasp2_attention", "scan_weights"]
+__all__ = ["check_lasp2_inputs", "chunk_owners", "lasp2_attention", "rank_scan"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -116,25 +116,26 @@ def check_lasp2_inputs(
             raise ValueError(f"g_gamma is a log decay and must be <= 0, got {g_gamma.tolist()}")
 
 
-def scan_weights(log_gammas: torch.Tensor, rank: int, *, reverse: bool) -> torch.Tensor:
-    """Weights of the rank scans, the closed form of folding ``(Ga, Sa) o (Gb, Sb) = (Ga Gb, Gb Sa + Sb)``.
+def rank_scan(states: torch.Tensor, log_gammas: torch.Tensor, index: int, *, reverse: bool) -> torch.Tensor:
+    """The rank scans in closed form: folding ``(Ga, Sa) o (Gb, Sb) = (Ga Gb, Gb Sa + Sb)`` over chunks.
 
-    ``log_gammas`` ``[W, B, H]`` (fp32). Forward (``reverse=False``): ``w_j = prod_{j<i<r} Gamma_i``
-    for ``j < r`` else 0, so ``S_in(r) = sum_j w_j S_j``. Backward (``reverse=True``):
-    ``w_j = prod_{r<i<j} Gamma_i`` for ``j > r`` else 0, so ``dS_out(r) = sum_j w_j D_j``.
-    Every exponent is a sum of log decays (<= 0): nothing overflows.
+    ``states`` ``[N, B, H, K, V]`` and ``log_gammas`` ``[N, B, H]`` of the ``N`` chunks in sequence
+    order (fp32). Forward (``reverse=False``): ``S_in(i) = sum_{j<i} (prod_{j<m<i} Gamma_m) S_j``.
+    Backward (``reverse=True``): ``dS_out(i) = sum_{j>i} (prod_{i<m<j} Gamma_m) D_j``. The log
+    weights are differences of one inclusive cumsum ``c`` (``c_{i-1} - c_j`` and ``c_{j-1} - c_i``),
+    sums of log decays <= 0: nothing overflows. Four kernels, whatever ``N``.
     """
-    world = log_gammas.shape[0]
-    before = torch.cumsum(log_gammas, 0) - log_gammas  # L_j = sum_{i<j} log Gamma_i
-    j = torch.arange(world, device=log_gammas.device)
-    if not reverse:  # log w_j = L_r - L_{j+1}
-        log_w = before[rank] - (before + log_gammas)
-        keep = j < rank
-    else:  # log w_j = L_j - L_{r+1}
-        log_w = before - (before[rank] + log_gammas[rank])
-        keep = j > rank
-    keep = keep.view(world, *([1] * (log_gammas.dim() - 1)))
-    return torch.where(keep, torch.exp(torch.where(keep, log_w, torch.zeros_like(log_w))), torch.zeros_like(log_w))
+    if not reverse:
+        if index == 0:
+            return states.new_zeros(states.shape[1:])
+        c = torch.cumsum(log_gammas[:index], 0)
+        w = torch.exp(c[-1] - c)  # j = 0..i-1: sum_{j<m<i} log Gamma_m
+        return torch.einsum("nbh,nbhkv->bhkv", w, states[:index])
+    if index == states.shape[0] - 1:
+        return states.new_zeros(states.shape[1:])
+    c = torch.cumsum(log_gammas[index:-1], 0)
+    w = torch.exp(c - c[0])  # j = i+1..N-1: sum_{i<m<j} log Gamma_m
+    return torch.einsum("nbh,nbhkv->bhkv", w, states[index + 1:])
 
 
 def _local_log_decay(q, g, g_gamma) -> torch.Tensor | None:
@@ -256,21 +257,25 @@ def _incoming(gathered, world, rank, layout, B, n, H, K, Vd, mode, g_gamma, c, s
     else:
         log_gammas = states.new_zeros(world, B, n, H)
     owners = chunk_owners(world, layout)
-    states, log_gammas = _to_global_order(states, owners), _to_global_order(log_gammas, owners)
+    if n == 1:  # contiguous: the gathered order is the sequence order
+        states, log_gammas = states[:, :, 0], log_gammas[:, :, 0]
+    else:
+        states, log_gammas = _to_global_order(states, owners), _to_global_order(log_gammas, owners)
     mine = [owners.index((rank, seg)) for seg in range(n)]
-    s_in = torch.stack([torch.einsum("wbh,wbhkv->bhkv", scan_weights(log_gammas, i, reverse=reverse), states)
-                        for i in mine], dim=1)
-    return s_in.view(B * n, H, K, Vd), log_gammas
+    s_in = [rank_scan(states, log_gammas, i, reverse=False) for i in mine]
+    s_in = s_in[0] if n == 1 else torch.stack(s_in, dim=1)
+    return s_in.reshape(B * n, H, K, Vd), log_gammas
 
 
 def _outgoing_grad(gathered, log_gammas, world, rank, layout, B, n, H, K, Vd):
     """``dS_out [B n, H, K, V]``: the suffix scan of the gathered per-chunk ``D``."""
     owners = chunk_owners(world, layout)
-    d_all = _to_global_order(gathered.view(world, B, n, H, K, Vd), owners)
+    per_rank = gathered.view(world, B, n, H, K, Vd)
+    d_all = per_rank[:, :, 0] if n == 1 else _to_global_order(per_rank, owners)
     mine = [owners.index((rank, seg)) for seg in range(n)]
-    ds_out = torch.stack([torch.einsum("wbh,wbhkv->bhkv", scan_weights(log_gammas, i, reverse=True), d_all)
-                          for i in mine], dim=1)
-    return ds_out.view(B * n, H, K, Vd)
+    ds_out = [rank_scan(d_all, log_gammas, i, reverse=True) for i in mine]
+    ds_out = ds_out[0] if n == 1 else torch.stack(ds_out, dim=1)
+    return ds_out.reshape(B * n, H, K, Vd)
 
 
 class _Lasp2Bidirectional(torch.autograd.Function):

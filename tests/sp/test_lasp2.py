@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from commflow.sp import lasp2_attention, shard
-from commflow.sp.lasp2 import scan_weights
+from commflow.sp.lasp2 import rank_scan
 from commflow.sp.linear_kernels import TorchChunkKernels, chunk_linear_attention
 from commflow.sp.linear_reference import linear_attention_naive
 
@@ -204,8 +204,8 @@ def test_gradcheck_float64(dist_pool, world):
         assert rank_result == {"none": True, "gamma": True, "g": True}
 
 
-def test_scan_weights_equal_sequential_operator_fold():
-    """The closed-form weights equal folding (Ga, Sa) o (Gb, Sb) = (Ga Gb, Gb Sa + Sb) rank by rank."""
+def test_rank_scan_equals_sequential_operator_fold():
+    """The closed-form scans equal folding (Ga, Sa) o (Gb, Sb) = (Ga Gb, Gb Sa + Sb) rank by rank."""
     gen = torch.Generator().manual_seed(3)
     world, B, H, D = 5, 2, 3, 4
     log_gammas = -torch.rand(world, B, H, generator=gen, dtype=torch.float64)
@@ -214,13 +214,11 @@ def test_scan_weights_equal_sequential_operator_fold():
         s_in = torch.zeros(B, H, D, D, dtype=torch.float64)
         for j in range(rank):  # (Gamma, S_in) o (Gamma_j, S_j)
             s_in = torch.exp(log_gammas[j])[..., None, None] * s_in + states[j]
-        w = scan_weights(log_gammas, rank, reverse=False)
-        torch.testing.assert_close(torch.einsum("wbh,wbhkv->bhkv", w, states), s_in, rtol=0, atol=1e-12)
+        torch.testing.assert_close(rank_scan(states, log_gammas, rank, reverse=False), s_in, rtol=0, atol=1e-12)
         d_out = torch.zeros(B, H, D, D, dtype=torch.float64)
         for j in reversed(range(rank + 1, world)):  # dS_out(j-1) = D_j + Gamma_j dS_out(j)
             d_out = states[j] + torch.exp(log_gammas[j])[..., None, None] * d_out
-        w = scan_weights(log_gammas, rank, reverse=True)
-        torch.testing.assert_close(torch.einsum("wbh,wbhkv->bhkv", w, states), d_out, rtol=0, atol=1e-12)
+        torch.testing.assert_close(rank_scan(states, log_gammas, rank, reverse=True), d_out, rtol=0, atol=1e-12)
 
 
 def test_cross_rank_dg_term_matches_derivation():
