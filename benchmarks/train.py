@@ -6,10 +6,11 @@ Every number is the real trainer (:func:`commflow.train.loop.train`, FSDP2, bf16
 activation checkpointing) on one sequence per step; the step time is the trainer's own
 (``step_time_s`` in its metrics.jsonl: wall clock of forward, backward, optimizer step
 and the metrics all-reduce, CUDA-synchronised), the median over the timed steps after
-``--warmup`` steps. Per configuration, lengths grow from ``--seq-lens`` by doubling up to
-``--search-max``; a length is tried only if the step time and peak memory extrapolated
-from the last two lengths stay under ``--step-budget-s`` and the GPU's memory, so the
-search ends at an out-of-memory, the budget or the maximum, and says which.
+``--warmup`` steps. Per configuration every length of ``--seq-lens`` is measured, then
+lengths double up to ``--search-max``; a length is tried only if the peak memory
+extrapolated from the last two lengths fits the GPU and (beyond the listed lengths) the
+extrapolated step time stays under ``--step-budget-s``, so the search ends at an
+out-of-memory (measured or predicted), the time budget or the maximum, and says which.
 
 MFU = model FLOPs per step / (step time x GPUs x ``--peak-tflops``), with the FLOPs of
 :func:`flops_per_token` (matmuls, causal softmax attention, chunked linear attention).
@@ -127,11 +128,14 @@ def _worker(opts: dict) -> list[dict]:
             }
             model_cfg = resolve_model(TrainConfig.from_flat(**base))
             row = {"pattern": pattern, "seq_len": seq, "params": model_cfg.num_params()}
-            skip = _predicted_skip(done, seq, opts["step_budget_s"], capacity)
+            required = seq <= lengths[-1]  # the listed lengths are measured unless memory rules them out
+            t_pred, skip = _predict(done, seq, opts["step_budget_s"], capacity, required=required)
             if skip:
                 row["status"] = skip
                 rows.append(row)
                 break
+            if t_pred is not None and t_pred > opts["long_step_s"]:
+                base["steps"] = opts["warmup"] + 1  # one timed step where a step is long
             t0 = time.perf_counter()
             row.update(_trial(base, tmp / f"{pattern}_{seq}", opts["warmup"]))
             row["wall_s"] = time.perf_counter() - t0
@@ -154,23 +158,25 @@ def _worker(opts: dict) -> list[dict]:
     return rows
 
 
-def _predicted_skip(done: list[dict], seq: int, budget_s: float, capacity_gib: float | None) -> str | None:
-    """Extrapolate length ``seq`` from the last two measured: time as a power law, memory linearly."""
+def _predict(done: list[dict], seq: int, budget_s: float, capacity_gib: float | None, *,
+             required: bool) -> tuple[float | None, str | None]:
+    """Extrapolate length ``seq`` from the last two measured: step time as a power law,
+    peak memory linearly. Returns (predicted step time, reason to skip or None)."""
     if len(done) < 2:
-        return None
+        return None, None
     a, b = done[-2], done[-1]
     # step time ~ c S^p, p fitted on the last two lengths (1 for linear work, -> 2 as
     # softmax attention dominates); never below 1, since short runs are overhead-bound.
     p = math.log(b["step_time_s"] / a["step_time_s"]) / math.log(b["seq_len"] / a["seq_len"])
     t_pred = b["step_time_s"] * (seq / b["seq_len"]) ** max(1.0, p)
-    if t_pred > budget_s:
-        return f"skipped: predicted step {t_pred:.0f} s > --step-budget-s {budget_s:.0f}"
     if capacity_gib and a["peak_mem_gib"] is not None:
         slope = (b["peak_mem_gib"] - a["peak_mem_gib"]) / (b["seq_len"] - a["seq_len"])
         m_pred = b["peak_mem_gib"] + slope * (seq - b["seq_len"])
         if m_pred > 0.92 * capacity_gib:
-            return f"skipped: predicted peak {m_pred:.0f} GiB > 92% of {capacity_gib:.0f} GiB"
-    return None
+            return t_pred, f"skipped: predicted peak {m_pred:.0f} GiB > 92% of {capacity_gib:.0f} GiB (out of memory)"
+    if not required and t_pred > budget_s:
+        return t_pred, f"skipped: predicted step {t_pred:.0f} s > --step-budget-s {budget_s:.0f}"
+    return t_pred, None
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -184,6 +190,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search-max", type=int, default=4 * 2**20 if cuda else 2048)
     p.add_argument("--step-budget-s", type=float, default=30.0, help="skip lengths predicted to take longer per step")
     p.add_argument("--steps", type=int, default=2, help="timed steps per length")
+    p.add_argument("--long-step-s", type=float, default=10.0,
+                   help="time a single step at lengths predicted to take longer than this per step")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--softmax-sp", default="allgather", choices=["allgather", "ulysses", "ring"])
     p.add_argument("--dp-mode", default="fsdp", choices=["ddp", "fsdp"])
@@ -201,6 +209,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": args.device, "preset": args.preset, "patterns": args.patterns.split(","),
         "seq_lens": [int(s) for s in args.seq_lens.split(",")], "search_max": args.search_max,
         "step_budget_s": args.step_budget_s, "steps": args.steps, "warmup": args.warmup,
+        "long_step_s": args.long_step_s,
         "softmax_sp": args.softmax_sp, "dp_mode": args.dp_mode, "dtype": args.dtype,
         "activation_checkpoint": not args.no_activation_checkpoint, "vocab": args.vocab,
         "peak_tflops": args.peak_tflops, "timeout_s": args.timeout_s,

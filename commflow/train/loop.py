@@ -171,7 +171,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     train_src, eval_src = make_source(cfg, "train"), make_source(cfg, "eval")
-    pos = shard_positions(cfg.data.seq_len, sp_rank, sp, layout).to(device)
+    pos_cpu = shard_positions(cfg.data.seq_len, sp_rank, sp, layout)  # global positions of this rank's tokens
+    pos = pos_cpu.to(device)
     local_batch = cfg.data.batch // dp
     scored_per_step = cfg.data.batch * train_src.labels_per_sequence  # known without communication
     loss_scale = world / scored_per_step
@@ -188,7 +189,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         sums = [0.0, 0.0, 0.0]
         with torch.no_grad(), autocast:
             for b in range(cfg.log.eval_batches):
-                batch = eval_src.batch(examples(b * cfg.data.batch), pos.cpu())
+                batch = eval_src.batch(examples(b * cfg.data.batch), pos_cpu)
                 res = model(batch.inputs.to(device), pos, batch.labels.to(device))
                 sums = [s + float(v) for s, v in zip(sums, (res.loss_sum, res.correct, res.count))]
         model.train()
@@ -211,7 +212,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             lr = learning_rate(step, peak=peak_lr, warmup=cfg.optim.warmup, total=cfg.optim.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = train_src.batch(examples(step * cfg.data.batch), pos.cpu())
+            batch = train_src.batch(examples(step * cfg.data.batch), pos_cpu)
             inputs, labels = batch.inputs.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True)
             with autocast:
                 res = model(inputs, pos, labels)

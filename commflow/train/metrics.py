@@ -22,8 +22,20 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 __all__ = ["RunLog", "summary_table"]
+
+
+class _ProgressWithStats(Progress):
+    """A progress bar with the latest step's numbers on their own line below it."""
+
+    stats = ""
+
+    def get_renderables(self):
+        yield self.make_tasks_table(self.tasks)
+        if self.stats:
+            yield Text(self.stats)
 
 
 class RunLog:
@@ -39,11 +51,11 @@ class RunLog:
             return
         self._file = self.path.open("a")
         if progress:
-            self._progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[stats]}"), console=self.console, transient=False,
+            self._progress = _ProgressWithStats(
+                TextColumn("[bold]commflow train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
             )
-            self._task = self._progress.add_task("train", total=total_steps, completed=start_step, stats="")
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step)
             self._progress.start()
 
     def step(self, record: dict[str, Any], *, write: bool, show: bool) -> None:
@@ -55,7 +67,8 @@ class RunLog:
         if "eval_acc" in record:
             stats += f"  eval_acc {record['eval_acc']:.3f}"
         if self._progress is not None:
-            self._progress.update(self._task, completed=record["step"], stats=stats)
+            self._progress.stats = f"step {record['step']}: {stats}"
+            self._progress.update(self._task, completed=record["step"])
         if write:
             self.records.append(record)
             self._file.write(json.dumps(record) + "\n")
