@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from .. import monitor
 from ..dist import init_distributed
 from ..sp.layout import positions as shard_positions
 from .attention import SequenceParallel
@@ -164,7 +165,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         path = latest_checkpoint(ckpt_dir)
         if path is not None:
             _check_resume(read_train_state(path), model_identity, cfg, path)
-            start_step = load_checkpoint(path, model, optimizer)["step"]
+            with monitor.quiet("resume"):
+                start_step = load_checkpoint(path, model, optimizer)["step"]
             resumed_from = path
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -207,6 +209,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     step = start_step
     try:
         for step in range(start_step, cfg.optim.steps):
+            monitor.step(step)  # the health monitor's iteration (no-op unless `commflow launch` watches)
             timer.step_begin()
             t0 = time.perf_counter()
             lr = learning_rate(step, peak=peak_lr, warmup=cfg.optim.warmup, total=cfg.optim.steps)
@@ -237,15 +240,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                       "elapsed_s": time.perf_counter() - t_start}
             is_last = done == cfg.optim.steps
             if cfg.log.eval_batches and ((cfg.log.eval_every and done % cfg.log.eval_every == 0) or is_last):
-                record["eval_loss"], record["eval_acc"] = evaluate()
+                with monitor.quiet("eval"):
+                    record["eval_loss"], record["eval_acc"] = evaluate()
             logged = done % cfg.log.log_every == 0 or is_last or "eval_acc" in record
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"loss is {record['loss']} at step {done}; lower --lr?")
             log.step(record, write=logged, show=logged and not cfg.log.progress)
             if cfg.checkpoint.ckpt_every and (done % cfg.checkpoint.ckpt_every == 0 or is_last):
-                last_ckpt = save_checkpoint(ckpt_dir, done, model, optimizer,
-                                            {"model": model_identity, "data": _data_identity(cfg)},
-                                            keep=cfg.checkpoint.keep)
+                with monitor.quiet("checkpoint"):
+                    last_ckpt = save_checkpoint(ckpt_dir, done, model, optimizer,
+                                                {"model": model_identity, "data": _data_identity(cfg)},
+                                                keep=cfg.checkpoint.keep)
     finally:
         log.close()
         timer.uninstall()
