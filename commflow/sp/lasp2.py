@@ -204,6 +204,8 @@ class _Lasp2Causal(torch.autograd.Function):
             work = all_gather_tensor(gathered, payload, group=group, async_op=True)
             if overlap:  # the local output runs under the all-gather; S_in's share is added after
                 o = kernels.output(qs, ks, vs, dec, h, scale)
+            else:
+                kernels.prepare_fold(dec, qs)  # the fold's per-chunk weights, under the all-gather
             work.wait()
             s_in, log_gammas = _incoming(gathered, world, rank, layout, B, n, H, K, Vd, dec.mode, g_gamma, c, sdt,
                                          reverse=False)
@@ -213,6 +215,7 @@ class _Lasp2Causal(torch.autograd.Function):
                 o = kernels.output(qs, ks, vs, dec, h, scale, fold=s_in)
         ctx.save_for_backward(q, k, v, g, g_gamma, s_in, log_gammas)
         ctx.scale, ctx.group, ctx.kernels, ctx.rank, ctx.world, ctx.layout = scale, group, kernels, rank, world, layout
+        ctx.decay = dec  # the prepared decay (chunk cumsum, fold weights): not recomputed in the backward
         return o.reshape(B, S, H, Vd)
 
     @staticmethod
@@ -223,8 +226,7 @@ class _Lasp2Causal(torch.autograd.Function):
         B, S, H, K = q.shape
         Vd, c = v.shape[-1], S // n
         qs, ks, vs, dos = (x.view(B * n, c, H, x.shape[-1]) for x in (q, k, v, do.contiguous()))
-        gs = None if g is None else g.view(B * n, c, H)
-        dec = kernels.prepare(gs, g_gamma, c)
+        dec = ctx.decay
         # dh with a zero outgoing gradient; its dh0 is D, this rank's own share of dS_in.
         dh, d_own = kernels.state_grads(qs, dos, dec, scale)
         ds_out = None

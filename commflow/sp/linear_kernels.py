@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -76,6 +76,8 @@ class Decay:
     fla: base-2 log ``[B, S, H]``)."""
     gamma2: torch.Tensor | None = None
     """fla: ``g_gamma / ln 2``."""
+    cache: dict = field(default_factory=dict)
+    """Derived tensors a backend keeps for reuse (fold weights)."""
 
 
 def decay_mode(g: torch.Tensor | None, g_gamma: torch.Tensor | None) -> str:
@@ -111,6 +113,9 @@ class LinearKernels:
     def chunk_totals(self, decay: Decay, batch: int, seq_len: int) -> torch.Tensor:
         """Natural-log decay of each chunk ``[B, NT, H]`` (fp32; zeros without decay)."""
         raise NotImplementedError
+
+    def prepare_fold(self, decay: Decay, q) -> None:
+        """Compute (and cache on ``decay``) what a fold needs, e.g. while a collective is in flight."""
 
     def backward(self, q, k, v, decay: Decay, h, do, initial_state, dht, scale: float):
         """``(dq, dk, dv, dg, dh0)`` with an initial state (in ``h``) and a final-state gradient ``dht``."""
@@ -377,8 +382,13 @@ class FlaChunkKernels(LinearKernels):
         return self.chunk_totals_log2(decay, batch, seq_len) * LN2
 
     def _fold_log2(self, decay, q, which: int):
-        weights = fold_log_weights(self.chunk_totals_log2(decay, q.shape[0], q.shape[1]).to(q.device))[which]
-        return weights.expand(q.shape[0], weights.shape[1], q.shape[2]).contiguous()
+        if "fold_log2" not in decay.cache:
+            weights = fold_log_weights(self.chunk_totals_log2(decay, q.shape[0], q.shape[1]).to(q.device))
+            decay.cache["fold_log2"] = [w.expand(q.shape[0], w.shape[1], q.shape[2]).contiguous() for w in weights]
+        return decay.cache["fold_log2"][which]
+
+    def prepare_fold(self, decay, q):
+        self._fold_log2(decay, q, 0)
 
     def states(self, k, v, decay, initial_state, output_final_state, states_in_fp32=False):
         from fla.ops.common.chunk_h import chunk_fwd_h
