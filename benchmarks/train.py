@@ -104,7 +104,7 @@ def _trial(flat: dict, out: Path, warmup: int) -> dict:
 
 
 def _worker(opts: dict) -> list[dict]:
-    from commflow.train.config import TrainConfig, resolve_model
+    from commflow.train.config import PRESETS, TrainConfig, resolve_model
 
     info = init_distributed(device=opts["device"], timeout_s=opts["timeout_s"])
     world, device = info.world_size, info.device
@@ -116,11 +116,14 @@ def _worker(opts: dict) -> list[dict]:
     tmp = box[0]
     for pattern in opts["patterns"]:
         done: list[dict] = []
+        # The preset's depth, rounded up to a multiple of the pattern (tiny's 2 layers -> 4 for LLLS).
+        depth = PRESETS[opts["preset"]].shape.n_layers
+        layers = -(-depth // len(pattern)) * len(pattern)
         lengths = sorted(opts["seq_lens"])
         seq = lengths[0]
         while seq <= opts["search_max"]:
             base = {
-                "preset": opts["preset"], "pattern": pattern, "seq_len": seq, "batch": 1, "dp": 1, "sp": world,
+                "preset": opts["preset"], "pattern": pattern, "layers": layers, "seq_len": seq, "batch": 1, "dp": 1, "sp": world,
                 "softmax_sp": opts["softmax_sp"], "dp_mode": opts["dp_mode"], "device": opts["device"],
                 "dtype": opts["dtype"], "activation_checkpoint": opts["activation_checkpoint"],
                 "mqar_vocab": opts["vocab"], "mqar_pairs": min(256, seq // 8, opts["vocab"] // 4), "steps": opts["warmup"] + opts["steps"],
