@@ -3,28 +3,30 @@
 Sun et al., "LASP-2: Rethinking Sequence Parallelism for Linear Attention and Its
 Hybrid" (arXiv 2502.07563), extended to per-head scalar decay (docs/lasp2.md derives it).
 
-Sharding: the global sequence ``[B, S, H, D]`` is split *contiguously* over the ``W``
-ranks of ``group``; rank ``r`` holds tokens ``[r S/W, (r+1) S/W)`` as ``[B, S/W, H, D]``
-(:func:`commflow.sp.shard` with ``layout="contiguous"``). State passing needs the
-contiguous order: rank ``r``'s incoming state is a function of ranks ``< r``.
+Sharding: the global sequence ``[B, S, H, D]`` is split over the ``W`` ranks of ``group``
+into ``[B, S/W, H, D]`` shards, contiguously (rank ``r`` holds tokens ``[r S/W, (r+1) S/W)``)
+or zigzag (chunks ``r`` and ``2W-1-r`` of ``2W``; the shard is viewed as two segments and
+the scan runs over ``2W`` chunks), as :func:`commflow.sp.shard` makes them.
 
-Causal forward on rank ``r`` (``G_t``: local inclusive cumulative log decay):
+Causal forward on rank ``r`` (``G_t``: inclusive cumulative log decay within the shard):
 
 1. local states with zero initial state: per-chunk ``h`` and the final ``S_r`` (fp32, ``[B, H, D_k, D_v]``);
-2. ONE asynchronous all-gather of ``S_r`` and, for a data-dependent ``g``, the chunk's
+2. ONE asynchronous all-gather of ``S_r`` and, for a data-dependent ``g``, the shard's
    total log decay ``log Gamma_r = G_last`` ``[B, H]`` (a constant ``g_gamma`` needs no
    communication: ``log Gamma = gamma * S/W`` on every rank);
-3. meanwhile the local output from ``h`` (the intra-rank part, the bulk of the work);
-4. exclusive scan with ``(Ga, Sa) o (Gb, Sb) = (Ga Gb, Gb Sa + Sb)`` in fp32:
-   ``S_in(r) = sum_{j<r} (prod_{j<i<r} Gamma_i) S_j``;
-5. ``o = o_local + scale * (q * exp(G)) @ S_in``.
+3. exclusive scan with ``(Ga, Sa) o (Gb, Sb) = (Ga Gb, Gb Sa + Sb)`` in fp32:
+   ``S_in(r) = sum_{j<r} (prod_{j<i<r} Gamma_i) S_j`` (:func:`rank_scan`);
+4. ``o = o_local + scale * (q * exp(G)) @ S_in``: by default with ``S_in`` folded into every
+   chunk's state inside the output kernel (no extra pass); with ``forward_overlap=True`` in
+   the paper's order, the local output computed under the all-gather and the term added after.
 
-Backward: ``D_r = scale * (q * exp(G))^T do`` (the part of ``dS_in(r)`` from rank r's own
-output) is all-gathered (ONE all-gather, overlapped with recomputing the states);
-the suffix scan ``dS_out(r) = sum_{j>r} (prod_{r<i<j} Gamma_i) D_j`` is the gradient of
-the state leaving rank ``r``; the local kernel backward with initial state ``S_in(r)``
-and final-state gradient ``dS_out(r)`` then yields ``dq, dk, dv`` and ``dg`` including
-the cross-rank term ``Gamma_r <dS_out(r), S_in(r)>`` (added to every position of rank r).
+Backward: the local state-gradient sweep with a zero outgoing gradient gives ``dh`` and
+``D_r = scale * (q * exp(G))^T do`` (rank r's own share of ``dS_in(r)``); ONE all-gather of
+``D_r``, overlapped with recomputing the states from ``S_in(r)``; the suffix scan
+``dS_out(r) = sum_{j>r} (prod_{r<i<j} Gamma_i) D_j``; then the gradient kernels with
+``dS_out(r)`` folded into every chunk's ``dh``: the local backward with initial state
+``S_in(r)`` and final-state gradient ``dS_out(r)``, which yields ``dq, dk, dv`` and ``dg``
+including the cross-rank term ``Gamma_r <dS_out(r), S_in(r)>`` (every position of rank r).
 
 Non-causal (no decay): every rank uses the full ``sum_j k_j^T v_j`` (one all-reduce; the
 backward all-reduces ``sum_j q_j^T do_j``).
