@@ -53,6 +53,8 @@ class Coordinator:
         out_dir: where verdicts.jsonl / injected.jsonl / iterations.jsonl go.
         on_verdict: called in the coordinator thread with each final verdict.
         auto_ack: keep detecting after a verdict without a restart (trials).
+        heal_on_verdict: tell the workers' fault injectors to end the faults that fired
+            (trials: stands in for excluding the culprit).
         prometheus_port: serve gauges on this port (needs prometheus-client).
     """
 
@@ -67,6 +69,7 @@ class Coordinator:
         out_dir: str | Path | None = None,
         on_verdict: Callable[[Verdict], None] | None = None,
         auto_ack: bool = False,
+        heal_on_verdict: bool = False,
         prometheus_port: int | None = None,
     ):
         self.detector = Detector(detect)
@@ -81,6 +84,7 @@ class Coordinator:
         """Called once per attempt when its first iteration has been closed."""
         self._healthy_sent = -1
         self.auto_ack = auto_ack
+        self.heal_on_verdict = heal_on_verdict
         self.attempt = 0
         self.conn_rank: dict[int, int] = {}
         self.infos: dict[int, dict] = {}
@@ -242,7 +246,7 @@ class Coordinator:
             # exclude. Logged as a suspicion; the detector waits for it to clear.
             self.suspicions.append(v)
             self._append("suspicions.jsonl", {**v.to_json(), "attempt": self.attempt})
-            self.detector.acknowledge(v)
+            self.detector.acknowledge(v, unexplained=True)
             return
         self._finalize(v, now)
 
@@ -258,6 +262,9 @@ class Coordinator:
             self.prom.verdict(v)
         if self.auto_ack:
             self.detector.acknowledge(v)
+        if self.heal_on_verdict:  # trials: the fault ends as if its hardware were excluded
+            for cid in list(self.conn_rank):
+                self.server.send(cid, {"cmd": "heal"})
         try:
             self.on_verdict(v)
         except Exception as e:  # noqa: BLE001 - a callback bug must not stop detection

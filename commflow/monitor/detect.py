@@ -93,10 +93,13 @@ class DetectConfig:
     would otherwise make any wobble significant."""
     confirm: int = 2
     """Consecutive flagged iterations before a slow verdict."""
+    recheck_iterations: int = 30
+    """A communication slowdown the probe could not pin is looked at again after this
+    many iterations (or at once if it doubles)."""
     history_margin: float = 1.5
     """A window statistic must also exceed this many times the largest value the
     same statistic reached over the healthy history (bursty noise)."""
-    latest_alpha: float = 0.01
+    latest_alpha: float = 0.002
     """A slow rank must also be the latest arriver in at least q of the window's m
     iterations, q the Binomial(m, 1/world) tail quantile at this level."""
 
@@ -203,6 +206,7 @@ class Detector:
         self.streak: dict[tuple, int] = defaultdict(int)
         self.suppressed: set[tuple] = set()
         self.calm_for: dict[tuple, int] = {}
+        self.recheck: tuple[int, float] | None = None  # (until iteration, excess) of an unexplained slowdown
         self.reported_hangs: set[tuple] = set()
         self.fired: Verdict | None = None
         self._hold: Verdict | None = None  # the verdict in force (until reset/acknowledge)
@@ -212,9 +216,15 @@ class Detector:
         self._hist_cache: dict[int, tuple] = {}
         self._base_cache: tuple | None = None
 
-    def acknowledge(self, verdict: Verdict) -> None:
+    def acknowledge(self, verdict: Verdict, *, unexplained: bool = False) -> None:
         """Keep watching after ``verdict`` without a restart (trials, benchmarks):
-        the same anomaly is not reported again until it clears."""
+        the same anomaly is not reported again until it clears.
+
+        ``unexplained``: a communication slowdown the probe found no culprit for. It is
+        held back only for ``recheck_iterations``, or until it grows to twice its
+        size: a real fault that starts while a host-wide slowdown is being ignored must
+        not hide behind it.
+        """
         self.fired = None
         self._hold = None
         if verdict.kind in ("hang", "comm_hang"):
@@ -224,6 +234,12 @@ class Detector:
             self.suppressed.add(("slow", verdict.ranks[0]))
         elif verdict.kind in ("comm_slow", "slow_link"):
             self.suppressed.add(("comm",))
+            if unexplained:
+                ev = verdict.evidence
+                excess = float(ev.get("comm_per_period", 0.0)) - float(ev.get("baseline_comm_per_period", 0.0))
+                self.recheck = (self.closed_iters + self.cfg.recheck_iterations, 2.0 * max(excess, 0.0))
+            else:
+                self.recheck = None
         self.streak.clear()
 
     # -- input -----------------------------------------------------------------------
@@ -508,8 +524,15 @@ class Detector:
             self.streak[(kind, who)] += 1
             if self.fired is not None or self._hold is not None or self.streak[(kind, who)] < cfg.confirm:
                 continue
-            if (kind, who) in self.suppressed or (kind == "comm" and ("comm",) in self.suppressed):
+            if (kind, who) in self.suppressed:
                 continue
+            if kind == "comm" and ("comm",) in self.suppressed:
+                if self.recheck is None:
+                    continue
+                until, level = self.recheck
+                if self.closed_iters < until and stats["excess"] <= level:
+                    continue
+                self.suppressed.discard(("comm",))  # look again: it lasted, or it grew
             self.fired = self._slow_verdict(kind, who, stats, rows, sigma_l, sigma_c, comm_med, row)
 
     def _slow_verdict(self, kind, who, stats, rows, sigma_l, sigma_c, comm_med, row) -> Verdict:

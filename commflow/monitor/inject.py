@@ -20,7 +20,7 @@ with its slot, as a broken GPU would; a fault whose slot was excluded never fire
 
 How each fault is emulated, and what it is a stand-in for:
 
-* ``hang``: the main thread blocks in ``threading.Event().wait()`` *before* entering
+* ``hang``: the main thread blocks on a ``threading.Event`` *before* entering
   the collective, so its peers wait for a rank that never arrives (non-communication
   hang). The GIL is released, as it is for a rank stuck in a CUDA sync.
 * ``crash``: ``os._exit(code)`` -- no Python cleanup, sockets close at once.
@@ -263,12 +263,34 @@ class Injector:
         self.report = report or (lambda event: None)
         self.cuda = cuda
         self._fired: set[int] = set()
-        self._healed: set[int] = set()  # linkdown faults whose outage (hold) is over
-        self._down_since: dict[int, float] = {}
+        self._healed: set[int] = set()  # faults that are over (hold elapsed, or healed)
+        self._wake = threading.Event()  # set by heal(): ends hangs and outages now
+        self._iteration = 0
         self._jitter_cache: tuple[int, float] | None = None
         self._cycles_per_s: float | None = None
-        self.mine = [f for f in self.faults if f.rank == self.slot or (f.kind == "jitter" and f.rank is None)]
-        self.edges_out = [f for f in self.faults if f.kind in ("slowlink", "linkdown") and f.src == self.slot]
+        self.mine = {i for i, f in enumerate(self.faults)
+                     if f.rank == self.slot or (f.kind == "jitter" and f.rank is None)}
+        self.edges_out = {i for i, f in enumerate(self.faults)
+                          if f.kind in ("slowlink", "linkdown") and f.src == self.slot}
+
+    def heal(self) -> list[int]:
+        """End every fault that has fired (jitter excepted), as excluding its hardware
+        would; faults yet to fire are untouched. Used by trials, which keep one job
+        running through many faults instead of restarting. Returns the healed indices."""
+        healed = [i for i in self._fired if i not in self._healed and self.faults[i].kind != "jitter"]
+        for i in healed:
+            self._healed.add(i)
+            f = self.faults[i]
+            self.report({"kind": "heal", "of": f.kind, "slot": self.slot, "iteration": self._iteration,
+                         "t": time.time(), "fault": f.to_json()})
+        if healed:
+            self._wake.set()
+        return healed
+
+    def _block(self, seconds: float | None) -> None:
+        """A hang or outage: until ``seconds`` pass (None: forever) or :meth:`heal`."""
+        self._wake.clear()
+        self._wake.wait(seconds)
 
     # -- bookkeeping -------------------------------------------------------------
 
@@ -315,15 +337,17 @@ class Injector:
     def before_call(self, iteration: int, compute_s: float) -> None:
         """Before a collective/p2p call is entered; ``compute_s`` = time since the last one."""
         extra = 0.0
+        self._iteration = iteration
         for i, f in enumerate(self.faults):
-            if f not in self.mine or not f.active(iteration):
+            if i not in self.mine or i in self._healed or not f.active(iteration):
                 continue
             if f.kind == "crash":
                 self._fire(i, f, iteration)
                 os._exit(f.code)
             elif f.kind == "hang" and i not in self._fired:
                 self._fire(i, f, iteration)
-                threading.Event().wait(f.hold_s)
+                self._block(f.hold_s)
+                self._healed.add(i)
             elif f.kind == "slow":
                 self._fire(i, f, iteration)
                 extra += (f.factor - 1.0) * compute_s
@@ -334,7 +358,7 @@ class Injector:
 
     def _edge_faults(self, iteration: int, dst_slots: Sequence[int]):
         for i, f in enumerate(self.faults):
-            if f in self.edges_out and f.dst in dst_slots and f.active(iteration) and i not in self._healed:
+            if i in self.edges_out and f.dst in dst_slots and f.active(iteration) and i not in self._healed:
                 yield i, f
 
     def inside_collective(self, iteration: int, group_ranks: Sequence[int]) -> None:
@@ -356,8 +380,7 @@ class Injector:
             if f.kind == "linkdown":
                 # The bytes never leave. With ``hold`` the link comes back after that
                 # long and stays healthy (a flap); without it, never.
-                self._down_since.setdefault(i, time.monotonic())
-                threading.Event().wait(f.hold_s)
+                self._block(f.hold_s)
                 self._healed.add(i)
             else:
                 time.sleep(f.delay_s)

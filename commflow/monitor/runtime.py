@@ -174,6 +174,8 @@ def _command(cmd: dict, tracer: Tracer, injector: Injector | None) -> None:
     """Commands from the coordinator, run off the reporter thread."""
     if cmd.get("cmd") == "probe":
         threading.Thread(target=_probe, args=(cmd, tracer, injector), name="commflow-probe", daemon=True).start()
+    elif cmd.get("cmd") == "heal" and injector is not None:
+        injector.heal()
 
 
 def _probe(cmd: dict, tracer: Tracer, injector: Injector | None) -> None:

@@ -7,8 +7,11 @@ instead of seconds). Each worker builds a gloo group, calls :func:`watch` with t
 faults, and runs a synthetic training loop: per iteration :func:`step`, a compute
 phase (``compute_ms``, a sleep: the CPU is shared by everyone, so sleeping makes the
 nominal compute exact while real scheduling noise stays), then the collectives of
-``ops``. The coordinator detects live, auto-acknowledging verdicts so one job can go
-through many faults; :func:`score` matches verdicts to the injected ground truth.
+``ops``. The coordinator detects live and keeps going after each verdict; instead of
+restarting without the culprit it tells the injectors to *heal* the faults that fired,
+which is what excluding the culprit's hardware achieves. So one job can go through
+many faults, each lasting until it is caught (or its ``until``/``hold`` bound), and
+:func:`score` matches verdicts to the injected ground truth.
 
 A scenario is a plain list of ``--inject`` specs, so many trials can share one job:
 :func:`trial_plan` lays out ``n`` faults of one class at seeded ranks/edges and
@@ -30,7 +33,8 @@ from .coordinator import Coordinator, ProbeConfig
 from .detect import DetectConfig, Verdict
 from .inject import resolve_faults
 
-__all__ = ["Scenario", "ScenarioResult", "run_lanes", "run_scenario", "run_scenarios", "score", "trial_plan"]
+__all__ = ["Scenario", "ScenarioResult", "healthy_iterations", "run_lanes", "run_scenario", "run_scenarios", "score",
+           "trial_plan"]
 
 
 @dataclass(kw_only=True)
@@ -46,7 +50,7 @@ class Scenario:
     faults: list[str] = field(default_factory=list)
     seed: int = 0
     detect: DetectConfig = field(default_factory=DetectConfig)
-    probe: ProbeConfig = field(default_factory=lambda: ProbeConfig(nbytes=64 << 10, reps=3, timeout_s=0.5))
+    probe: ProbeConfig = field(default_factory=lambda: ProbeConfig(nbytes=64 << 10, reps=3, timeout_s=0.3))
     timeout_s: float = 300.0
 
 
@@ -178,7 +182,7 @@ def _start(sc: Scenario) -> dict:
     log_fd, inject_log = tempfile.mkstemp(prefix="commflow-injected-", suffix=".jsonl")
     os.close(log_fd)
     store = dist.TCPStore("127.0.0.1", 0, sc.world, is_master=True, wait_for_workers=False)
-    coord = Coordinator(sc.detect, sc.probe, auto_ack=True).start()
+    coord = Coordinator(sc.detect, sc.probe, auto_ack=True, heal_on_verdict=True).start()
     q = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, sc, store.port, coord.endpoint, [f.to_json() for f in faults], q,
                                                 inject_log))
@@ -273,6 +277,19 @@ def trial_plan(kind: str, n: int, *, world: int, seed: int, start: int, gap: int
     return specs, at + 5
 
 
+def healthy_iterations(result: ScenarioResult, *, recover: int = 5) -> int:
+    """Closed iterations outside every fault's active stretch (from ``at`` to its heal,
+    or to ``until``, plus ``recover`` iterations): the ones a false alarm could hit."""
+    healed = {e["fault"].get("text"): e["iteration"] for e in result.injected if e["kind"] == "heal"}
+    windows = []
+    for f in result.faults:
+        if f.kind == "jitter":
+            continue
+        end = healed.get(f.text, f.until if f.until is not None else f.at + 1)
+        windows.append((f.at, end + recover))
+    return sum(1 for row in result.iterations if not any(a <= row["iteration"] < b for a, b in windows))
+
+
 def score(result: ScenarioResult, *, window_s: float = 30.0) -> dict:
     """Match each fired fault to the first verdict after it; count the rest as false alarms.
 
@@ -281,7 +298,7 @@ def score(result: ScenarioResult, *, window_s: float = 30.0) -> dict:
     verdict names its rank (or, for links, its edge). Returns per-fault rows and
     totals, with latencies from the fault's firing to the verdict.
     """
-    fired = sorted((e for e in result.injected if e["kind"] != "jitter"), key=lambda e: e["t"])
+    fired = sorted((e for e in result.injected if e["kind"] not in ("jitter", "heal")), key=lambda e: e["t"])
     # One event per fault (a link fault fires on its source only).
     verdicts = sorted(result.verdicts, key=lambda v: v.t_detect)
     used: set[int] = set()
