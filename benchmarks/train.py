@@ -158,6 +158,7 @@ def _worker(opts: dict) -> list[dict]:
             seq = nxt[0] if nxt else seq * 2
         else:
             rows.append({"pattern": pattern, "seq_len": seq, "status": "skipped: above --search-max"})
+    dist.destroy_process_group()
     return rows
 
 

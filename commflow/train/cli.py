@@ -35,9 +35,16 @@ def under_torchrun() -> bool:
 
 
 def _worker(cfg: TrainConfig) -> dict[str, Any]:
+    """One rank's whole job: train, then tear the process group down before exiting."""
+    import torch.distributed as dist
+
     from .loop import train
 
-    return train(cfg)
+    try:
+        return train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def launch(cfg: TrainConfig) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def _wrap_data_parallel(model: torch.nn.Module, cfg: TrainConfig, device: torch.
         return ddp
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    flat = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_sp",))
+    flat = _device_mesh(device.type, (world,), ("dp_sp",))
     # bf16: gather parameters in bf16 (half the traffic), reduce gradients in fp32.
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if cfg.model.dtype == "bfloat16" else MixedPrecisionPolicy())
@@ -94,6 +94,20 @@ def _wrap_data_parallel(model: torch.nn.Module, cfg: TrainConfig, device: torch.
         fully_shard(layer, mesh=flat, mp_policy=mp)
     fully_shard(model, mesh=flat, mp_policy=mp)
     return model
+
+
+_MESHES: dict[tuple, object] = {}
+
+
+def _device_mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...]):
+    """``init_device_mesh``, once per shape and default group: every mesh builds new process
+    groups (and NCCL communicators), and a process may train several times (tests, benchmarks)."""
+    world_group = dist.distributed_c10d._get_default_group()
+    key = (device_type, shape, names)
+    cached = _MESHES.get(key)
+    if cached is None or cached[0] is not world_group:  # a new default group: new meshes
+        cached = _MESHES[key] = (world_group, init_device_mesh(device_type, shape, mesh_dim_names=names))
+    return cached[1]
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -146,7 +160,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = _broadcast_path(cfg.log.out)
     ckpt_dir = out / "checkpoints"
 
-    mesh = init_device_mesh(device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
+    mesh = _device_mesh(device.type, (dp, sp), ("dp", "sp"))
     dp_rank, sp_rank = mesh.get_local_rank("dp"), mesh.get_local_rank("sp")
     plan = SequenceParallel(group=mesh.get_group("sp"), softmax=cfg.parallel.softmax_sp, layout=layout)
 
