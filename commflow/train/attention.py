@@ -98,18 +98,16 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: S
     """Causal softmax attention of this rank's shard ``[B, S_local, H, D]`` (k, v may have fewer heads)."""
     if plan.reference:
         return local_softmax_attention(q, k, v)
-    if plan.softmax == "ulysses":
-        return _sp_function("ulysses_attention")(q, k, v, group=plan.group, causal=True)
     fn = _sp_function(f"{plan.softmax}_attention")
     return fn(q, k, v, group=plan.group, causal=True, layout=plan.layout)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SequenceParallel, *,
                      g: torch.Tensor | None = None, g_gamma: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal linear attention of this rank's contiguous shard ``[B, S_local, H, D]`` (LASP-2 across ranks)."""
+    """Causal linear attention of this rank's shard ``[B, S_local, H, D]`` (LASP-2 across ranks)."""
     if plan.reference:
         return local_linear_attention(q, k, v, g=g, g_gamma=g_gamma)
     # The model's decays are log-sigmoids or log(1 - 2^-n): <= 0 by construction, so
     # skip LASP-2's sign check (a host sync per layer).
     return _sp_function("lasp2_attention")(q, k, v, g=g, g_gamma=g_gamma, group=plan.group, causal=True,
-                                           check_decay_sign=False)
+                                           layout=plan.layout, check_decay_sign=False)

@@ -166,8 +166,8 @@ class ParallelConfig:
     softmax_sp: str = "allgather"
     """Softmax layers under SP: allgather (LASP-2H), ulysses or ring. Linear layers use LASP-2."""
     layout: str = "auto"
-    """Sequence layout of the whole model: contiguous, zigzag (softmax-only with ring or
-    allgather), or auto (zigzag for softmax-only ring/allgather models, else contiguous)."""
+    """Sequence layout of the whole model: contiguous, zigzag, or auto (zigzag when there are
+    softmax layers, to balance causal attention; contiguous for pure linear models)."""
     dp_mode: str = "ddp"
     """Gradient sync over the dp x sp ranks: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard)."""
     device: str = "auto"
@@ -311,18 +311,14 @@ def resolve_model(cfg: TrainConfig, vocab_size: int | None = None) -> ModelConfi
 
 def resolve_layout(cfg: TrainConfig, pattern: str) -> str:
     """The one shard layout of the whole model (see docs/train.md, "Parallel layout")."""
-    layout, softmax_sp = cfg.parallel.layout, cfg.parallel.softmax_sp
+    layout = cfg.parallel.layout
     _choice("layout", layout, LAYOUT_CHOICES)
     if layout == "auto":
-        # Causal softmax wants zigzag for balance; LASP-2's state passing needs
-        # contiguous shards, and Ulysses gathers whole sequences in rank order.
-        return "zigzag" if "L" not in pattern and softmax_sp in ("ring", "allgather") else "contiguous"
-    if layout == "zigzag" and "L" in pattern:
-        raise ValueError(f"--layout zigzag cannot be used with linear layers (pattern {pattern!r}): "
-                         "LASP-2 passes states between contiguous shards; use --layout contiguous")
-    if layout == "zigzag" and softmax_sp == "ulysses":
-        raise ValueError("--layout zigzag cannot be used with --softmax-sp ulysses (it gathers whole "
-                         "sequences in rank order); use ring or allgather, or --layout contiguous")
+        # Causal softmax on contiguous shards is unbalanced (the last rank's queries see
+        # the most keys); zigzag balances it, and LASP-2 and every softmax strategy take
+        # it (LASP-2 then gathers two states per rank instead of one). A pure linear
+        # model has nothing to balance.
+        return "zigzag" if "S" in pattern else "contiguous"
     return layout
 
 

@@ -16,6 +16,7 @@ from commflow.train.config import (
     TrainConfig,
     default_world_size,
     field_docs,
+    resolve_layout,
     resolve_model,
     validate,
 )
@@ -31,7 +32,7 @@ def cfg(**flat) -> TrainConfig:
     [
         ({"sp": 3}, 4, "--sp (3) must divide the world size (4)"),
         ({"dp": 3, "sp": 2}, 4, "--dp x --sp (3 x 2 = 6) must equal the world size (4)"),
-        ({"seq_len": 130, "sp": 4}, 4, "--seq-len (130) must be divisible by sp (4)"),
+        ({"seq_len": 130, "sp": 4, "layout": "contiguous"}, 4, "--seq-len (130) must be divisible by sp (4)"),
         ({"seq_len": 130, "sp": 2, "pattern": "S", "softmax_sp": "ring", "layout": "zigzag"}, 4,
          "--seq-len (130) must be divisible by 2 x sp (4)"),
         ({"preset": "7b"}, 4, "--preset must be one of tiny, small, 350m, 1b; got '7b'"),
@@ -40,9 +41,8 @@ def cfg(**flat) -> TrainConfig:
         ({"pattern": "LLS"}, 4, "--layers (2) must be a multiple of the pattern length"),
         ({"data": "/nonexistent/file.txt"}, 4, "--data '/nonexistent/file.txt': no such file"),
         ({"batch": 3}, 4, "--batch (3) must be divisible by dp (2)"),
-        ({"layout": "zigzag"}, 4, "--layout zigzag cannot be used with linear layers"),
-        ({"pattern": "S", "softmax_sp": "ulysses", "layout": "zigzag"}, 4,
-         "--layout zigzag cannot be used with --softmax-sp ulysses"),
+        ({"layout": "ring"}, 4, "--layout must be one of auto, contiguous, zigzag; got 'ring'"),
+        ({"seq_len": 34, "sp": 2}, 4, "--seq-len (34) must be divisible by 2 x sp (4) for layout 'zigzag'"),
         ({"pattern": "S", "softmax_sp": "ulysses", "sp": 8}, 8, "heads (4) must be divisible by sp (8)"),
         ({"softmax_sp": "flash"}, 4, "--softmax-sp must be one of allgather, ulysses, ring; got 'flash'"),
         ({"dp_mode": "zero3"}, 4, "--dp-mode must be one of ddp, fsdp"),
@@ -64,6 +64,8 @@ def test_default_config_is_valid_on_a_2x2_mesh():
     assert default_world_size(c) == 4
     model = validate(c, 4)
     assert model.pattern == "LS" and model.vocab_size == c.data.mqar_vocab
+    assert resolve_layout(c, model.pattern) == "zigzag"  # softmax layers: balanced
+    assert resolve_layout(c, "L") == "contiguous"  # nothing to balance
 
 
 def test_short_data_file_is_refused(tmp_path):

@@ -93,19 +93,20 @@ def _cases_world2() -> dict[str, dict]:
     steps = {"steps": 4, "warmup": 2}
     cases = {
         "dp2_sp1_ddp": {"dp": 2, "sp": 1},
-        "dp1_sp2_LS_allgather": {"dp": 1, "sp": 2},
+        "dp1_sp2_LS_allgather_zigzag": {"dp": 1, "sp": 2},
+        "dp1_sp2_LS_allgather_contiguous": {"dp": 1, "sp": 2, "layout": "contiguous"},
         "dp1_sp2_LLLS_fsdp_ac": {"dp": 1, "sp": 2, "pattern": "LLLS", "layers": 4, "dp_mode": "fsdp",
                                  "activation_checkpoint": True},
-        "dp1_sp2_softmax_allgather_zigzag": {"dp": 1, "sp": 2, "pattern": "S", "layout": "zigzag"},
+        "dp1_sp2_softmax_only": {"dp": 1, "sp": 2, "pattern": "S"},
+        "dp1_sp2_linear_only_contiguous": {"dp": 1, "sp": 2, "pattern": "L"},
         "dp1_sp2_constant_decay": {"dp": 1, "sp": 2, "linear_decay": "constant"},
         "dp1_sp2_no_decay": {"dp": 1, "sp": 2, "linear_decay": "none"},
     }
     if HAS_RING:
-        cases["dp1_sp2_LS_ring"] = {"dp": 1, "sp": 2, "softmax_sp": "ring"}
-        cases["dp1_sp2_softmax_ring_zigzag"] = {"dp": 1, "sp": 2, "pattern": "S", "softmax_sp": "ring",
-                                                "layout": "zigzag"}
+        cases["dp1_sp2_LS_ring_zigzag"] = {"dp": 1, "sp": 2, "softmax_sp": "ring"}
+        cases["dp1_sp2_LS_ring_contiguous"] = {"dp": 1, "sp": 2, "softmax_sp": "ring", "layout": "contiguous"}
     if HAS_ULYSSES:
-        cases["dp1_sp2_LS_ulysses"] = {"dp": 1, "sp": 2, "softmax_sp": "ulysses"}
+        cases["dp1_sp2_LS_ulysses_zigzag"] = {"dp": 1, "sp": 2, "softmax_sp": "ulysses"}
     return {name: {**TINY, **steps, **c} for name, c in cases.items()}
 
 
