@@ -36,11 +36,14 @@ class ProbeConfig:
     nbytes: int = 1 << 18
     """Message size per edge (256 KiB on CPU; use MiBs on GPUs)."""
     reps: int = 3
-    """Repetitions per edge (the median counts)."""
+    """Repetitions per edge, a whole sweep apart (the fastest counts)."""
     timeout_s: float = 1.0
-    """An edge silent for this long is dead."""
+    """A repetition silent for this long is lost; an edge with all lost is dead."""
     deadline_s: float = 20.0
     """Give up waiting for the workers' rows after this long."""
+    backend: str = "auto"
+    """"gloo" (CPU tensors over TCP: the host network), "nccl" (CUDA tensors: NVLink
+    and the GPU's NIC path), "auto" (nccl where the worker has a GPU)."""
 
 
 class Coordinator:
@@ -214,7 +217,7 @@ class Coordinator:
         self._probe = {"id": self._probe_id, "verdict": v, "t0": now, "rows": {}, "done": set(), "world": world}
         cfg = self.probe_cfg
         cmd = {"cmd": "probe", "id": self._probe_id, "attempt": self.attempt, "nbytes": cfg.nbytes,
-               "reps": cfg.reps, "timeout_s": cfg.timeout_s, "world": world}
+               "reps": cfg.reps, "timeout_s": cfg.timeout_s, "world": world, "backend": cfg.backend}
         for cid in list(self.conn_rank):
             self.server.send(cid, cmd)
 

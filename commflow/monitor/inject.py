@@ -262,6 +262,12 @@ class Injector:
         self.seed = seed
         self.report = report or (lambda event: None)
         self.cuda = cuda
+        self.emulate_compute = True
+        """Emulate slow/jitter with a sleep before each call; a workload that scales its
+        own compute by :meth:`compute_scale` (the GPU benchmark) turns this off."""
+        self.emulate_links = True
+        """Emulate slowlink/linkdown by holding the source's calls; a workload that
+        loads the link for real (:meth:`active_links`) turns this off."""
         self._fired: set[int] = set()
         self._healed: set[int] = set()  # faults that are over (hold elapsed, or healed)
         self._wake = threading.Event()  # set by heal(): ends hangs and outages now
@@ -348,13 +354,39 @@ class Injector:
                 self._fire(i, f, iteration)
                 self._block(f.hold_s)
                 self._healed.add(i)
-            elif f.kind == "slow":
+            elif f.kind == "slow" and self.emulate_compute:
                 self._fire(i, f, iteration)
                 extra += (f.factor - 1.0) * compute_s
-            elif f.kind == "jitter":
+            elif f.kind == "jitter" and self.emulate_compute:
                 self._fire(i, f, iteration)
                 extra += self._jitter(f, iteration) * compute_s
         self._sleep(extra)
+
+    def compute_scale(self, iteration: int) -> float:
+        """How much longer this rank's compute of ``iteration`` should take (slow x
+        jitter), for workloads that do the extra work themselves."""
+        scale = 1.0
+        for i, f in enumerate(self.faults):
+            if i not in self.mine or i in self._healed or not f.active(iteration):
+                continue
+            if f.kind == "slow":
+                self._fire(i, f, iteration)
+                scale *= f.factor
+            elif f.kind == "jitter":
+                self._fire(i, f, iteration)
+                scale *= 1.0 + self._jitter(f, iteration)
+        return scale
+
+    def active_links(self, iteration: int) -> list[tuple[int, int]]:
+        """(src, dst) global ranks of the slowlink faults active at ``iteration`` (on
+        every rank: both ends must agree to load the link)."""
+        out = []
+        for i, f in enumerate(self.faults):
+            if f.kind == "slowlink" and f.active(iteration) and i not in self._healed:
+                if i in self.edges_out:
+                    self._fire(i, f, iteration)
+                out.append((self.rank_of_slot[f.src], self.rank_of_slot[f.dst]))
+        return out
 
     def _edge_faults(self, iteration: int, dst_slots: Sequence[int]):
         for i, f in enumerate(self.faults):
@@ -363,7 +395,7 @@ class Injector:
 
     def inside_collective(self, iteration: int, group_ranks: Sequence[int]) -> None:
         """After entering a collective whose group holds ``group_ranks`` (global ranks)."""
-        if not self.edges_out:
+        if not self.edges_out or not self.emulate_links:
             return
         slots = [self.slots[r] for r in group_ranks if r < len(self.slots)]
         if self.slot in slots:
@@ -371,7 +403,7 @@ class Injector:
 
     def before_send(self, iteration: int, dst_rank: int) -> None:
         """Before a point-to-point send to global rank ``dst_rank`` moves data."""
-        if self.edges_out and dst_rank < len(self.slots):
+        if self.edges_out and self.emulate_links and dst_rank < len(self.slots):
             self._delay_edges(iteration, [self.slots[dst_rank]])
 
     def _delay_edges(self, iteration: int, dst_slots: Sequence[int]) -> None:
@@ -388,8 +420,8 @@ class Injector:
     def probe_edge(self, iteration: int, dst_rank: int) -> float | None:
         """For the probe sweep: extra delay on ``self -> dst_rank`` now, or None if the link is down."""
         delay = 0.0
-        if dst_rank >= len(self.slots):
-            return delay
+        if dst_rank >= len(self.slots) or not self.emulate_links:
+            return delay  # a real load on the link shows in the probe by itself
         for i, f in self._edge_faults(iteration, [self.slots[dst_rank]]):
             self._fire(i, f, iteration)
             if f.kind == "linkdown":

@@ -62,7 +62,7 @@ def tournament(world: int) -> list[list[tuple[int, int]]]:
     return rounds
 
 
-def _wait(work: object, timeout_s: float) -> float | None:
+def _wait(work: object, timeout_s: float, sync: Callable[[], None] | None = None) -> float | None:
     """Block on ``work.wait()`` in a helper thread for at most ``timeout_s``; return the
     time it completed (perf_counter) or None. gloo's send/recv works report completion
     only through wait(), and a timed-out wait would close the pair for good, so a late
@@ -73,6 +73,8 @@ def _wait(work: object, timeout_s: float) -> float | None:
     def waiter() -> None:
         try:
             work.wait()  # type: ignore[attr-defined]
+            if sync is not None:  # CUDA: wait() only orders streams; block on the copy
+                sync()
             t_done.append(time.perf_counter())
         except Exception:  # noqa: BLE001 - a broken pair counts as no delivery
             pass
@@ -95,6 +97,7 @@ def run_sweep(
     reps: int = 3,
     timeout_s: float = 2.0,
     on_round: Callable[[dict], None] | None = None,
+    sync: Callable[[], None] | None = None,
 ) -> dict[int, list[float | None]]:
     """Time every directed edge ``src -> rank``; return ``{src: [seconds or None]}``.
 
@@ -127,10 +130,10 @@ def run_sweep(
                         continue  # a dead link: the bytes never leave
                     if delay > 0:
                         time.sleep(delay)
-                    _wait(send(buf_out, receiver, rep), timeout_s)
+                    _wait(send(buf_out, receiver, rep), timeout_s, sync)
                     continue
                 t0 = time.perf_counter()
-                t_done = _wait(recv(buf_in, sender, rep), timeout_s)
+                t_done = _wait(recv(buf_in, sender, rep), timeout_s, sync)
                 got.setdefault(sender, []).append(None if t_done is None else t_done - t0)
             if on_round is not None:
                 on_round({k: list(v) for k, v in got.items()})
@@ -269,7 +272,7 @@ def describe_ranks(ranks: Sequence[int], infos: dict[int, dict]) -> list[dict]:
     return out
 
 
-def gloo_sweep_in_thread(
+def sweep_in_thread(
     *,
     store_addr: tuple[str, int],
     prefix: str,
@@ -280,8 +283,15 @@ def gloo_sweep_in_thread(
     timeout_s: float,
     edge_delay: Callable[[int], float | None] | None,
     on_round: Callable[[dict], None] | None = None,
+    backend: str = "gloo",
+    device: int | None = None,
 ) -> dict[int, list[float | None]]:
-    """Online probe: a private gloo group on the job's store, from a background thread."""
+    """Online probe: a private group on the job's store, from a background thread.
+
+    ``backend="gloo"`` sends CPU tensors over TCP (the host network: the NIC path
+    between nodes); ``"nccl"`` sends CUDA tensors on ``device`` (NVLink / the GPU's
+    network path), timed with a stream sync in the waiting helper thread.
+    """
     from datetime import timedelta
 
     import torch
@@ -289,8 +299,21 @@ def gloo_sweep_in_thread(
 
     store = dist.TCPStore(store_addr[0], store_addr[1], is_master=False, timeout=timedelta(seconds=30))
     prefixed = dist.PrefixStore(prefix, store)
-    pg = dist.ProcessGroupGloo(dist.PrefixStore("pg", prefixed), rank, world, timedelta(seconds=60))
     numel = max(1, nbytes // 4)
+    sync = None
+    if backend == "nccl":
+        torch.cuda.set_device(device or 0)
+        dev = torch.device("cuda", device or 0)
+        pg = dist.ProcessGroupNCCL(dist.PrefixStore("pg", prefixed), rank, world)
+
+        def sync() -> None:
+            torch.cuda.set_device(dev)
+            torch.cuda.current_stream(dev).synchronize()
+
+        make_buffer = lambda: torch.ones(numel, device=dev)  # noqa: E731
+    else:
+        pg = dist.ProcessGroupGloo(dist.PrefixStore("pg", prefixed), rank, world, timedelta(seconds=60))
+        make_buffer = lambda: torch.ones(numel)  # noqa: E731
     count = [0]
 
     def store_barrier() -> None:
@@ -307,9 +330,13 @@ def gloo_sweep_in_thread(
         send=lambda buf, dst, tag: pg.send([buf], dst, tag),
         recv=lambda buf, src, tag: pg.recv([buf], src, tag),
         barrier=store_barrier,
-        make_buffer=lambda: torch.ones(numel),
+        make_buffer=make_buffer,
         edge_delay=edge_delay,
         reps=reps,
         timeout_s=timeout_s,
         on_round=on_round,
+        sync=sync,
     )
+
+
+gloo_sweep_in_thread = sweep_in_thread  # the name the CPU path has always used

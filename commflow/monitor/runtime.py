@@ -179,7 +179,7 @@ def _command(cmd: dict, tracer: Tracer, injector: Injector | None) -> None:
 
 
 def _probe(cmd: dict, tracer: Tracer, injector: Injector | None) -> None:
-    from .localize import gloo_sweep_in_thread
+    from .localize import sweep_in_thread
 
     rank, world = _env_rank()
     world = int(cmd.get("world", world))
@@ -191,7 +191,12 @@ def _probe(cmd: dict, tracer: Tracer, injector: Injector | None) -> None:
         tracer.outbox.append(("probe", cmd["id"], rank, {str(k): v for k, v in rows.items()}, done))
 
     try:
-        rows = gloo_sweep_in_thread(
+        backend = str(cmd.get("backend", "auto"))
+        if backend == "auto":
+            backend = "nccl" if _uses_cuda() else "gloo"
+        rows = sweep_in_thread(
+            backend=backend,
+            device=int(os.environ.get("LOCAL_RANK", 0)) if backend == "nccl" else None,
             store_addr=addr,
             prefix=f"commflow_probe/{cmd.get('attempt', 0)}/{cmd['id']}",
             rank=rank,

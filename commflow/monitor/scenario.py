@@ -24,6 +24,7 @@ import multiprocessing as mp
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,14 +45,30 @@ class Scenario:
     world: int = 4
     iterations: int = 200
     compute_ms: float = 8.0
-    """Emulated compute per iteration (split evenly between the ops)."""
+    """Compute per iteration, split evenly between the ops: a sleep on CPU, bf16 GEMMs
+    (calibrated at start) on CUDA."""
     ops: tuple[str, ...] = ("all_reduce", "all_gather")
     nbytes: int = 16 << 10
+    """Bytes per collective and rank."""
     faults: list[str] = field(default_factory=list)
     seed: int = 0
     detect: DetectConfig = field(default_factory=DetectConfig)
     probe: ProbeConfig = field(default_factory=lambda: ProbeConfig(nbytes=64 << 10, reps=3, timeout_s=0.3))
     timeout_s: float = 300.0
+    device: str = "cpu"
+    """"cpu" (gloo) or "cuda" (NCCL, one GPU per rank)."""
+    slow_mode: str = "work"
+    """CUDA: a slow rank does ``factor`` x the GEMMs ("work") or runs a competing GEMM
+    stream beside its own ("contend"). CPU always emulates with a sleep."""
+    congest_mib: int = 512
+    """CUDA slowlink: bytes the link's two ends exchange per iteration on a side group,
+    loading that pair's NVLink while the job runs."""
+    pg_timeout_s: float | None = None
+    """The job's own collective timeout (PyTorch's watchdog/gloo timeout), for the
+    baseline comparison; None = torch's default."""
+    nvrx_every: int | None = None
+    """Also run nvidia-resiliency-ext's straggler Detector, reporting every N iterations."""
+    heal_on_verdict: bool = True
 
 
 @dataclass
@@ -62,17 +79,44 @@ class ScenarioResult:
     iterations: list[dict]
     """Per-iteration detector rows (period, lateness, comm time, flags)."""
     worker: dict[int, dict]
-    """Per-rank outcome: iterations done, error text."""
+    """Per-rank outcome: iterations done, error text and time, NVRx findings."""
     wall_s: float
     drain_s: float = 0.0
     """How long the coordinator lagged behind the workers' end."""
     suspicions: list[Verdict] = field(default_factory=list)
     events: list = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    closed: dict[int, float] = field(default_factory=dict)
+    """When each rank's channel closed (coordinator clock)."""
+
+
+def _gemm(dev: Any, ms: float) -> Callable[[float], None]:
+    """A function doing ``scale * ms`` of bf16 GEMMs on ``dev`` (calibrated once)."""
+    import torch
+
+    a = torch.randn(2048, 2048, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(2048, 2048, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize(dev)
+    per = (time.perf_counter() - t) / 20 * 1e3
+    n = max(1, round(ms / per))
+
+    def run(scale: float) -> None:
+        for _ in range(max(1, round(n * scale))):
+            a @ b
+
+    return run
 
 
 def _worker(rank: int, sc: Scenario, store_port: int, endpoint: str, faults: list[dict], q: Any,
             inject_log: str) -> None:
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
 
@@ -80,22 +124,57 @@ def _worker(rank: int, sc: Scenario, store_port: int, endpoint: str, faults: lis
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(sc.world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store_port), COMMFLOW_INJECT_LOG=inject_log)
-    out: dict = {"rank": rank, "iterations": 0, "error": None}
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store_port), COMMFLOW_INJECT_LOG=inject_log,
+                      COMMFLOW_DEVICE=sc.device)
+    out: dict = {"rank": rank, "iterations": 0, "error": None, "error_t": None}
+    cuda = sc.device == "cuda"
     try:
         store = dist.TCPStore("127.0.0.1", store_port, sc.world, is_master=False)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=sc.world)
-        runtime.watch(endpoint, faults=faults, seed=sc.seed, interval=0.05)
+        timeout = {} if sc.pg_timeout_s is None else {"timeout": timedelta(seconds=sc.pg_timeout_s)}
+        if cuda:
+            torch.cuda.set_device(rank)
+        dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=sc.world, **timeout)
+        pairs = {}
+        if cuda and any(f["kind"] == "slowlink" for f in faults):
+            for a in range(sc.world):  # collective: every rank creates every pair group
+                for b in range(a + 1, sc.world):
+                    pairs[(a, b)] = dist.new_group([a, b])
+        tracer = runtime.watch(endpoint, faults=faults, seed=sc.seed, interval=0.05)
+        inj = tracer.injector
+        if cuda and inj is not None:
+            inj.emulate_compute = False  # the GEMMs below do the extra work
+            inj.emulate_links = False  # the pair groups below load the link
         numel = max(1, sc.nbytes // 4)
-        x = torch.ones(numel)
-        gathered = torch.empty(numel * sc.world)
-        per_op = sc.compute_ms / 1e3 / max(1, len(sc.ops))
+        x = torch.ones(numel, device=dev)
+        gathered = torch.empty(numel * sc.world, device=dev)
+        per_op = sc.compute_ms / max(1, len(sc.ops))
+        gemm = _gemm(dev, per_op) if cuda else None
+        contend = _Contender(dev) if cuda and sc.slow_mode == "contend" else None
+        big = torch.empty((sc.congest_mib << 20) // 2, device=dev, dtype=torch.bfloat16) if pairs else None
+        nvrx = _nvrx(sc, out) if sc.nvrx_every else None
         from commflow.dist import all_gather_tensor, reduce_scatter_tensor
 
         for it in range(sc.iterations):
             runtime.step(it)
+            scale = inj.compute_scale(it) if (cuda and inj is not None) else 1.0
+            if contend is not None:
+                contend.active = scale > 1.0
+                scale = 1.0
+            works = []
+            for s, d in (inj.active_links(it) if (pairs and inj is not None) else []):
+                g = pairs[(min(s, d), max(s, d))]
+                if rank == s:
+                    works.append(g.send([big], dist.get_group_rank(g, d), 0))
+                elif rank == d:
+                    works.append(g.recv([big], dist.get_group_rank(g, s), 0))
+            section = nvrx.detection_section("compute", profile_cuda=cuda) if nvrx else _nullcontext()
             for op in sc.ops:
-                time.sleep(per_op)
+                with section if op == sc.ops[0] else _nullcontext():
+                    if cuda:
+                        gemm(scale)
+                    else:
+                        time.sleep(per_op / 1e3)
                 if op == "all_reduce":
                     dist.all_reduce(x)
                     x.fill_(1.0)
@@ -107,16 +186,90 @@ def _worker(rank: int, sc: Scenario, store_port: int, endpoint: str, faults: lis
                     dist.broadcast(x, 0)
                 elif op == "barrier":
                     dist.barrier()
+            for w in works:
+                w.wait()
+            if nvrx and (it + 1) % sc.nvrx_every == 0:
+                _nvrx_report(nvrx, it, out)
             out["iterations"] = it + 1
+        if contend is not None:
+            contend.stop()
         runtime.step(sc.iterations)  # closes the last iteration
         dist.barrier()
+        if cuda:
+            torch.cuda.synchronize()
         time.sleep(0.2)  # let the reporter ship the last records
         runtime.unwatch()
     except BaseException as e:  # noqa: BLE001 - report like the launcher's worker wrapper
-        out["error"] = f"{type(e).__name__}: {e}"
+        out["error"] = f"{type(e).__name__}: {e}"[:2000]
+        out["error_t"] = time.time()
         runtime.unwatch(error=out["error"] + "\n" + traceback.format_exc(limit=3))
         _exit(q, out, 1)
     _exit(q, out, 0)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Contender:
+    """A competing GEMM stream on the same GPU while ``active`` (a slow GPU)."""
+
+    def __init__(self, dev: Any):
+        import threading
+
+        self.active = False
+        self._stop = False
+        self.dev = dev
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import torch
+
+        torch.cuda.set_device(self.dev)
+        stream = torch.cuda.Stream(self.dev)
+        a = torch.randn(4096, 4096, device=self.dev, dtype=torch.bfloat16)
+        while not self._stop:
+            if not self.active:
+                time.sleep(0.001)
+                continue
+            with torch.cuda.stream(stream):
+                for _ in range(8):
+                    a @ a
+            stream.synchronize()
+
+    def stop(self) -> None:
+        self._stop = True
+        self.thread.join(5)
+
+
+def _nvrx(sc: Scenario, out: dict) -> Any:
+    """nvidia-resiliency-ext's straggler Detector, or None (the reason goes to ``out``)."""
+    try:
+        import nvidia_resiliency_ext.straggler as straggler
+
+        straggler.Detector.initialize(scores_to_compute="all", gather_on_rank0=True, profiling_interval=1,
+                                      report_time_interval=1e9)
+        return straggler.Detector
+    except Exception as e:  # noqa: BLE001 - not installed / no CUPTI on this machine
+        out["nvrx_error"] = f"{type(e).__name__}: {e}"[:300]
+        return None
+
+
+def _nvrx_report(detector: Any, it: int, out: dict) -> None:
+    report = detector.generate_report()
+    if report is None:  # only rank 0 gets the gathered report
+        return
+    found = report.identify_stragglers()  # NVRx's default thresholds (score < 0.75)
+    ranks: set[int] = set()
+    for value in found.values():  # sets of StragglerId, or {section: set}
+        for item in (value.values() if isinstance(value, dict) else [value]):
+            ranks |= {s.rank for s in item}
+    out.setdefault("nvrx", []).append({"iteration": it, "t": time.time(), "stragglers": sorted(ranks)})
 
 
 def _exit(q: Any, out: dict, code: int) -> None:
@@ -182,7 +335,7 @@ def _start(sc: Scenario) -> dict:
     log_fd, inject_log = tempfile.mkstemp(prefix="commflow-injected-", suffix=".jsonl")
     os.close(log_fd)
     store = dist.TCPStore("127.0.0.1", 0, sc.world, is_master=True, wait_for_workers=False)
-    coord = Coordinator(sc.detect, sc.probe, auto_ack=True, heal_on_verdict=True).start()
+    coord = Coordinator(sc.detect, sc.probe, auto_ack=True, heal_on_verdict=sc.heal_on_verdict).start()
     q = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, sc, store.port, coord.endpoint, [f.to_json() for f in faults], q,
                                                 inject_log))
@@ -242,6 +395,7 @@ def _finish(run: dict) -> ScenarioResult:
         suspicions=list(coord.suspicions),
         events=list(coord.events),
         errors=list(coord.errors),
+        closed={r: st.closed_at for r, st in coord.detector.ranks.items() if st.closed_at is not None},
     )
 
 
