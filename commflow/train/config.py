@@ -178,7 +178,7 @@ class ParallelConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    steps: int = 1000
+    steps: int = 1200
     """Optimizer steps to train for (in total, counting steps before a resume)."""
     lr: float | None = None
     """Peak AdamW learning rate (default: the preset's)."""
