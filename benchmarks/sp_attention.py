@@ -7,7 +7,8 @@ shards of one ``[B, S, H, D]`` problem, in the same process group and the same r
 * ``deepspeed``: DeepSpeed's ``DistributedAttention`` around the same SDPA call,
   with ``batch_dim_idx=0`` for ``[b, s, h, d]`` and the local shape asserted;
 * ``torch_cp_allgather`` / ``torch_cp_alltoall``: torch's ``context_parallel``
-  with each rotate method (head-tail load balancing = our zigzag shards);
+  with each rotate method (head-tail load balancing = our zigzag shards), SDPA held
+  to flash (see :mod:`benchmarks.sp_peers` for why not cuDNN);
 * ``sdpa_1gpu`` / ``sdpa_1gpu_bhsd``: plain SDPA on every GPU at the per-GPU shape
   ``(S, H/W)``, no communication: the compute limit of sequence parallelism, with
   inputs in ``[B, S, H, D]`` memory (the model layout every SP strategy here uses)
@@ -15,6 +16,13 @@ shards of one ``[B, S, H, D]`` problem, in the same process group and the same r
 
 Before timing, each strategy is checked against the naive reference at
 ``--check-seq`` tokens (a wrong-but-fast peer is refused, not timed).
+
+Communication: on CUDA every strategy (ours and the peers alike) runs on one
+process group whose NCCL stream has high priority (``--nccl-priority high``): a
+transfer queued beside a running attention kernel then gets SMs as soon as the
+kernel's blocks retire, instead of after its last wave; ``name@normal`` runs a
+strategy on the default (normal-priority) group for comparison. Variants
+(``ulysses:8``, ``name@normal``, ...) are measured up to ``--variant-max-seq``.
 
 Numbers per row: median fwd+bwd time (slowest rank), TFLOP/s per GPU and peak
 memory per GPU (allocated and reserved, max over ranks). FLOP convention:
@@ -45,7 +53,7 @@ from commflow.sp.layout import LAYOUTS
 from commflow.sp.reference import attention_reference
 
 from .registry import register
-from .sp_peers import ALL, OURS, Unavailable, build
+from .sp_peers import ALL, OURS, Unavailable, build, is_variant, parse
 from .timing import max_over_ranks, time_ms
 
 CHECK_TOLERANCE = 3e-2  # max|err| / max|ref| of out, dq, dk, dv in bf16 (see tests/sp for the tight ones)
@@ -100,10 +108,10 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
-def _check(name, cfg, info):
+def _check(name, cfg, info, groups):
     """Out and grads of one strategy vs the naive reference at ``check_seq`` tokens."""
     seq, world, rank, dev = cfg["check_seq"], info.world_size, info.rank, info.device
-    strategy = build(name, cfg, None, world, dev, seq)
+    strategy = build(name, cfg, groups, world, dev, seq)
     gen = torch.Generator(device="cpu").manual_seed(7)
     b, h, hkv, d = cfg["batch"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     dtype = getattr(torch, cfg["dtype"])
@@ -131,11 +139,15 @@ def _check(name, cfg, info):
     return {"strategy": name, "seq": seq, "max_rel_error": worst, "ok": worst <= CHECK_TOLERANCE, **errors}
 
 
-def _measure(name, cfg, info, seq):
+def _iters(cfg, seq) -> int:
+    return cfg["long_iters"] if cfg["long_iters"] and seq >= cfg["long_seq"] else cfg["iters"]
+
+
+def _measure(name, cfg, info, seq, groups):
     world, dev = info.world_size, info.device
     cuda = dev.type == "cuda"
     row = {"strategy": name, "seq": seq, "world": world}
-    strategy = build(name, cfg, None, world, dev, seq)
+    strategy = build(name, cfg, groups, world, dev, seq)
     _free(dev)
     status = "ok"
     try:
@@ -144,7 +156,7 @@ def _measure(name, cfg, info, seq):
         if cuda:
             torch.cuda.reset_peak_memory_stats(dev)
         with strategy.context():
-            t = time_ms(lambda: _step(strategy, leaves, args, dout), warmup=cfg["warmup"], iters=cfg["iters"],
+            t = time_ms(lambda: _step(strategy, leaves, args, dout), warmup=cfg["warmup"], iters=_iters(cfg, seq),
                         device=dev, barrier=True)
     except torch.OutOfMemoryError:
         status = "oom"
@@ -155,7 +167,7 @@ def _measure(name, cfg, info, seq):
         row["status"] = "oom"
         return row
     ms = max_over_ranks(t["median_ms"])
-    row.update(status="ok", time_ms=ms, min_ms=max_over_ranks(t["min_ms"]),
+    row.update(status="ok", time_ms=ms, min_ms=max_over_ranks(t["min_ms"]), iters=t["iters"],
                tflops_per_gpu=flops_fwd_bwd(cfg["batch"], seq, cfg["heads"], cfg["head_dim"], cfg["causal"])
                / world / (ms * 1e-3) / 1e12)
     if cuda:
@@ -166,10 +178,10 @@ def _measure(name, cfg, info, seq):
     return row
 
 
-def _try_step(name, cfg, info, seq) -> bool:
+def _try_step(name, cfg, info, seq, groups) -> bool:
     """One fwd+bwd at ``seq`` tokens; False on OOM (on any rank)."""
     dev = info.device
-    strategy = build(name, cfg, None, info.world_size, dev, seq)
+    strategy = build(name, cfg, groups, info.world_size, dev, seq)
     _free(dev)
     ok = True
     try:
@@ -184,7 +196,7 @@ def _try_step(name, cfg, info, seq) -> bool:
     return _agree(ok)
 
 
-def _max_seq(name, cfg, info, rows, say):
+def _max_seq(name, cfg, info, rows, say, groups):
     import numpy as np
 
     pts = [(r["seq"], r["peak_reserved_gib"]) for r in rows if r["strategy"] == name and r.get("status") == "ok"]
@@ -202,12 +214,25 @@ def _max_seq(name, cfg, info, rows, say):
         for _ in range(4):
             est = flops_fwd_bwd(cfg["batch"], seq, cfg["heads"], cfg["head_dim"], cfg["causal"]) / info.world_size / (tflops * 1e12)
             say(f"max-seq {name}: trying {seq} tokens (~{est:.0f} s)")
-            if _try_step(name, cfg, info, seq):
+            if _try_step(name, cfg, info, seq, groups):
                 rec.update(status="verified", verified_seq=seq)
                 break
             rec.setdefault("oom_at", []).append(seq)
             seq -= gran
     return rec
+
+
+def _groups(cfg: dict, device) -> dict:
+    """``{"high": group, "normal": None}``: the group every strategy communicates over
+    (NCCL with a high-priority stream on CUDA unless ``--nccl-priority normal``) and the
+    default group for ``name@normal``."""
+    if torch.device(device).type != "cuda" or cfg["nccl_priority"] == "normal":
+        return {"high": None, "normal": None}
+    import torch.distributed as dist
+
+    options = dist.ProcessGroupNCCL.Options()
+    options.is_high_priority_stream = True
+    return {"high": dist.new_group(backend="nccl", pg_options=options), "normal": None}
 
 
 def _worker(cfg: dict) -> dict:
@@ -223,30 +248,39 @@ def _worker(cfg: dict) -> dict:
 
     if dev.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(cfg["mem_fraction"], dev)
+    groups = _groups(cfg, dev)
     torch.manual_seed(1000 + info.rank)
     out = {"checks": [], "rows": [], "skipped": {}, "max_seq": []}
     usable = []
     for name in cfg["strategies"]:
         try:
-            build(name, cfg, None, info.world_size, dev, cfg["check_seq"] or 2 * info.world_size)
+            build(name, cfg, groups, info.world_size, dev, cfg["check_seq"] or 2 * info.world_size)
         except Unavailable as e:
             out["skipped"][name] = str(e)
             say(f"skip {name}: {e}")
             continue
         if cfg["check_seq"]:
-            check = _check(name, cfg, info)
+            try:  # a peer that raises (same error on every rank: an API it lacks) is reported, not fatal
+                check = _check(name, cfg, info, groups)
+            except Exception as e:  # noqa: BLE001
+                check = {"strategy": name, "seq": cfg["check_seq"], "ok": False, "max_rel_error": float("nan"),
+                         "error": f"{type(e).__name__}: {e}"[:500]}
             out["checks"].append(check)
             record("check", check)
             say(f"check {name:>20}: max rel error {check['max_rel_error']:.2e} {'ok' if check['ok'] else 'FAILED'}")
             if not check["ok"]:
-                out["skipped"][name] = f"failed the correctness check ({check['max_rel_error']:.3g} > {CHECK_TOLERANCE})"
+                why = check.get("error") or f"{check['max_rel_error']:.3g} > {CHECK_TOLERANCE}"
+                out["skipped"][name] = f"failed the correctness check ({why})"
+                _free(dev)
                 continue
         usable.append(name)
         _free(dev)
     for seq in cfg["seqs"]:
         for name in usable:
+            if is_variant(name) and seq > cfg["variant_max_seq"]:
+                continue
             t0 = time.perf_counter()
-            row = _measure(name, cfg, info, seq)
+            row = _measure(name, cfg, info, seq, groups)
             out["rows"].append(row)
             record("row", row)
             if row["status"] == "ok":
@@ -260,7 +294,7 @@ def _worker(cfg: dict) -> dict:
             out["max_seq_skipped"] = "needs CUDA memory accounting"
         else:
             for name in [n for n in cfg["max_seq_strategies"] if n in usable]:
-                rec = _max_seq(name, cfg, info, out["rows"], say)
+                rec = _max_seq(name, cfg, info, out["rows"], say, groups)
                 out["max_seq"].append(rec)
                 record("max_seq", rec)
                 say(f"max-seq {name}: {rec}")
@@ -282,9 +316,17 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=LAYOUTS, default=None,
                    help="shards of ring/allgather (default: zigzag if causal, else contiguous)")
     p.add_argument("--strategies", default=",".join(ALL),
-                   help=f"comma-separated subset of {','.join(ALL)}; ulysses:N / allgather:N pin head_chunks=N")
+                   help=f"comma-separated subset of {','.join(ALL)}; ulysses:N / allgather:N pin head_chunks=N, "
+                   "torch_cp_*:KERNEL and sdpa_1gpu:KERNEL pin the SDPA kernel (flash, cudnn, efficient, default), "
+                   "NAME@normal runs on the normal-priority default group")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--long-iters", type=int, default=None, help="timed iterations from --long-seq up (default: --iters)")
+    p.add_argument("--long-seq", type=int, default=262144)
+    p.add_argument("--variant-max-seq", type=int, default=131072,
+                   help="longest sequence at which variants (names with ':' or '@') are measured")
+    p.add_argument("--nccl-priority", choices=["high", "normal"], default="high",
+                   help="NCCL stream priority of the group every strategy communicates over (CUDA)")
     p.add_argument("--ulysses-chunks", type=int, default=None, help="head_chunks of ulysses (default: auto)")
     p.add_argument("--allgather-chunks", type=int, default=None, help="head_chunks of allgather (default: auto)")
     p.add_argument("--check-seq", type=int, default=None, help="tokens of the correctness check (0: skip)")
@@ -296,20 +338,16 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", default=None, help="append every check/row as JSON Lines to this file (rank 0)")
 
 
-def _is_variant(name: str) -> bool:
-    """``ulysses:4`` / ``allgather:2``: one of ours with ``head_chunks`` pinned."""
-    base, sep, chunks = name.partition(":")
-    return bool(sep) and base in ("ulysses", "allgather") and chunks.isdigit()
-
-
 def _config(args: argparse.Namespace) -> dict:
     defaults = CUDA_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
     heads = args.heads or defaults["heads"]
     causal = not args.no_causal
     strategies = [s for s in args.strategies.split(",") if s]
-    unknown = {s for s in strategies if s not in ALL and not _is_variant(s)}
-    if unknown:
-        raise SystemExit(f"--strategies: unknown {sorted(unknown)}; choose from {list(ALL)}")
+    for name in strategies:
+        try:
+            parse(name)
+        except ValueError as e:
+            raise SystemExit(f"--strategies: {e}") from None
     nproc = args.nproc or (min(torch.cuda.device_count(), 8) if args.device == "cuda" else 2)
     seqs = [int(s) for s in (args.seqs or defaults["seqs"]).split(",")]
     for s in seqs:
@@ -319,7 +357,8 @@ def _config(args: argparse.Namespace) -> dict:
         "device": args.device, "nproc": nproc, "seqs": seqs, "batch": args.batch, "heads": heads,
         "kv_heads": args.kv_heads or heads, "head_dim": args.head_dim or defaults["head_dim"],
         "dtype": args.dtype, "causal": causal, "layout": args.layout or ("zigzag" if causal else "contiguous"),
-        "strategies": strategies, "warmup": args.warmup, "iters": args.iters,
+        "strategies": strategies, "warmup": args.warmup, "iters": args.iters, "long_iters": args.long_iters,
+        "long_seq": args.long_seq, "variant_max_seq": args.variant_max_seq, "nccl_priority": args.nccl_priority,
         "ulysses_chunks": args.ulysses_chunks, "allgather_chunks": args.allgather_chunks,
         "check_seq": defaults["check_seq"] if args.check_seq is None else args.check_seq,
         "mem_fraction": args.mem_fraction, "max_seq": args.max_seq, "max_seq_verify": args.max_seq_verify,

@@ -7,6 +7,20 @@ per-GPU head slice for the 1-GPU limit), a ``forward(q, k, v)`` on local tensors
 or optional imports (deepspeed, DTensor) happen only when a peer is built, so this
 module imports on any machine. A peer that cannot run here is reported with the
 reason instead of a number.
+
+Names: a base name (:data:`ALL`), optionally ``:variant`` and ``@normal``:
+
+* ``ulysses:4`` / ``allgather:2``: ours with ``head_chunks`` pinned;
+* ``torch_cp_alltoall:cudnn`` (``flash``, ``efficient``, ``default``): torch CP with
+  SDPA held to that kernel (``default``: SDPA's own choice). Plain ``torch_cp_*``
+  means ``:flash``: in torch 2.11 CP's ring backward hands the *forward's*
+  ``max_q``/``max_k`` to every kernel call, and cuDNN's backward (unlike flash's,
+  which reads the lengths from the tensors) runs with them, so the half-length
+  blocks of load-balanced causal steps get wrong gradients (and cuDNN is what SDPA
+  picks on H100): the first 4-GPU run's check failed with a max relative error of 21.7;
+* ``sdpa_1gpu:flash``: the 1-GPU limit of that kernel (what torch CP runs on);
+* ``@normal``: the strategy on the default process group, whose NCCL stream has
+  normal priority, instead of the high-priority group every strategy gets by default.
 """
 
 from __future__ import annotations
@@ -17,11 +31,47 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ALL", "OURS", "PEERS", "Strategy", "Unavailable", "build"]
+__all__ = ["ALL", "OURS", "PEERS", "Strategy", "Unavailable", "build", "is_variant", "parse"]
 
 OURS = ("ulysses", "ring", "allgather")
 PEERS = ("deepspeed", "torch_cp_allgather", "torch_cp_alltoall", "sdpa_1gpu", "sdpa_1gpu_bhsd")
 ALL = OURS + PEERS
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+TORCH_CP_DEFAULT_BACKEND = "flash"
+
+
+def parse(name: str) -> tuple[str, str, bool]:
+    """``"ulysses:4@normal"`` -> ``("ulysses", "4", True)``; raises ValueError for unknown names."""
+    body, at, priority = name.partition("@")
+    base, _, variant = body.partition(":")
+    if base not in ALL or (at and priority != "normal"):
+        raise ValueError(f"unknown strategy {name!r}; choose from {ALL} (+ ':variant', '@normal')")
+    if variant:
+        ok = {
+            "ulysses": variant.isdigit(),
+            "allgather": variant.isdigit(),
+            "torch_cp_allgather": variant in (*SDPA_BACKENDS, "default"),
+            "torch_cp_alltoall": variant in (*SDPA_BACKENDS, "default"),
+            "sdpa_1gpu": variant in SDPA_BACKENDS,
+            "sdpa_1gpu_bhsd": variant in SDPA_BACKENDS,
+        }.get(base, False)
+        if not ok:
+            raise ValueError(f"strategy {name!r}: {variant!r} is not a variant of {base!r}")
+    return base, variant, bool(at)
+
+
+def is_variant(name: str) -> bool:
+    """A pinned variant or a normal-priority run (measured only up to ``--variant-max-seq``)."""
+    return ":" in name or "@" in name
+
+
+def _sdpa_kernel_context(backend: str | None):
+    """A zero-argument factory of ``sdpa_kernel(backend)`` (or of a null context)."""
+    if backend is None or backend == "default":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return lambda: sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[backend]))
 
 
 class Unavailable(RuntimeError):
@@ -55,7 +105,7 @@ def _ours(name, cfg, group):
     """``ulysses``, ``ring``, ``allgather``; ``ulysses:4`` / ``allgather:2`` pin head_chunks."""
     from commflow.sp import allgather_attention, ring_attention, ulysses_attention
 
-    base, _, chunks = name.partition(":")
+    base, chunks, _ = parse(name)
     causal = cfg["causal"]
     if base == "ulysses":
         n = int(chunks) if chunks else cfg["ulysses_chunks"]
@@ -69,7 +119,7 @@ def _ours(name, cfg, group):
     return Strategy(name, fn, cfg["layout"])
 
 
-def _deepspeed(cfg, group, world, seq):
+def _deepspeed(name, cfg, group, world, seq):
     try:
         import deepspeed
         import deepspeed.comm
@@ -93,18 +143,18 @@ def _deepspeed(cfg, group, world, seq):
 
     # [b, s, h, d] input: scatter heads (2), gather sequence (1), batch on dim 0.
     attention = DistributedAttention(local_attention, group, scatter_idx=2, gather_idx=1)
-    return Strategy("deepspeed", lambda q, k, v: attention(q, k, v, batch_dim_idx=0), "contiguous")
+    return Strategy(name, lambda q, k, v: attention(q, k, v, batch_dim_idx=0), "contiguous")
 
 
 _MESHES: dict = {}
 
 
-def _torch_cp(rotate, cfg, device, world, seq):
+def _torch_cp(name, rotate, backend, cfg, group, device, world, seq):
     if torch.device(device).type != "cuda":
         raise Unavailable("torch context_parallel dispatches the CUDA SDPA ops (flash/efficient/cuDNN); no CPU path")
     if cfg["kv_heads"] != cfg["heads"]:
         raise Unavailable("torch context_parallel's ring does not take GQA (enable_gqa) inputs")
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel
     try:  # newer torch keeps the implementation here; _attention re-exports part of it
         from torch.distributed.tensor.experimental._context_parallel._attention import (
@@ -114,10 +164,14 @@ def _torch_cp(rotate, cfg, device, world, seq):
     except ImportError:
         from torch.distributed.tensor.experimental._attention import _cp_options, set_rotate_method
 
-    if world not in _MESHES:  # one mesh (and its communicator) for the whole run
-        _MESHES[world] = init_device_mesh("cuda", (world,))
-    mesh = _MESHES[world]
+    key = (world, id(group))
+    if key not in _MESHES:  # one mesh per group for the whole run (the group's communicator)
+        _MESHES[key] = init_device_mesh("cuda", (world,)) if group is None else DeviceMesh.from_group(group, "cuda")
+    mesh = _MESHES[key]
+    if group is not None and mesh.get_group().group_name != group.group_name:
+        raise Unavailable(f"{name}: its device mesh does not use the benchmark's process group")
     causal = cfg["causal"]
+    kernel = _sdpa_kernel_context(backend)
     # Load balancing (head-tail, which is our zigzag) is on by default and only valid
     # for causal attention.
     layout = "zigzag" if causal else "contiguous"
@@ -131,25 +185,32 @@ def _torch_cp(rotate, cfg, device, world, seq):
         # q, k, v are already this rank's head-tail shards, as SDPA sees them inside.
         marker = torch.zeros(seq, dtype=torch.int8, device=device)
         try:
-            with context_parallel(mesh, buffers=[marker], buffer_seq_dims=[0], no_restore_buffers={marker}):
+            with context_parallel(mesh, buffers=[marker], buffer_seq_dims=[0], no_restore_buffers={marker}), kernel():
                 yield
         finally:
             _cp_options.enable_load_balance = old
 
-    return Strategy(f"torch_cp_{rotate}", lambda q, k, v: _sdpa(q, k, v, causal, None), layout, context)
+    return Strategy(name, lambda q, k, v: _sdpa(q, k, v, causal, None), layout, context)
 
 
-def build(name: str, cfg: dict, group, world: int, device, seq: int) -> Strategy:
-    """Strategy ``name`` for a global sequence of ``seq`` tokens; raises :class:`Unavailable`."""
-    if name.partition(":")[0] in OURS:
+def build(name: str, cfg: dict, groups: dict, world: int, device, seq: int) -> Strategy:
+    """Strategy ``name`` for a global sequence of ``seq`` tokens; raises :class:`Unavailable`.
+
+    ``groups``: ``{"high": group, "normal": group}`` (None: the default group); every
+    strategy communicates over ``groups["high"]`` unless its name ends in ``@normal``.
+    """
+    base, variant, normal = parse(name)
+    group = groups.get("normal" if normal else "high")
+    if base in OURS:
         return _ours(name, cfg, group)
-    if name == "deepspeed":
-        return _deepspeed(cfg, group, world, seq)
-    if name in ("torch_cp_allgather", "torch_cp_alltoall"):
-        return _torch_cp(name.rsplit("_", 1)[1], cfg, device, world, seq)
-    if name in ("sdpa_1gpu", "sdpa_1gpu_bhsd"):
-        # The compute limit: one GPU's share of the heads, no communication, in the
-        # [B, S, H, D] memory layout models (and our strategies) use, and in [B, H, S, D].
-        fn = lambda q, k, v: _sdpa(q, k, v, cfg["causal"], None)
-        return Strategy(name, fn, "heads", head_major=name.endswith("bhsd"))
-    raise ValueError(f"unknown strategy {name!r}; choose from {ALL}")
+    if base == "deepspeed":
+        return _deepspeed(name, cfg, group, world, seq)
+    if base in ("torch_cp_allgather", "torch_cp_alltoall"):
+        return _torch_cp(name, base.rsplit("_", 1)[1], variant or TORCH_CP_DEFAULT_BACKEND, cfg, group, device, world, seq)
+    # The compute limit: one GPU's share of the heads, no communication, in the
+    # [B, S, H, D] memory layout models (and our strategies) use, and in [B, H, S, D].
+    fn = lambda q, k, v: _sdpa(q, k, v, cfg["causal"], None)
+    context = _sdpa_kernel_context(variant or None)
+    if variant and torch.device(device).type != "cuda":
+        raise Unavailable(f"{name}: pinning an SDPA kernel needs CUDA")
+    return Strategy(name, fn, "heads", head_major=base.endswith("bhsd"), context=context)

@@ -29,6 +29,7 @@ LABELS = {
     "torch_cp_alltoall": "torch CP (alltoall)",
 }
 ORDER = list(LABELS)
+LIMITS = ("sdpa_1gpu", "sdpa_1gpu_bhsd")
 
 
 def _tokens(n: int) -> str:
@@ -36,8 +37,16 @@ def _tokens(n: int) -> str:
 
 
 def _label(name: str) -> str:
-    base, _, chunks = name.partition(":")
-    return LABELS.get(base, base) + (f" ({chunks} chunks)" if chunks else "")
+    body, _, priority = name.partition("@")
+    base, _, variant = body.partition(":")
+    label = LABELS.get(base, base)
+    if variant:
+        label += f" ({variant} chunks)" if variant.isdigit() else f" ({variant})"
+    return label + (" [normal-priority NCCL]" if priority else "")
+
+
+def _is_variant(name: str) -> bool:
+    return ":" in name or "@" in name
 
 
 def _rows(record: dict) -> dict[tuple[str, int], dict]:
@@ -51,8 +60,8 @@ def _names(rows: dict, seqs: list[int]) -> list[str]:
 
 
 def _limit(rows: dict, seq: int) -> float | None:
-    """The compute limit at ``seq``: the faster of the 1-GPU SDPA layouts."""
-    vals = [rows[(n, seq)]["tflops_per_gpu"] for n in ("sdpa_1gpu", "sdpa_1gpu_bhsd")
+    """The compute limit at ``seq``: the faster of the 1-GPU SDPA layouts (SDPA's own kernel)."""
+    vals = [rows[(n, seq)]["tflops_per_gpu"] for n in LIMITS
             if rows.get((n, seq), {}).get("status") == "ok"]
     return max(vals) if vals else None
 
@@ -77,7 +86,9 @@ def markdown(record: dict) -> str:
     cfg = res["config"]
     rows = _rows(record)
     seqs = sorted({s for _, s in rows})
-    names = _names(rows, seqs)
+    every = _names(rows, seqs)
+    names = [n for n in every if not _is_variant(n)]
+    variants = [n for n in every if _is_variant(n)]
     card = f"{env.get('gpu_count') or cfg['nproc']}x {env['device']}" if env.get("gpu_count") else env["device"]
     out = [
         f"Card: **{card}**, {cfg['nproc']} ranks; torch {env['torch']}, NCCL {env.get('nccl')}, "
@@ -85,6 +96,8 @@ def markdown(record: dict) -> str:
         f"Problem: B={cfg['batch']}, H={cfg['heads']} (KV {cfg['kv_heads']}), D={cfg['head_dim']}, "
         f"{cfg['dtype']}, {'causal' if cfg['causal'] else 'full'} attention; ring/all-gather shards: "
         f"{cfg['layout']}. FLOPs: {res['flop_convention']}.",
+        f"Communication: every strategy on one NCCL group, stream priority "
+        f"{cfg.get('nccl_priority', 'normal')}; torch CP with SDPA held to flash.",
         "",
         f"Command: `{_command(record)}`",
         "",
@@ -92,7 +105,7 @@ def markdown(record: dict) -> str:
     if res.get("skipped"):
         out += ["Not measured: " + "; ".join(f"{_label(n)}: {why}" for n, why in res["skipped"].items()), ""]
 
-    def table(title, fmt):
+    def table(title, fmt, names=names, seqs=seqs):
         lines = [f"**{title}**", "", "| total seq | " + " | ".join(_label(n) for n in names) + " |",
                  "|---" * (len(names) + 1) + "|"]
         for s in seqs:
@@ -106,7 +119,7 @@ def markdown(record: dict) -> str:
     def tflops(r, s):
         limit = _limit(rows, s)
         ratio = ""
-        if not r["strategy"].startswith("sdpa_1gpu") and limit:
+        if r["strategy"] not in LIMITS and limit:
             ratio = f" ({r['tflops_per_gpu'] / limit:.2f})"
         value = r["tflops_per_gpu"]
         return f"{value:.0f}{ratio}" if value >= 100 else f"{value:.3g}{ratio}"
@@ -115,7 +128,13 @@ def markdown(record: dict) -> str:
     out += table("fwd+bwd time, ms (median, slowest rank)", lambda r, s: f"{r['time_ms']:.1f}")
     if any("peak_allocated_gib" in r for r in rows.values()):
         out += table("peak memory per GPU, GiB (allocated; inputs and grads included)",
-                     lambda r, s: f"{r['peak_allocated_gib']:.1f}")
+                     lambda r, s: f"{r['peak_allocated_gib']:.2f}")
+    if variants:
+        bases = [n for n in names if any(v.partition("@")[0].partition(":")[0] == n for v in variants)]
+        vseqs = [s for s in seqs if any((v, s) in rows for v in variants)]
+        out += table("variants (pipeline depth, SDPA kernel, NCCL priority): TFLOP/s per GPU (fraction of the limit)",
+                     tflops, names=sorted(bases + variants, key=lambda n: (ORDER.index(n.partition("@")[0].partition(":")[0]), n)),
+                     seqs=vseqs)
     if res.get("max_seq"):
         out += ["**longest trainable sequence on these GPUs**", "",
                 "| strategy | predicted (linear memory fit) | verified fwd+bwd | GiB per 1K tokens |", "|---|---|---|---|"]
@@ -137,7 +156,7 @@ def plot(record: dict, path: Path) -> Path:
 
     rows = _rows(record)
     seqs = sorted({s for _, s in rows})
-    names = _names(rows, seqs)
+    names = [n for n in _names(rows, seqs) if not _is_variant(n)]
     has_mem = any("peak_allocated_gib" in r for r in rows.values())
     fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(12 if has_mem else 6.5, 4.2), squeeze=False)
     for n in names:

@@ -6,10 +6,17 @@ again (saving the gathered tensors would keep ``W x`` the local K, V alive per
 layer between forward and backward) and reduce-scatters dK, dV in fp32.
 
 Overlap: the work is split into ``head_chunks`` groups of key/value heads (with
-their query heads). The gather of chunk ``c + 1`` runs while chunk ``c`` computes,
-and in the backward the reduce-scatter of chunk ``c`` runs under chunk ``c + 1``;
-only the first gather and the last reduce-scatter are exposed. It also bounds
-memory: at most two chunks of gathered K, V are alive.
+their query heads). The gather of chunk ``c + 1`` is posted before chunk ``c``
+computes, and each chunk starts with its diagonal blocks, which need only the
+rank's own keys, so even the first gather runs under a kernel; in the backward
+the reduce-scatter of chunk ``c`` runs under chunk ``c + 1``. Only the last
+reduce-scatter is fully exposed. It also bounds memory: at most two chunks of
+gathered K, V are alive. (As for Ulysses, the transfers only run beside the
+kernels if the NCCL stream has high priority; see docs/sp.md.)
+
+Accumulation: the first kernel result for a row range (or a key range) is copied
+into the fp32 accumulator, later ones are merged (or added): no zero-fills and no
+merge with an empty accumulator.
 
 Causal masks without reordering tokens: the gathered keys are addressed as
 *segments* (views of the gather buffers, no copies) and every kernel call is
@@ -38,21 +45,23 @@ def _segments(rank: int, world: int, layout: str, causal: bool, s_local: int):
 
     ``buffer`` names a gather buffer (``all``: whole shards; ``first`` / ``second``:
     the two zigzag halves); ``j0:j1`` are source ranks whose pieces form the keys.
+    The causal calls are exactly the diagonal blocks, which need only this rank's
+    own keys; they come first so that they run while the gather is in flight.
     """
     r, w, s = rank, world, s_local
     if layout == "contiguous":
         if not causal:
             return [(0, s, "all", 0, w, False)]
-        return ([(0, s, "all", 0, r, False)] if r else []) + [(0, s, "all", r, r + 1, True)]
+        return [(0, s, "all", r, r + 1, True)] + ([(0, s, "all", 0, r, False)] if r else [])
     c = s // 2
     if not causal:  # key order is irrelevant without a mask
         return [(0, s, "first", 0, w, False), (0, s, "second", 0, w, False)]
-    segs = [(0, s, "first", 0, r, False)] if r else []  # chunks 0..r-1: every local query sees them
-    segs += [(0, c, "first", r, r + 1, True)]  # chunk r against itself
+    segs = [(0, c, "first", r, r + 1, True)]  # chunk r against itself
+    segs += [(c, s, "second", r, r + 1, True)]  # chunk 2W-1-r against itself
+    segs += [(0, s, "first", 0, r, False)] if r else []  # chunks 0..r-1: every local query sees them
     segs += [(c, s, "first", r, w, False)]  # chunk 2W-1-r sees chunks r..W-1 in full
     if r < w - 1:  # second halves hold chunks 2W-1-j; those with j > r come before ours
         segs += [(c, s, "second", r + 1, w, False)]
-    segs += [(c, s, "second", r, r + 1, True)]  # chunk 2W-1-r against itself
     return segs
 
 
@@ -68,21 +77,87 @@ def _region(buf: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
     return buf[j0:j1].flatten(0, 1).permute(1, 0, 2, 3)
 
 
-def _post_gathers(tensors, rows, heads, info):
-    """Start gathering ``tensors[:, rows, heads]`` of every rank; returns (buffers, works)."""
-    buffers, works = {}, []
-    for name, (a, b) in rows.items():
-        for which, t in tensors.items():
-            send = t[:, a:b, heads].permute(1, 0, 2, 3).contiguous()  # [L, B, h, D]
-            recv = torch.empty((info.world, *send.shape), dtype=t.dtype, device=t.device)
-            works.append(all_gather_tensor(recv.flatten(0, 1), send, group=info.group, async_op=True))
-            buffers[(which, name)] = recv
-    return buffers, works
+class _Gather:
+    """The gathers of one head chunk in flight: ``buffers[(which, name)]`` ``[W, L, B, h, D]``
+    (valid after :meth:`wait`) and this rank's own pieces ``local[(which, name)]``
+    ``[L, B, h, D]`` (the send buffers, valid at once)."""
+
+    def __init__(self, tensors, rows, heads, info):
+        self.buffers, self.local, self._works = {}, {}, []
+        for name, (a, b) in rows.items():
+            for which, t in tensors.items():
+                send = t[:, a:b, heads].permute(1, 0, 2, 3).contiguous()  # [L, B, h, D]
+                recv = torch.empty((info.world, *send.shape), dtype=t.dtype, device=t.device)
+                self._works.append(all_gather_tensor(recv.flatten(0, 1), send, group=info.group, async_op=True))
+                self.buffers[(which, name)] = recv
+                self.local[(which, name)] = send
+
+    def wait(self) -> None:
+        for work in self._works:
+            work.wait()
+        self._works = []
+
+    def keys(self, name: str, j0: int, j1: int, rank: int):
+        """Keys and values of source ranks ``j0:j1`` as ``[B, n*L, h, D]``; the own piece
+        without waiting for the gather, anything else after it."""
+        if (j0, j1) == (rank, rank + 1):
+            return tuple(self.local[(which, name)].permute(1, 0, 2, 3) for which in ("k", "v"))
+        self.wait()
+        return tuple(_region(self.buffers[(which, name)], j0, j1) for which in ("k", "v"))
 
 
 def _chunk_slices(hq: int, hkv: int, chunks: int):
     gq, gk = hq // chunks, hkv // chunks
     return [(slice(c * gq, (c + 1) * gq), slice(c * gk, (c + 1) * gk)) for c in range(chunks)]
+
+
+def _row_parts(layout: str, s: int) -> list[tuple[int, int]]:
+    """Row ranges that segments cover whole: the two zigzag chunks, or the whole shard."""
+    return [(0, s // 2), (s // 2, s)] if layout == "zigzag" else [(0, s)]
+
+
+def _split_rows(parts, r0: int, r1: int):
+    return [(a, b) for a, b in parts if r0 <= a and b <= r1]
+
+
+def _fold_rows(acc: torch.Tensor, lse_acc: torch.Tensor | None, done: set, parts, r0, r1, x, x_lse) -> None:
+    """Fold one kernel call's rows ``r0:r1`` into the fp32 accumulators.
+
+    The first result for a row range is copied (no zero-fill, no merge); later
+    ones are merged through the log-sum-exp (``lse_acc`` given: outputs) or added
+    (``lse_acc`` None: dq).
+    """
+    for a, b in _split_rows(parts, r0, r1):
+        part = x[:, a - r0 : b - r0]
+        if a not in done:
+            acc[:, a:b].copy_(part)
+            if lse_acc is not None:
+                lse_acc[:, :, a:b].copy_(x_lse[:, :, a - r0 : b - r0])
+            done.add(a)
+        elif lse_acc is not None:
+            merge_(acc[:, a:b], lse_acc[:, :, a:b], part, x_lse[:, :, a - r0 : b - r0])
+        else:
+            acc[:, a:b] += part
+
+
+def _fold_keys(buf: torch.Tensor, done: list[bool], j0: int, j1: int, grad: torch.Tensor) -> None:
+    """Add a call's key gradient (source ranks ``j0:j1``, ``[B, n*L, h, D]``) into the fp32
+    buffer ``[W, L, B, h, D]``: copied where a rank's piece is still untouched, added where not."""
+    n_local = buf.shape[1]
+    j = j0
+    while j < j1:  # runs of equal state, so a call is one or two ops
+        k = j
+        while k < j1 and done[k] == done[j]:
+            k += 1
+        piece = grad[:, (j - j0) * n_local : (k - j0) * n_local]
+        region = _region(buf, j, k)
+        if done[j]:
+            region.add_(piece)
+        else:
+            region.copy_(piece)
+        for m in range(j, k):
+            done[m] = True
+        j = k
 
 
 class _AllGatherAttention(torch.autograd.Function):
@@ -91,31 +166,33 @@ class _AllGatherAttention(torch.autograd.Function):
         b, s, hq, d = q.shape
         segs = _segments(info.rank, info.world, layout, causal, s)
         rows = _local_rows(layout, s)
+        parts = _row_parts(layout, s)
         acc = acc_dtype(q.dtype)
         out = torch.empty_like(q)
         lse = torch.empty((b, hq, s), dtype=acc, device=q.device)
         slices = _chunk_slices(hq, k.shape[2], chunks)
         states = []
-        pending = _post_gathers({"k": k, "v": v}, rows, slices[0][1], info)
+        pending = _Gather({"k": k, "v": v}, rows, slices[0][1], info)
         for c, (qh, _) in enumerate(slices):
-            # Post the next chunk's gathers before computing this one: they overlap.
-            nxt = _post_gathers({"k": k, "v": v}, rows, slices[c + 1][1], info) if c + 1 < chunks else None
-            bufs, works = pending
-            for work in works:
-                work.wait()
+            # Post the next chunk's gathers before computing this one: they overlap it,
+            # and this chunk's own diagonal blocks run before its gathers are waited for.
+            nxt = _Gather({"k": k, "v": v}, rows, slices[c + 1][1], info) if c + 1 < chunks else None
+            gather = pending
             q_c = q[:, :, qh] if chunks == 1 else q[:, :, qh].contiguous()
-            out_acc = torch.zeros((b, s, q_c.shape[2], d), dtype=acc, device=q.device)
-            lse_acc = torch.full((b, q_c.shape[2], s), float("-inf"), dtype=acc, device=q.device)
+            out_acc = torch.empty((b, s, q_c.shape[2], d), dtype=acc, device=q.device)
+            lse_acc = torch.empty((b, q_c.shape[2], s), dtype=acc, device=q.device)
+            done: set = set()
             chunk_states = []
             for r0, r1, name, j0, j1, seg_causal in segs:
-                k_seg, v_seg = _region(bufs[("k", name)], j0, j1), _region(bufs[("v", name)], j0, j1)
+                k_seg, v_seg = gather.keys(name, j0, j1, info.rank)
                 o, o_lse, state = attention_forward(q_c[:, r0:r1], k_seg, v_seg, causal=seg_causal, scale=scale)
-                merge_(out_acc[:, r0:r1], lse_acc[:, :, r0:r1], o, o_lse)
+                _fold_rows(out_acc, lse_acc, done, parts, r0, r1, o, o_lse)
                 chunk_states.append(state)
             states.append(chunk_states)
+            gather.wait()
             out[:, :, qh] = out_acc
             lse[:, qh] = lse_acc
-            del bufs, works
+            del gather, out_acc, lse_acc
             pending = nxt
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.info, ctx.causal, ctx.scale, ctx.layout, ctx.chunks, ctx.states = info, causal, scale, layout, chunks, states
@@ -128,6 +205,7 @@ class _AllGatherAttention(torch.autograd.Function):
         b, s, hq, d = q.shape
         segs = _segments(info.rank, info.world, ctx.layout, ctx.causal, s)
         rows = _local_rows(ctx.layout, s)
+        parts = _row_parts(ctx.layout, s)
         acc = acc_dtype(q.dtype)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         slices = _chunk_slices(hq, k.shape[2], ctx.chunks)
@@ -138,27 +216,32 @@ class _AllGatherAttention(torch.autograd.Function):
                 work.wait()
                 target[:, a:bnd, kh] = result.permute(1, 0, 2, 3)
 
-        pending = _post_gathers({"k": k, "v": v}, rows, slices[0][1], info)
+        pending = _Gather({"k": k, "v": v}, rows, slices[0][1], info)
         for c, (qh, kh) in enumerate(slices):
-            nxt = _post_gathers({"k": k, "v": v}, rows, slices[c + 1][1], info) if c + 1 < ctx.chunks else None
-            bufs, works = pending
-            for work in works:
-                work.wait()
+            nxt = _Gather({"k": k, "v": v}, rows, slices[c + 1][1], info) if c + 1 < ctx.chunks else None
+            gather = pending
             q_c, out_c, dout_c = (t[:, :, qh].contiguous() for t in (q, out, dout))
             lse_c = lse[:, qh]
-            dq_acc = torch.zeros(q_c.shape, dtype=acc, device=q.device)
-            grads = {key: torch.zeros(buf.shape, dtype=acc, device=q.device) for key, buf in bufs.items()}
+            dq_acc = torch.empty(q_c.shape, dtype=acc, device=q.device)
+            done_rows: set = set()
+            grads = {key: torch.empty(buf.shape, dtype=acc, device=q.device) for key, buf in gather.buffers.items()}
+            done_keys = {key: [False] * info.world for key in grads}
             for (r0, r1, name, j0, j1, seg_causal), state in zip(segs, ctx.states[c]):
-                k_seg, v_seg = _region(bufs[("k", name)], j0, j1), _region(bufs[("v", name)], j0, j1)
+                k_seg, v_seg = gather.keys(name, j0, j1, info.rank)
                 dq_s, dk_s, dv_s = attention_backward(
                     dout_c[:, r0:r1], q_c[:, r0:r1], k_seg, v_seg, out_c[:, r0:r1], lse_c[:, :, r0:r1], state,
                     causal=seg_causal, scale=scale,
                 )
-                dq_acc[:, r0:r1] += dq_s
-                _region(grads[("k", name)], j0, j1).add_(dk_s)
-                _region(grads[("v", name)], j0, j1).add_(dv_s)
+                _fold_rows(dq_acc, None, done_rows, parts, r0, r1, dq_s, None)
+                _fold_keys(grads[("k", name)], done_keys[("k", name)], j0, j1, dk_s)
+                _fold_keys(grads[("v", name)], done_keys[("v", name)], j0, j1, dv_s)
+            for key, grad in grads.items():  # keys no local query attends to (contiguous causal)
+                for j, touched in enumerate(done_keys[key]):
+                    if not touched:
+                        grad[j].zero_()
+            gather.wait()
             dq[:, :, qh] = dq_acc
-            del bufs, works
+            del gather, dq_acc, q_c, out_c, dout_c, k_seg, v_seg
             # Sum every rank's contribution to our keys: reduce-scatter in fp32, overlapped
             # with the next chunk. The previous chunk's is done by now (it ran under this
             # chunk); finishing it frees its fp32 buffers, so at most two chunks' are alive.

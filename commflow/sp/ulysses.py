@@ -7,18 +7,24 @@ shards. The backward mirrors it: ``dO`` forward, ``dQ, dK, dV`` back.
 
 What makes it fast (and what DeepSpeed's ``DistributedAttention`` does not do):
 
-* **one packed all-to-all for q, k and v**: the send buffer holds, per destination
-  rank and token, that rank's query heads followed by its key and value heads
-  (``[W, B, S/W, hq + 2 hkv, D]``), so the three tensors cost one collective, and
-  the received buffer *is* the head-sharded q, k, v (strided views, no unpacking
-  copy for ``B = 1``); gradients return the same way in one collective.
+* **the least copying**: per direction, one copy on the sequence-sharded side
+  (packing each send buffer rank-major, writing the result into the caller's
+  layout) and none on the head-sharded side: q, k and v each travel in their own
+  all-to-all and arrive as dense ``[B, S, h, D]`` tensors (views of the receive
+  buffer for ``B = 1``), the layout single-GPU SDPA takes; the kernel's output and
+  its dq, dk, dv come back dense and are sent as they are. DeepSpeed copies before
+  and after every all-to-all.
 * **overlap**: the local heads are processed in ``head_chunks`` groups; the
-  all-to-all of group ``c + 1`` and the return of group ``c - 1`` run while group
-  ``c`` computes, so only the first and the last transfer are exposed.
-* exactly one copy per direction on the sequence-sharded side (packing the
-  send buffer, writing the result into the caller's layout) and none on the
-  head-sharded side; the kernel sees the same ``[B, S, h, D]`` tensors as
-  single-GPU SDPA.
+  all-to-alls of group ``c + 1`` are queued before group ``c``'s kernel and the
+  return of group ``c - 1`` right after it, so only the first and the last
+  transfer are exposed. For the transfers to really run beside the kernel, the
+  group's NCCL stream should have high priority (``TORCH_NCCL_HIGH_PRIORITY=1`` or
+  ``ProcessGroupNCCL.Options(is_high_priority_stream=True)``): otherwise the GPU
+  hands free SMs to the already running attention kernel first and the
+  all-to-all waits for its last wave.
+* **memory**: what the backward needs (head-sharded q, k, v, out) is freed chunk
+  by chunk as the backward proceeds, while an SDPA node (DeepSpeed's) holds all of
+  it until its whole backward is done, beside its gradients and workspace.
 
 GQA/MQA: key/value heads must split evenly over the ``W`` ranks. With ``Hkv`` not
 a multiple of ``W`` each key/value head is repeated ``W / gcd(Hkv, W)`` times (the
@@ -53,8 +59,30 @@ def _all_to_all(send: torch.Tensor, info):
     return recv, dist.all_to_all_single(recv, send, group=info.group, async_op=True)
 
 
+def _all_to_all_many(sends: list[torch.Tensor], info):
+    """Start one all-to-all per tensor of ``sends`` (each ``[W, ...]``, contiguous).
+
+    The results land in one allocation (so what is saved for the backward is one
+    block per chunk); returns (list of received tensors, list of works).
+    """
+    flat = torch.empty(sum(t.numel() for t in sends), dtype=sends[0].dtype, device=sends[0].device)
+    recvs, works, offset = [], [], 0
+    for send in sends:
+        recv = flat[offset : offset + send.numel()].view(send.shape)
+        offset += send.numel()
+        recvs.append(recv)
+        works.append(dist.all_to_all_single(recv, send, group=info.group, async_op=True))
+    return recvs, works
+
+
+def _wait(works) -> None:
+    for work in works:
+        work.wait()
+
+
 def _seq_major(x: torch.Tensor, world: int) -> torch.Tensor:
-    """``[B, S, h, D]`` (rows in rank order) -> ``[W, B, S/W, h, D]`` send buffer."""
+    """``[B, S, h, D]`` (rows in rank order) -> ``[W, B, S/W, h, D]`` send buffer (a view when
+    ``B = 1`` and ``x`` is contiguous, which is what the kernels return)."""
     b, s = x.shape[:2]
     if b == 1:
         return x.contiguous().view(world, 1, s // world, *x.shape[2:])
@@ -62,7 +90,8 @@ def _seq_major(x: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def _full_sequence(recv: torch.Tensor) -> torch.Tensor:
-    """Received ``[W, B, S/W, h, D]`` (rows from rank ``j`` at ``j``) -> ``[B, S, h, D]``."""
+    """Received ``[W, B, S/W, h, D]`` (rows from rank ``j`` at ``j``) -> ``[B, S, h, D]``
+    (a view for ``B = 1``: dense ``[B, S, h, D]``, the layout single-GPU SDPA gets)."""
     w, b, s_local = recv.shape[:3]
     if b == 1:
         return recv.view(1, w * s_local, *recv.shape[3:])
@@ -70,6 +99,16 @@ def _full_sequence(recv: torch.Tensor) -> torch.Tensor:
 
 
 class _Ulysses(torch.autograd.Function):
+    """Pipelined over ``chunks`` head groups; see the module docstring.
+
+    What the backward needs per chunk (head-sharded q, k, v, out and lse over the
+    whole sequence) is kept in ``ctx.chunks_saved`` rather than
+    ``save_for_backward`` so that the backward can free each chunk's tensors as
+    soon as that chunk's gradients are computed: they are intermediates, never
+    the caller's tensors, so no version check is lost. The price is one backward
+    per forward (``retain_graph=True`` and a second backward raise).
+    """
+
     @staticmethod
     def forward(ctx, q, k, v, info, causal, scale, layout, repeat, chunks):
         w = info.world
@@ -82,81 +121,88 @@ class _Ulysses(torch.autograd.Function):
         q6, k6, v6 = (t.reshape(b, s_local, w, chunks, -1, d) for t in (q, k, v))
 
         def send_qkv(c):
-            send = torch.empty((w, b, s_local, hq_c + 2 * hkv_c, d), dtype=q.dtype, device=q.device)
-            torch.cat([t[:, :, :, c].permute(2, 0, 1, 3, 4) for t in (q6, k6, v6)], dim=3, out=send)
-            return _all_to_all(send, info)
+            # One copy per tensor (rank-major), then one all-to-all each: every tensor
+            # arrives dense, [B, S, h, D], as single-GPU SDPA would get it.
+            sends = [t[:, :, :, c].permute(2, 0, 1, 3, 4).contiguous() for t in (q6, k6, v6)]
+            return _all_to_all_many(sends, info)
 
         out = torch.empty_like(q)
         out6 = out.view(b, s_local, w, chunks, hq_c, d)
+
         def finish(c, recv, work):
             work.wait()
             out6[:, :, :, c] = recv.permute(1, 2, 0, 3, 4)  # head group j of chunk c came from rank j
 
-        saved, states, returning = [], [], None
+        saved, returning = [], None
         pending = send_qkv(0)
         for c in range(chunks):
-            nxt = send_qkv(c + 1) if c + 1 < chunks else None  # in flight while chunk c computes
-            recv, work = pending
-            work.wait()
-            qkv = _full_sequence(recv)
+            # The next chunk's all-to-all is queued before this chunk's kernel: on a
+            # high-priority NCCL stream it then runs beside the kernel.
+            nxt = send_qkv(c + 1) if c + 1 < chunks else None
+            recvs, works = pending
+            _wait(works)
+            q_c, k_c, v_c = (_full_sequence(t) for t in recvs)
             if reorder:
-                qkv = zigzag_to_global(qkv, w)
-            q_c, k_c, v_c = qkv[:, :, :hq_c], qkv[:, :, hq_c : hq_c + hkv_c], qkv[:, :, hq_c + hkv_c :]
+                q_c, k_c, v_c = (zigzag_to_global(t, w) for t in (q_c, k_c, v_c))
             out_c, lse_c, state = attention_forward(q_c, k_c, v_c, causal=causal, scale=scale)
-            saved += [qkv, out_c, lse_c]
-            states.append(state)
+            saved.append((q_c, k_c, v_c, out_c, lse_c, state))
             sent = (c, *_all_to_all(_seq_major(global_to_zigzag(out_c, w) if reorder else out_c, w), info))
             if returning:  # the previous chunk's return ran under this chunk's kernel
                 finish(*returning)
             returning, pending = sent, nxt
+            del recvs, works, q_c, k_c, v_c, out_c, lse_c
         finish(*returning)
-        ctx.save_for_backward(*saved)
-        ctx.info, ctx.causal, ctx.scale, ctx.reorder, ctx.states = info, causal, scale, reorder, states
+        ctx.chunks_saved = saved
+        ctx.info, ctx.causal, ctx.scale, ctx.reorder = info, causal, scale, reorder
         ctx.shape, ctx.kv_heads, ctx.repeat, ctx.chunks, ctx.heads = q.shape, k.shape[2], repeat, chunks, (hq_c, hkv_c)
         return out
 
     @staticmethod
     def backward(ctx, dout):
+        if ctx.chunks_saved is None:
+            raise RuntimeError("ulysses_attention: backward ran twice; it frees its saved tensors (no retain_graph)")
+        saved, ctx.chunks_saved = ctx.chunks_saved, None
         info, w, chunks = ctx.info, ctx.info.world, ctx.chunks
         b, s_local, hq, d = ctx.shape
         hq_c, hkv_c = ctx.heads
-        saved = ctx.saved_tensors
         do6 = dout.reshape(b, s_local, w, chunks, hq_c, d)
 
         def send_dout(c):
             return _all_to_all(do6[:, :, :, c].permute(2, 0, 1, 3, 4).contiguous(), info)
 
+        # Separate allocations: autograd takes them over as the .grad of the inputs.
         dq = torch.empty(ctx.shape, dtype=dout.dtype, device=dout.device)
-        dkv = torch.empty((2, b, s_local, ctx.kv_heads, d), dtype=dout.dtype, device=dout.device)
-        dq6 = dq.view(b, s_local, w, chunks, hq_c, d)
-        dkv7 = dkv.view(2, b, s_local, w, chunks, hkv_c, d)
-        def finish(c, recv, work):
-            work.wait()
-            recv = recv.permute(1, 2, 0, 3, 4)  # [B, S/W, W, h, D]: head group j from rank j
-            dq6[:, :, :, c] = recv[..., :hq_c, :]
-            dkv7[0, :, :, :, c] = recv[..., hq_c : hq_c + hkv_c, :]
-            dkv7[1, :, :, :, c] = recv[..., hq_c + hkv_c :, :]
+        dk = torch.empty((b, s_local, ctx.kv_heads, d), dtype=dout.dtype, device=dout.device)
+        dv = torch.empty_like(dk)
+        targets = [t.view(b, s_local, w, chunks, -1, d) for t in (dq, dk, dv)]
+
+        def finish(c, recvs, works):
+            for target, recv, work in zip(targets, recvs, works):
+                work.wait()
+                target[:, :, :, c] = recv.permute(1, 2, 0, 3, 4)  # head group j from rank j
 
         returning = None
         pending = send_dout(0)
         for c in range(chunks):
             nxt = send_dout(c + 1) if c + 1 < chunks else None
-            qkv, out_c, lse_c = saved[3 * c : 3 * c + 3]
-            q_c, k_c, v_c = qkv[:, :, :hq_c], qkv[:, :, hq_c : hq_c + hkv_c], qkv[:, :, hq_c + hkv_c :]
+            q_c, k_c, v_c, out_c, lse_c, state = saved[c]
+            saved[c] = None  # freed once this chunk's kernel has run
             recv, work = pending
             work.wait()
             do_c = _full_sequence(recv)
             if ctx.reorder:
                 do_c = zigzag_to_global(do_c, w)
-            grads = attention_backward(do_c, q_c, k_c, v_c, out_c, lse_c, ctx.states[c], causal=ctx.causal, scale=ctx.scale)
-            packed = torch.cat(grads, dim=2)  # [B, S, hq + 2 hkv, D], the layout the forward sent
+            grads = attention_backward(do_c, q_c, k_c, v_c, out_c, lse_c, state, causal=ctx.causal, scale=ctx.scale)
+            del q_c, k_c, v_c, out_c, lse_c, do_c, recv, work
+            # dq, dk, dv come back dense [B, S, h, D]: each is already a send buffer.
+            sends = [_seq_major(global_to_zigzag(g, w) if ctx.reorder else g, w) for g in grads]
             del grads
-            sent = (c, *_all_to_all(_seq_major(global_to_zigzag(packed, w) if ctx.reorder else packed, w), info))
+            sent = (c, *_all_to_all_many(sends, info))
+            del sends
             if returning:
                 finish(*returning)
             returning, pending = sent, nxt
         finish(*returning)
-        dk, dv = dkv[0], dkv[1]
         if ctx.repeat > 1:  # the copies of a repeated key/value head share its gradient
             heads = ctx.kv_heads // ctx.repeat
             acc = acc_dtype(dout.dtype)

@@ -148,28 +148,75 @@ def error_messages(strategy: str, scenario: str) -> str:
 
 
 def gpu_cases(strategy: str) -> list[Case]:
-    """bf16 cases on GPUs: both masks and layouts, MHA and GQA, batch 1 and 2."""
+    """bf16 cases on GPUs: both masks and layouts, MHA and GQA, batch 1 and 2; for the
+    pipelined strategies also two head chunks (at 4 ranks, 8 heads: one head per chunk)."""
     cases = []
     for causal in (False, True):
         for layout in ("contiguous", "zigzag"):
             for hkv, batch in ((8, 1), (2, 2)):
                 cases.append(Case(causal=causal, layout=layout, hq=8, hkv=hkv, batch=batch, dtype="bfloat16",
                                   seq_per_rank=256, head_dim=64))
+            if strategy in ("ulysses", "allgather"):
+                cases.append(Case(causal=causal, layout=layout, hq=8, hkv=8, dtype="bfloat16", seq_per_rank=256,
+                                  head_dim=64, extra=(("head_chunks", 2),)))
     return cases
 
 
-def gpu_worker(strategy: str, backend: str, cases: list[Case]) -> tuple[str, list[dict]]:
-    """Under ``spawn(..., backend="nccl")``: run ``cases`` with SDPA limited to ``backend``.
+def gpu_worker(strategy: str, backends: list[str], cases: list[Case]) -> dict[str, tuple[str, list[dict]]]:
+    """Under ``spawn(..., backend="nccl")``: run ``cases`` with SDPA limited to each of ``backends``.
 
-    Returns the backend our kernels picked for a representative block (the test
-    skips when the forced one is unavailable on this GPU) and the per-case errors.
+    Returns, per backend, the kernel ours picked for a representative block (the
+    test skips a backend this GPU does not offer) and the per-case errors.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from commflow.sp.kernels import select_backend
 
     device = f"cuda:{torch.cuda.current_device()}"
-    with sdpa_kernel(getattr(SDPBackend, backend)):
-        probe = torch.randn(1, 256, 8, 64, device=device, dtype=torch.bfloat16)
-        chosen = select_backend(probe, probe, probe, causal=True, scale=0.125)
-        return chosen, [run_case(strategy, case, device=device) for case in cases]
+    results = {}
+    for backend in backends:
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            probe = torch.randn(1, 256, 8, 64, device=device, dtype=torch.bfloat16)
+            chosen = select_backend(probe, probe, probe, causal=True, scale=0.125)
+            results[backend] = (chosen, [run_case(strategy, case, device=device) for case in cases])
+    return results
+
+
+GPU_BACKENDS = {"FLASH_ATTENTION": "flash", "CUDNN_ATTENTION": "cudnn"}
+
+
+def check_gpu_strategy(strategy: str) -> None:
+    """The body of each strategy's GPU test: one NCCL spawn on 2-4 GPUs, both fused kernels."""
+    import pytest
+
+    from commflow.dist import spawn
+
+    world = min(4, torch.cuda.device_count())
+    if world < 2:
+        pytest.skip("needs 2 GPUs")
+    cases = gpu_cases(strategy)
+    per_rank = spawn(gpu_worker, world, strategy, list(GPU_BACKENDS), cases, backend="nccl", timeout_s=600)
+    ran = []
+    for backend, kernel in GPU_BACKENDS.items():
+        if per_rank[0][backend][0] != kernel:
+            continue  # this GPU / torch does not offer that kernel here
+        ran.append(kernel)
+        for rank, by_backend in enumerate(per_rank):
+            for case, err in zip(cases, by_backend[backend][1]):
+                assert max(err["out"], err["dq"], err["dk"], err["dv"]) <= case.tolerance(), (backend, rank, case, err)
+    if not ran:
+        pytest.skip("neither flash nor cuDNN attention is available here")
+
+
+def second_backward_message(strategy: str) -> str:
+    """Backward twice over one forward (``retain_graph=True``); the second's error text."""
+    case = Case(causal=True, hq=4, hkv=4)
+    g = global_inputs(case, dist.get_world_size())
+    local = [shard(g[n]).requires_grad_(True) for n in ("q", "k", "v")]
+    out = strategy_fn(strategy)(*local, causal=True)
+    out.backward(shard(g["dout"]), retain_graph=True)
+    try:
+        out.backward(shard(g["dout"]))
+    except RuntimeError as e:
+        return str(e)
+    return "<no error>"

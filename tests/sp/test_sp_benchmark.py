@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.__main__ import main
 from benchmarks.sp_attention import flops_fwd_bwd
+from benchmarks.sp_peers import is_variant, parse
+from benchmarks.sp_report import _label, markdown
 from benchmarks.sp_report import main as report_main
-from benchmarks.sp_report import markdown
 
 
 def test_flop_convention():
@@ -16,9 +19,23 @@ def test_flop_convention():
     assert flops_fwd_bwd(2, 8, 1, 1, causal=False) == 2 * flops_fwd_bwd(1, 8, 1, 1, causal=False)
 
 
+def test_strategy_names():
+    assert parse("ulysses:4@normal") == ("ulysses", "4", True)
+    assert parse("torch_cp_alltoall:cudnn") == ("torch_cp_alltoall", "cudnn", False)
+    assert parse("sdpa_1gpu") == ("sdpa_1gpu", "", False)
+    for bad in ("ulysses:x", "ring:2", "torch_cp_allgather:fast", "deepspeed@high", "nope"):
+        with pytest.raises(ValueError):
+            parse(bad)
+    assert is_variant("allgather:2") and is_variant("ring@normal") and not is_variant("torch_cp_allgather")
+    assert _label("ulysses:8@normal") == "Ulysses (8 chunks) [normal-priority NCCL]"
+    assert _label("torch_cp_alltoall:cudnn") == "torch CP (alltoall) (cudnn)"
+    with pytest.raises(SystemExit):
+        main(["sp_attention", "--device", "cpu", "--strategies", "ulysses:x"])
+
+
 def test_cpu_run_checks_times_and_reports(tmp_path):
     out = tmp_path / "sp.json"
-    strategies = "ulysses,ring,allgather:2,torch_cp_alltoall,sdpa_1gpu,sdpa_1gpu_bhsd"
+    strategies = "ulysses,ring,allgather:2,ring@normal,torch_cp_alltoall,sdpa_1gpu,sdpa_1gpu_bhsd,sdpa_1gpu:flash"
     assert main(["sp_attention", "--device", "cpu", "--nproc", "2", "--seqs", "32", "--heads", "4",
                  "--kv-heads", "2", "--head-dim", "8", "--warmup", "0", "--iters", "1", "--check-seq", "16",
                  "--strategies", strategies, "--out", str(out)]) == 0
@@ -26,11 +43,11 @@ def test_cpu_run_checks_times_and_reports(tmp_path):
     res = record["results"]
     # Every strategy of ours passed the correctness gate; the CUDA-only peer says why it did not run.
     checks = {c["strategy"]: c for c in res["checks"]}
-    for name in ("ulysses", "ring", "allgather:2", "sdpa_1gpu", "sdpa_1gpu_bhsd"):
+    for name in ("ulysses", "ring", "allgather:2", "ring@normal", "sdpa_1gpu", "sdpa_1gpu_bhsd"):
         assert checks[name]["ok"] and checks[name]["max_rel_error"] < 3e-2, checks[name]
-    assert "CUDA" in res["skipped"]["torch_cp_alltoall"]
+    assert "CUDA" in res["skipped"]["torch_cp_alltoall"] and "CUDA" in res["skipped"]["sdpa_1gpu:flash"]
     rows = {r["strategy"]: r for r in res["rows"]}
-    assert set(rows) == {"ulysses", "ring", "allgather:2", "sdpa_1gpu", "sdpa_1gpu_bhsd"}
+    assert set(rows) == {"ulysses", "ring", "allgather:2", "ring@normal", "sdpa_1gpu", "sdpa_1gpu_bhsd"}
     for row in rows.values():
         assert row["status"] == "ok" and row["time_ms"] > 0 and row["seq"] == 32
         expected = flops_fwd_bwd(1, 32, 4, 8, causal=True) / 2 / (row["time_ms"] * 1e-3) / 1e12
@@ -42,6 +59,9 @@ def test_cpu_run_checks_times_and_reports(tmp_path):
     assert f"({ratio:.2f})" in text
     assert "--strategies " + strategies in text and "--device cpu" in text
     assert "torch CP (alltoall): torch context_parallel" in text
+    # Variants get their own table, beside the base strategy they vary.
+    variants = text[text.index("**variants"):]
+    assert "| ring | ring [normal-priority NCCL] | all-gather KV (2 chunks) |" in variants
     png, md = tmp_path / "img" / "sp.png", tmp_path / "sp.md"
     assert report_main([str(out), "--png", str(png), "--md", str(md)]) == 0
     assert png.stat().st_size > 1000 and "![sp attention](img/sp.png)" in md.read_text()
