@@ -15,6 +15,12 @@ reference. Math and names as in :mod:`commflow.sp.lasp2`.
     the released code (OpenNLPLab/LASP ``lasp_naive`` / ``lasp_fuse_parallel``): receive,
     then run the whole local kernel with that initial state, then send, so rank r starts
     computing only when rank r-1 has finished.
+    Every hop is a batched point-to-point op (:func:`_hop`) on the group's own NCCL
+    communicator: an unbatched ``dist.send``/``dist.recv`` would make torch (lazy NCCL
+    init) build a separate 2-rank communicator per pair on first use, a blocking
+    collective of the pair in the middle of the chain, the pattern behind the hangs that
+    other projects report for serial P2P chains. Batched ops need the group's
+    communicator to exist: some collective on every rank first (the benchmark does one).
 
 ``ring_kv_attention``
     Ring attention (Liu et al., arXiv 2310.01889) applied to linear attention: K, V (and
@@ -52,6 +58,26 @@ def _log_gamma(q, g, g_gamma) -> torch.Tensor:
     return torch.zeros(B, H, dtype=sdt, device=q.device)
 
 
+def _hop(send: torch.Tensor | None = None, dst: int | None = None, recv: torch.Tensor | None = None,
+         src: int | None = None) -> list:
+    """Post a send to ``dst`` and/or a receive from ``src`` as ONE batched op; returns the works.
+
+    Batched (``batch_isend_irecv``), so NCCL runs it on the group's communicator in stream
+    order with every other op of the group, and the two ranks of a hop post matching ops in
+    the same order (the chain: receive from the left, then send to the right)."""
+    ops = []
+    if recv is not None:
+        ops.append(dist.P2POp(dist.irecv, recv, src))
+    if send is not None:
+        ops.append(dist.P2POp(dist.isend, send, dst))
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _wait(works: list) -> None:
+    for w in works:
+        w.wait()
+
+
 class _Lasp1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, g_gamma, scale, kernels: LinearKernels, serial_compute: bool):
@@ -60,21 +86,21 @@ class _Lasp1(torch.autograd.Function):
         sdt = _state_dtype(q)
         s_in = torch.zeros(B, H, K, v.shape[-1], dtype=sdt, device=q.device)
         dec = kernels.prepare(g, g_gamma, S)
+        last = rank == world - 1
         if serial_compute:  # receive, run the whole local kernel from S_in, send
             if rank > 0:
-                dist.recv(s_in, src=rank - 1)
+                _wait(_hop(recv=s_in, src=rank - 1))
             h, s_out = kernels.states(k, v, dec, s_in, True)
-            send = dist.isend(s_out.to(sdt).contiguous(), dst=rank + 1) if rank < world - 1 else None
+            send = [] if last else _hop(send=s_out.to(sdt).contiguous(), dst=rank + 1)
             o = kernels.output(q, k, v, dec, h, scale)
         else:  # local states in parallel; only S_out = Gamma S_in + S_local waits on the chain
             h, s_local = kernels.states(k, v, dec, None, True)
             if rank > 0:
-                dist.recv(s_in, src=rank - 1)
+                _wait(_hop(recv=s_in, src=rank - 1))
             s_out = torch.exp(_log_gamma(q, g, g_gamma))[..., None, None] * s_in + s_local
-            send = dist.isend(s_out.to(sdt).contiguous(), dst=rank + 1) if rank < world - 1 else None
+            send = [] if last else _hop(send=s_out.to(sdt).contiguous(), dst=rank + 1)
             o = kernels.output(q, k, v, dec, h, scale, fold=s_in)  # the same fold kernel as LASP-2
-        if send is not None:
-            send.wait()
+        _wait(send)
         ctx.save_for_backward(q, k, v, g, g_gamma, s_in)
         ctx.scale, ctx.kernels, ctx.serial_compute = scale, kernels, serial_compute
         return o
@@ -87,22 +113,22 @@ class _Lasp1(torch.autograd.Function):
         do = do.contiguous()
         dec = kernels.prepare(g, g_gamma, q.shape[1])
         ds_out = torch.zeros_like(s_in)
+        # The chain runs backwards: receive from the right, send to the left.
         if ctx.serial_compute:
             if rank < world - 1:
-                dist.recv(ds_out, src=rank + 1)
+                _wait(_hop(recv=ds_out, src=rank + 1))
             h, _ = kernels.states(k, v, dec, s_in, False, states_in_fp32=True)
             dq, dk, dv, dg, ds_in = kernels.backward(q, k, v, dec, h, do, s_in, ds_out, scale)
-            send = dist.isend(ds_in.to(s_in.dtype).contiguous(), dst=rank - 1) if rank > 0 else None
+            send = _hop(send=ds_in.to(s_in.dtype).contiguous(), dst=rank - 1) if rank > 0 else []
         else:
             dh, own = kernels.state_grads(q, do, dec, scale)
             if rank < world - 1:
-                dist.recv(ds_out, src=rank + 1)
+                _wait(_hop(recv=ds_out, src=rank + 1))
             ds_in = own.to(s_in.dtype) + torch.exp(_log_gamma(q, g, g_gamma))[..., None, None] * ds_out
-            send = dist.isend(ds_in.contiguous(), dst=rank - 1) if rank > 0 else None
+            send = _hop(send=ds_in.contiguous(), dst=rank - 1) if rank > 0 else []
             h, _ = kernels.states(k, v, dec, s_in, False, states_in_fp32=True)
             dq, dk, dv, dg = kernels.grads(q, k, v, dec, h, dh, do, scale, fold=ds_out)
-        if send is not None:
-            send.wait()
+        _wait(send)
         return dq, dk, dv, dg, None, None, None, None
 
 

@@ -25,18 +25,27 @@ Correctness guard: :func:`checked` runs each kernel variant once per (device, dt
 dims, chunk size, decay mode, fold) on a small random problem against the torch
 formulation and, on a mismatch, warns and returns None so the caller uses torch instead:
 a miscompiling Triton never gives wrong results silently. ``COMMFLOW_LINEAR_TRITON=0``
-disables these kernels.
+disables these kernels. In a process group, :func:`prime` runs every self-check up front
+and makes the ranks agree on the verdicts (one all-reduce), so no rank takes the torch
+path while its peers take Triton.
+
+Autotuning cost: :func:`autotune_mode` limits what every Triton autotuner in the process
+(fla's and these) does on a new key: ``"off"`` runs one configuration without timing and
+caches nothing (correctness checks: fla tunes some kernels over 48 configurations, each a
+compile); ``"limited"`` times at most ``AUTOTUNE_LIMIT`` of them; ``"full"`` is Triton's own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
 
 import torch
 
-__all__ = ["checked", "chunk_bwd_dqkg", "chunk_bwd_dv", "chunk_fwd_o", "self_check"]
+__all__ = ["autotune_mode", "checked", "chunk_bwd_dqkg", "chunk_bwd_dv", "chunk_fwd_o", "force_occupancy", "prime",
+           "self_check"]
 
 try:  # optional: only the GPU path needs Triton
     import triton
@@ -260,8 +269,27 @@ def _dummy(x):
     return x.new_empty(1, dtype=torch.float32)
 
 
+_OCCUPANCY_OVERRIDE: int | None = None
+
+
 def _occupancy(B, T, H, BT) -> int:
+    if _OCCUPANCY_OVERRIDE is not None:
+        return _OCCUPANCY_OVERRIDE
     return min(4, triton.cdiv(T, BT) * B * H // 512)
+
+
+@contextlib.contextmanager
+def force_occupancy(bucket: int):
+    """Run these kernels under the autotune entry of occupancy ``bucket`` (0..4) whatever the
+    problem size: a small re-check then exercises the configuration tuned on long sequences."""
+    global _OCCUPANCY_OVERRIDE
+    if not 0 <= bucket <= 4:
+        raise ValueError(f"bucket must be in 0..4, got {bucket}")
+    saved, _OCCUPANCY_OVERRIDE = _OCCUPANCY_OVERRIDE, bucket
+    try:
+        yield
+    finally:
+        _OCCUPANCY_OVERRIDE = saved
 
 
 def chunk_fwd_o(q, k, v, h, g2, gamma2, scale: float, chunk_size: int = 64, fold=None, fold_w=None):
@@ -381,3 +409,101 @@ def checked(device, dtype, K: int, V: int, chunk_size: int, mode: str, fold: boo
 def verdicts() -> dict[tuple, tuple[bool, float]]:
     """Self-check results so far: ``{(device, dtype, K, V, chunk, mode, fold): (ok, worst error)}``."""
     return dict(_VERDICTS)
+
+
+def prime(device, dtype, K: int, V: int, chunk_size: int = 64, *, group=None) -> dict[tuple, tuple[bool, float]]:
+    """Self-check every variant (3 decay modes x fold or not) now, and, in a process group,
+    agree on the verdicts: a variant is used only if it passed on every rank (one all-reduce
+    of 6 flags, on every rank of ``group``; call it on all of them at the same point).
+
+    Without it the verdicts are taken lazily inside the first forward and backward, per rank.
+    Returns the (agreed) verdicts of these variants."""
+    import torch.distributed as dist
+
+    variants = [(mode, fold) for mode in ("none", "gamma", "g") for fold in (False, True)]
+    keys = [(str(device), dtype, K, V, chunk_size, mode, fold) for mode, fold in variants]
+    for mode, fold in variants:
+        checked(device, dtype, K, V, chunk_size, mode, fold)
+    if group is not None or (dist.is_available() and dist.is_initialized()):
+        usable = triton is not None and os.environ.get("COMMFLOW_LINEAR_TRITON", "1") != "0"
+        flags = torch.tensor([1.0 if usable and _VERDICTS[k][0] else 0.0 for k in keys], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+        for key, flag in zip(keys, flags.tolist()):
+            if usable and _VERDICTS[key][0] and not flag:
+                warnings.warn(f"commflow's Triton kernels {key} passed here but failed on another rank; "
+                              "using torch on every rank", RuntimeWarning, stacklevel=2)
+            if usable:
+                _VERDICTS[key] = (bool(flag), _VERDICTS[key][1])
+    return {k: _VERDICTS[k] for k in keys if k in _VERDICTS}
+
+
+# ----------------------------------------------------------------------------- autotune control
+
+AUTOTUNE_LIMIT = 8
+"""At most this many configurations are timed per new key in ``"limited"`` mode."""
+_AUTOTUNE_MODE = "full"
+_ORIGINAL_RUN = None
+
+
+def _preferred(configs) -> list:
+    """Configurations in the order ``"off"`` tries them: few pipeline stages (least shared
+    memory) and 4 warps first, then the declared order (stable sort)."""
+    return sorted(configs, key=lambda c: (c.num_stages, abs(c.num_warps - 4)))
+
+
+def _limited(configs, limit: int) -> list:
+    """A deterministic spread of at most ``limit`` configurations (the same on every rank):
+    4 or 8 warps and 2 or 3 stages where the list has such, then evenly spaced picks."""
+    common = [c for c in configs if c.num_warps in (4, 8) and c.num_stages in (2, 3)] or list(configs)
+    if len(common) <= limit:
+        return common
+    return [common[round(i * (len(common) - 1) / (limit - 1))] for i in range(limit)] if limit > 1 else common[:1]
+
+
+def _run_with_mode(self, *args, **kwargs):
+    mode = _AUTOTUNE_MODE
+    if mode == "full" or len(self.configs) <= 1:
+        return _ORIGINAL_RUN(self, *args, **kwargs)
+    from triton.runtime.errors import OutOfResources
+
+    saved = self.configs
+    try:
+        if mode == "limited":  # the tuner times only these; its pick is cached under the usual key
+            self.configs = _limited(saved, AUTOTUNE_LIMIT)
+            return _ORIGINAL_RUN(self, *args, **kwargs)
+        # "off": one configuration, no timing, nothing cached (a later tuned run still tunes)
+        self.nargs = dict(zip(self.arg_names, args))
+        candidates = self.prune_configs(kwargs) if self.early_config_prune else saved
+        error = None
+        for config in _preferred(candidates):
+            self.configs = [config]
+            try:
+                return _ORIGINAL_RUN(self, *args, **kwargs)
+            except OutOfResources as e:  # too much shared memory for this chip: the next one
+                error = e
+        raise error
+    finally:
+        self.configs = saved
+
+
+@contextlib.contextmanager
+def autotune_mode(mode: str):
+    """Within the block every Triton autotuner of the process (fla's, commflow's) runs new keys
+    in ``mode``: ``"off"`` (one configuration, untimed, not cached), ``"limited"`` (time at most
+    :data:`AUTOTUNE_LIMIT`), ``"full"`` (Triton's behaviour). Keys tuned before are unaffected."""
+    global _AUTOTUNE_MODE, _ORIGINAL_RUN
+    if mode not in ("off", "limited", "full"):
+        raise ValueError(f"mode must be 'off', 'limited' or 'full', got {mode!r}")
+    if triton is None:
+        yield
+        return
+    from triton.runtime.autotuner import Autotuner
+
+    if _ORIGINAL_RUN is None:  # patched once; the mode decides what the patch does
+        _ORIGINAL_RUN = Autotuner.run
+        Autotuner.run = _run_with_mode
+    saved, _AUTOTUNE_MODE = _AUTOTUNE_MODE, mode
+    try:
+        yield
+    finally:
+        _AUTOTUNE_MODE = saved

@@ -347,3 +347,31 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path):
     assert summary["speedup_vs_ring"] > 0 and summary["fraction_of_compute_limit"] > 0
     text = report(out, tmp_path / "r.md", tmp_path / "img")
     assert "vs LASP-1" in text and (tmp_path / "img" / "lasp2_2x_g.png").exists()
+
+
+def test_benchmark_watchdog_records_a_hung_step_and_resumes(tmp_path):
+    """A rank that blocks inside a step (here on purpose, before LASP-1's first hop, so its
+    peer waits in the chain) is ended by its watchdog after the step deadline: both ranks'
+    stacks are on file (the hung frame and the peer's wait), the step is recorded as a
+    timeout, and a fresh world runs every later step."""
+    import json
+
+    from benchmarks.__main__ import main
+
+    out, debug = tmp_path / "hang.json", tmp_path / "debug"
+    hung = "check/gamma/torch/lasp1"
+    assert main(["lasp2", "--device", "cpu", "--nprocs", "2", "--tiny", "--seqs", "64", "--no-hybrid",
+                 "--methods", "lasp2,lasp1", "--step-timeout", "5", "--debug-dir", str(debug),
+                 "--partial", str(debug / "partial.jsonl"), "--debug-hang", f"{hung}@1", "--out", str(out)]) == 0
+    (world,) = json.loads(out.read_text())["results"]["worlds"]
+    assert world["restarts"] == 1 and [f["id"] for f in world["failures"]] == [hung]
+    assert world["failures"][0]["status"] == "timeout"
+    rows = {r["id"]: r for r in world["check"]}
+    assert rows[hung]["pass"] is False and rows[hung]["status"] == "timeout"
+    later = [r for r in world["check"] if r["id"] != hung]
+    assert len(later) == 20 and all(r["pass"] for r in later)  # 21 paths on CPU, one hung
+    assert {r["method"] for r in world["sweep"]} == {"lasp2", "lasp1"} and not world["not_run"]
+    assert "_simulated_hang" in (debug / "stacks_w2_rank1.txt").read_text()
+    assert "_wait" in (debug / "stacks_w2_rank0.txt").read_text()  # rank 0 waits for rank 1's state
+    partial = [json.loads(line) for line in (debug / "partial.jsonl").read_text().splitlines()]
+    assert any(r.get("id") == hung and r.get("status") == "timeout" for r in partial)

@@ -160,6 +160,54 @@ def test_triton_gated_kernel_in_interpreter():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+_AUTOTUNE_CHECK = textwrap.dedent("""
+    import triton.runtime.autotuner as autotuner
+    timed = []
+
+    def fake_bench(self, *args, config, **meta):  # no timing on CPU: record what would be timed
+        timed.append(config)
+        return [float(config.kwargs.get("BV", 1)), 1.0, 1.0]
+
+    autotuner.Autotuner._bench = fake_bench
+    import torch
+    from commflow.dist import init_distributed
+    from commflow.sp import linear_triton as lt
+
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, K, V, C = 1, 40, 2, 16, 16, 16
+    q, k, v = (torch.randn(B, T, H, d, generator=gen) for d in (K, K, V))
+    h = torch.randn(B, 3, H, K, V, generator=gen)
+    tuner = lt._chunk_fwd_o_kernel
+    with lt.autotune_mode("off"):  # one configuration, nothing timed, nothing cached
+        o_off = lt.chunk_fwd_o(q, k, v, h, None, None, 0.5, C)
+    assert timed == [] and tuner.cache == {}, (timed, tuner.cache)
+    lt.AUTOTUNE_LIMIT = 2
+    with lt.autotune_mode("limited"):  # at most 2 of the 4 timed, the pick cached
+        o_lim = lt.chunk_fwd_o(q, k, v, h, None, None, 0.5, C)
+    assert len(timed) == 2 and len(tuner.cache) == 1, (timed, tuner.cache)
+    assert len(tuner.configs) == 4  # the full list is back
+    o_full = lt.chunk_fwd_o(q, k, v, h, None, None, 0.5, C)  # default "full": the key is tuned already
+    assert len(timed) == 2
+    torch.testing.assert_close(o_off, o_lim, rtol=0, atol=0)
+    torch.testing.assert_close(o_full, o_lim, rtol=0, atol=0)
+    # prime: the 6 self-checks, agreed over a (one-rank) process group
+    init_distributed("gloo")
+    verdicts = lt.prime("cpu", torch.float32, K, V, C)
+    assert len(verdicts) == 6 and all(ok for ok, _ in verdicts.values()), verdicts
+    print("ok")
+""")
+
+
+def test_triton_autotune_modes_and_prime_in_interpreter():
+    """autotune_mode("off") times and caches nothing, "limited" times at most AUTOTUNE_LIMIT
+    configurations, and prime() self-checks all six variants (one all-reduce to agree)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _AUTOTUNE_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["fla", "fla-only"])
 @pytest.mark.parametrize("mode", ["none", "gamma", "g"])
