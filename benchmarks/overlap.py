@@ -4,16 +4,19 @@ Per row (op, layer shape, M tokens, world size), in one process group and on the
 same buffers:
 
 * ``gemm``: the local GEMM alone; ``comm``: the plain NCCL collective alone;
-* ``sequential``: ``torch.mm`` then the NCCL collective (Megatron's default);
+* ``sequential``: ``torch.mm`` then the NCCL collective into a fresh output (Megatron's mappings);
 * ``torch_fused``: ``torch.ops.symm_mem.fused_matmul_reduce_scatter`` /
   ``fused_all_gather_matmul`` (symmetric memory, multicast off; no all-reduce variant);
-* ``auto`` / ``auto_backend``: our op with the plan's choice (fp32 / backend reduction);
+* ``auto`` / ``auto_backend``: our op with the plan's choice (fp32 reduction: the
+  copy-engine transport on CUDA; backend reduction: NCCL per chunk);
 * ``overlap`` / ``overlap_backend``: our op forced to overlap (chunks from the plan).
 
-Times are CUDA-event medians after warm-up, ranks lined up by a barrier before each
-sample, the slowest rank's number; a sample is ``--calls-per-sample`` calls back to back
-(per-call time = sample / calls), so the host's launch work overlaps the GPU as it does
-in a training step, for every variant alike. Overlap efficiency
+Times are CUDA-event medians after warm-up, variants timed in alternation (every round
+times each once, starting at a different one), ranks lined up before each sample, the
+slowest rank's number; a sample is ``--calls-per-sample`` calls back to back (per-call
+time = sample / calls), so the host's launch work overlaps the GPU as it does in a
+training step, for every variant alike; host microseconds per call are recorded too.
+Overlap efficiency
 ``eta = (t_gemm + t_comm - t) / min(t_gemm, t_comm)`` (T3's and Flux's definition).
 A variant that fails records its error in its row; rows already measured are appended
 to a ``.jsonl`` beside the result as they finish, so a crash loses nothing measured.
@@ -114,10 +117,49 @@ def _torch_fused(op: str, group_name: str):
     return None
 
 
+def sample_ms(fns: list, *, iters: int, calls: int, device: torch.device) -> list[tuple[float, float]]:
+    """(median ms per call, median host us per call) of each fn, measured in alternation.
+
+    Every round times every fn once, starting at a different fn each round, so drift
+    (clocks, other load) hits all variants alike. One sample: the ranks line up (a tiny
+    all-reduce and a sync), then ``calls`` calls back to back between two CUDA events;
+    the host's launch cost is inside where the GPU would outrun it, as in a training
+    step of small layers. Host us: CPU time to issue the ``calls`` calls, per call.
+    """
+    import statistics
+
+    import torch.distributed as dist
+
+    cuda = device.type == "cuda"
+    flag = torch.zeros(1, device=device)
+    times: list[list[float]] = [[] for _ in fns]
+    host: list[list[float]] = [[] for _ in fns]
+    for it in range(iters):
+        for j in range(len(fns)):
+            i = (it + j) % len(fns)
+            if dist.is_initialized():
+                dist.all_reduce(flag)
+            if cuda:
+                torch.cuda.synchronize(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fns[i]()
+            host[i].append((time.perf_counter() - t0) * 1e6 / calls)
+            if cuda:
+                end.record()
+                end.synchronize()
+                times[i].append(start.elapsed_time(end) / calls)
+            else:
+                times[i].append((time.perf_counter() - t0) * 1e3 / calls)
+    return [(statistics.median(t), statistics.median(h)) for t, h in zip(times, host)]
+
+
 def _measure_row(row: dict, variants: list[str], info, dtype, args, calibration) -> dict:
     import torch.distributed as dist
 
-    from benchmarks.timing import max_over_ranks, time_ms
+    from benchmarks.timing import max_over_ranks
     from commflow.dist import all_gather_tensor, reduce_scatter_tensor
     from commflow.overlap import all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter, plan
 
@@ -134,9 +176,10 @@ def _measure_row(row: dict, variants: list[str], info, dtype, args, calibration)
         w = (torch.randn(n, big_k // world, device=dev, generator=gen) / math.sqrt(n)).to(dtype)
         dims = (m, big_k // world, n)
     out["gemm_mnk"] = list(dims)
-    part = torch.zeros(m, dims[1], device=dev, dtype=dtype)
-    shard_out = torch.zeros(m // world, dims[1], device=dev, dtype=dtype)
-    gathered = torch.zeros(m, n, device=dev, dtype=dtype)
+    # Real values everywhere (a GEMM on zeros runs faster than on data).
+    part = torch.mm(x, w) if op != "ag" else None
+    shard_out = torch.empty(m // world, dims[1], device=dev, dtype=dtype)
+    gathered = torch.cat([x] * world) if op == "ag" else None
 
     def comm():
         if op == "rs":
@@ -149,16 +192,18 @@ def _measure_row(row: dict, variants: list[str], info, dtype, args, calibration)
     def gemm():
         return torch.mm(gathered if op == "ag" else x, w)
 
-    def sequential():
+    def sequential():  # as Megatron's mappings do it: a fresh output per call, then the collective
         if op == "rs":
-            reduce_scatter_tensor(shard_out, torch.mm(x, w))
-            return shard_out
+            out = torch.empty(m // world, dims[1], device=dev, dtype=dtype)
+            reduce_scatter_tensor(out, torch.mm(x, w))
+            return out
         if op == "ar":
             y = torch.mm(x, w)
             dist.all_reduce(y)
             return y
-        all_gather_tensor(gathered, x)
-        return torch.mm(gathered, w)
+        full = torch.empty(m, n, device=dev, dtype=dtype)
+        all_gather_tensor(full, x)
+        return torch.mm(full, w)
 
     fn_of = {"rs": matmul_reduce_scatter, "ar": matmul_all_reduce, "ag": all_gather_matmul}[op]
     calls = {"gemm": gemm, "comm": comm, "sequential": sequential}
@@ -171,6 +216,7 @@ def _measure_row(row: dict, variants: list[str], info, dtype, args, calibration)
             p = plan(OPS[op], *dims, world_size=world, dtype=dtype, calibration=calibration, mode=mode,
                      reduction=reduction)
             out["plans"][name] = {"decision": p.decision, "n_chunks": p.n_chunks, "chunk_sizes": list(p.chunk_sizes),
+                                  "transport": p.transport,
                                   "predicted_sequential_ms": p.t_sequential_ms, "predicted_ms": p.t_overlap_ms,
                                   "predicted_gemm_ms": p.t_gemm_ms, "predicted_comm_ms": p.t_comm_ms,
                                   "reason": p.reason}
@@ -183,26 +229,29 @@ def _measure_row(row: dict, variants: list[str], info, dtype, args, calibration)
             calls["torch_fused"] = lambda: fused(x, w)
         except Exception as e:  # noqa: BLE001 - recorded, the row goes on
             out["errors"]["torch_fused"] = f"{type(e).__name__}: {e}"
-    reference = None
+    active = [v for v in variants if v in calls and v not in out["errors"]]
     with torch.no_grad():
-        for name in variants:
-            if name not in calls or name in out["errors"]:
-                continue
+        reference = sequential().float()
+        for name in list(active):  # warm up (first calls plan, autotune and set up buffers) and check
             try:
-                fn, reps = calls[name], args.calls_per_sample
-                t = time_ms(lambda fn=fn, reps=reps: [fn() for _ in range(reps)], warmup=args.warmup, iters=args.iters,
-                            device=dev, barrier=True)
-                out["times_ms"][name] = max_over_ranks(t["median_ms"] / reps)
-                if name == "sequential":
-                    reference = sequential().float()
-                elif name not in ("gemm", "comm") and reference is not None:
+                for _ in range(args.warmup):
+                    calls[name]()
+                if name not in ("gemm", "comm", "sequential"):
                     got = calls[name]().float()
                     diff = ((got - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
                     out["rel_diff_vs_sequential"][name] = max_over_ranks(diff)
             except Exception as e:  # noqa: BLE001 - one variant failing must not lose the row
                 out["errors"][name] = f"{type(e).__name__}: {e}"[:500]
+                active.remove(name)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
+        try:
+            samples = sample_ms([calls[v] for v in active], iters=args.iters, calls=args.calls_per_sample, device=dev)
+            for name, (t, host_us) in zip(active, samples):
+                out["times_ms"][name] = max_over_ranks(t)
+                out.setdefault("host_us_per_call", {})[name] = max_over_ranks(host_us)
+        except Exception as e:  # noqa: BLE001
+            out["errors"]["timing"] = f"{type(e).__name__}: {e}"[:500]
     from commflow.overlap.autotune import measured_choices
 
     for choice in measured_choices(OPS[op], *dims):

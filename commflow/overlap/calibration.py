@@ -95,6 +95,17 @@ class Calibration:
     """GEMM time factor while a collective runs beside it (>= 1)."""
     comm_slowdown: float
     """Collective time factor while a GEMM runs beside it (>= 1)."""
+    copy_gbps: float = 300.0
+    """Copy-engine transfer rate to or from one peer over symmetric memory (GB/s)."""
+    copy_latency_us: float = 8.0
+    """Fixed cost of one copy-engine transfer."""
+    barrier_us: float = 12.0
+    """One symmetric-memory barrier across the group (all ranks already there)."""
+    copy_slowdown: float = 1.05
+    """GEMM time factor while copy-engine transfers run beside it (HBM is shared; no SMs are)."""
+    launch_us: float = 8.0
+    """Host time to launch one GPU operation from Python (kernel, copy, event wait): a
+    schedule of many small launches cannot run faster than the host issues them."""
     dtype: str = "bfloat16"
     """Element type the constants were measured with."""
     source: str = "defaults"
@@ -205,6 +216,9 @@ def set_calibration(calibration: Calibration | None, *, device_type: str = "cuda
     or decisions differ and the ranks hang; the ops check agreement on the first call
     with each shape (a later change on some ranks only is not caught for shapes seen).
     """
+    from .functional import clear_caches
+
+    clear_caches()  # signatures resolved with the old constants are planned again
     if calibration is None:
         for key in [k for k in _ACTIVE if k[0] == device_type and (world_size is None or k[1] == world_size)]:
             del _ACTIVE[key]
@@ -346,6 +360,54 @@ def _contention(device, group, world, dtype, sizes: _Sizes) -> tuple[float, floa
     return n_gemm * one_gemm, n_comm * one_comm, gemm_beside, comm_beside
 
 
+def _launch_us(device: torch.device) -> float:
+    """Host microseconds per launched op (a small GEMM), queue not full."""
+    a = torch.randn(64, 64, device=device)
+    for _ in range(10):
+        torch.mm(a, a)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(100):
+        torch.mm(a, a)
+    t = (time.perf_counter() - t0) * 1e4
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return t
+
+
+def _copy_engine(cal: Calibration, g, device: torch.device, dtype: torch.dtype, kw: dict) -> Calibration:
+    """Copy-engine rate and latency (every rank pulls from the next one at once, as the
+    schedules do), the symmetric-memory barrier, and the host cost per launch. Kept at
+    their defaults (with the reason recorded) where symmetric memory is unavailable."""
+    from . import symm
+
+    launch = _max_over_ranks([_launch_us(device)], kw["group"], device)[0]
+    cal = replace(cal, launch_us=launch)
+    if not symm.available(g, device):
+        return replace(cal, measurements={**cal.measurements, "copy_engine": "not measured: no symmetric memory"})
+    try:
+        ws = symm._workspace(g, "calibrate", device)
+        big, small = 64 << 20, 64 << 10
+        ws.ensure(big)
+        peer = (g.rank + 1) % g.world_size
+        src_big = ws.view(peer, (big // dtype.itemsize,), dtype, 0)
+        src_small = ws.view(peer, (small // dtype.itemsize,), dtype, 0)
+        dst = torch.empty(big // dtype.itemsize, device=device, dtype=dtype)
+        t_big = _median_us(lambda: dst.copy_(src_big), device, **kw)
+        t_small = _median_us(lambda: dst[:src_small.numel()].copy_(src_small), device, **kw)
+        t_barrier = _median_us(ws.barrier, device, **kw)
+        t_big, t_small, t_barrier = _max_over_ranks([t_big, t_small, t_barrier], kw["group"], device)
+        rate = (big - small) / max(t_big - t_small, 1e-3) / 1e3
+        return replace(cal, copy_gbps=float(rate), copy_latency_us=float(max(0.0, t_small - small / (rate * 1e3))),
+                       barrier_us=float(t_barrier),
+                       measurements={**cal.measurements, "copy_engine": {"copy_us": [t_small, t_big],
+                                                                         "copy_bytes": [small, big],
+                                                                         "barrier_us": t_barrier}})
+    except Exception as e:  # noqa: BLE001 - keep the defaults, say why
+        return replace(cal, measurements={**cal.measurements, "copy_engine": f"failed: {type(e).__name__}: {e}"})
+
+
 def calibrate(
     *,
     group: dist.ProcessGroup | None = None,
@@ -440,7 +502,7 @@ def calibrate(
     measured, predicted = [], []
     for chunks in (1, 4):
         p = make_plan("matmul_reduce_scatter", m, n, k, world_size=world, dtype=dtype, calibration=cal,
-                      mode="overlap", n_chunks=chunks)
+                      mode="overlap", n_chunks=chunks, transport="nccl")
         predicted.append(p.t_overlap_ms * 1e3)
         measured.append(_median_us(lambda p=p: matmul_reduce_scatter_forward(x, w, g, 0, p), device, **kw))
     measured = _max_over_ranks(measured, group, device)
@@ -448,6 +510,7 @@ def calibrate(
     cal = replace(cal, chunk_overhead_us=min(overhead, 1000.0),
                   measurements={**cal.measurements, "chunk_overhead": {"measured_us": measured,
                                                                        "predicted_us": predicted}})
+    cal = _copy_engine(cal, g, device, dtype, kw)
     if save and g.rank == 0:
         path = calibration_path(cal.device, world)
         path.parent.mkdir(parents=True, exist_ok=True)

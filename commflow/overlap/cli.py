@@ -21,6 +21,7 @@ def plan_cmd(
     calibration: Annotated[Path | None, typer.Option(help="a calibration JSON (default: saved, else defaults)")] = None,
     mode: str = typer.Option("auto", help="auto | overlap | sequential"),
     reduction: str = typer.Option("fp32", help="fp32 | backend"),
+    transport: str = typer.Option("", help="symm | nccl (default: symm for a CUDA calibration with fp32)"),
 ) -> None:
     """Say whether the op would overlap at this shape, with predicted times and the reason."""
     import torch
@@ -34,7 +35,8 @@ def plan_cmd(
         name = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else device
         path = calibration_path(name, world_size)
         cal = load_calibration(path) if path.exists() else default_calibration(device, world_size)
-    typer.echo(plan(op, m, n, k, world_size=world_size, calibration=cal, mode=mode, reduction=reduction).explain())
+    typer.echo(plan(op, m, n, k, world_size=world_size, calibration=cal, mode=mode, reduction=reduction,
+                    transport=transport or None).explain())
 
 
 def _calibrate_worker(device: str, dtype: str) -> dict:

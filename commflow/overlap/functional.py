@@ -33,13 +33,13 @@ import torch.distributed as dist
 
 from commflow.dist import all_gather_tensor, reduce_scatter_tensor
 
-from . import ops
+from . import ops, symm
 from .autotune import autotune_enabled, measured_choice
 from .calibration import get_calibration
 from .plan import OverlapPlan, plan
 from .validate import GroupInfo, check_group, check_matmul_operands, check_mode, normalize_leading_dim
 
-__all__ = ["all_gather_matmul", "matmul_all_reduce", "matmul_reduce_scatter", "resolve_plan"]
+__all__ = ["all_gather_matmul", "clear_caches", "matmul_all_reduce", "matmul_reduce_scatter", "resolve_plan"]
 
 _AGREED: dict[tuple, dist.ProcessGroup] = {}  # holds the group: its id is never reused
 
@@ -75,8 +75,9 @@ def resolve_plan(op: str, m: int, n: int, k: int, g: GroupInfo, x: torch.Tensor,
     cal = get_calibration(x.device, g.world_size)
     if mode == "auto" and g.world_size > 1:
         _check_agreement(g, cal.fingerprint(), x.device, (op, m, n, k, x.dtype, n_chunks, reduction))
+    transport = "symm" if reduction == "fp32" and symm.available(g, x.device) else "nccl"
     p = plan(op, m, n, k, world_size=g.world_size, dtype=x.dtype, calibration=cal, mode=mode,
-             n_chunks=n_chunks, reduction=reduction)
+             n_chunks=n_chunks, reduction=reduction, transport=transport)
     if mode == "auto" and g.world_size > 1 and run is not None and autotune_enabled(x.device):
         p = measured_choice(p, run, g, x.device, id(g.group if g.group is not None else dist.group.WORLD))
     return p
@@ -107,45 +108,84 @@ def _weight_grad(inp: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return torch.mm(inp.reshape(-1, inp.shape[-1]).t(), dy.reshape(-1, dy.shape[-1]))
 
 
+# --- per-shape entries: checked and planned once, then a direct call ---------------------------
+#
+# Every call with a new signature (shapes, dtypes, devices, group, options) is checked
+# and planned (and, in auto mode on CUDA, timed once); the result is an entry whose
+# ``run`` is the chosen path with nothing left to decide. Later calls with the same
+# signature look the entry up in a dict and call it: when the plan says sequential,
+# ``run`` is exactly ``torch.mm`` + the NCCL collective (no copies, no syncs, no extra
+# collective). The autograd functions carry the entry too; the backward plans are
+# resolved on the first backward and kept on the entry.
+
+
+class _Entry:
+    """One signature's resolved call: group, dims, forward plan and the direct forward."""
+
+    __slots__ = ("g", "dim", "mode", "reduction", "plan", "run", "backward_plans")
+
+    def __init__(self, g: GroupInfo, dim: int, mode: str, reduction: str, p: OverlapPlan, run: Callable):
+        self.g, self.dim, self.mode, self.reduction, self.plan, self.run = g, dim, mode, reduction, p, run
+        self.backward_plans: dict[tuple, OverlapPlan] = {}
+
+    def backward_plan(self, op: str, m: int, n: int, k: int, t: torch.Tensor,
+                      run: Callable[[OverlapPlan], object]) -> OverlapPlan:
+        key = (op, m, n, k, t.dtype)
+        p = self.backward_plans.get(key)
+        if p is None:
+            p = self.backward_plans[key] = resolve_plan(op, m, n, k, self.g, t, self.mode, None, self.reduction,
+                                                        run=run)
+        return p
+
+
+_ENTRIES: dict[tuple, _Entry] = {}
+
+
+def clear_caches() -> None:
+    """Forget every resolved signature (called when the calibration or autotune setting changes)."""
+    _ENTRIES.clear()
+
+
+def _needs_grad(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+
+
 class _MatmulReduceScatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, g: GroupInfo, dim: int, mode: str, n_chunks, reduction: str):
-        p = resolve_plan("matmul_reduce_scatter", _rows(x), w.shape[1], w.shape[0], g, x, mode, n_chunks, reduction,
-                         run=lambda q: ops.matmul_reduce_scatter_forward(x, w, g, dim, q))
+    def forward(ctx, x, w, e: _Entry):
         ctx.save_for_backward(x, w)
-        ctx.g, ctx.dim, ctx.mode, ctx.reduction = g, dim, mode, reduction
-        return ops.matmul_reduce_scatter_forward(x, w, g, dim, p)
+        ctx.e = e
+        return e.run(x, w)
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
+        e: _Entry = ctx.e
+        g, dim = e.g, e.dim
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dy = dy.contiguous()
         dx = dw = None
         if need_x:
             wt = w.t()
-            p = resolve_plan("all_gather_matmul", _rows(dy) * ctx.g.world_size, w.shape[0], w.shape[1], ctx.g, dy,
-                             ctx.mode, None, ctx.reduction,
-                             run=lambda q: ops.all_gather_matmul_forward(dy, wt, ctx.g, ctx.dim, q, False))
-            dx, dy_full = ops.all_gather_matmul_forward(dy, w.t(), ctx.g, ctx.dim, p, return_gathered=need_w)
+            p = e.backward_plan("all_gather_matmul", _rows(dy) * g.world_size, w.shape[0], w.shape[1], dy,
+                                run=lambda q: ops.all_gather_matmul_forward(dy, wt, g, dim, q, False))
+            dx, dy_full = ops.all_gather_matmul_forward(dy, wt, g, dim, p, return_gathered=need_w)
         elif need_w:
-            dy_full = _gather_dim(dy, ctx.g, ctx.dim)
+            dy_full = _gather_dim(dy, g, dim)
         if need_w:
             dw = _weight_grad(x, dy_full)
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None
 
 
 class _AllGatherMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_shard, w, g: GroupInfo, dim: int, mode: str, n_chunks, reduction: str, return_gathered: bool):
+    def forward(ctx, x_shard, w, e: _Entry, return_gathered: bool):
         ctx.set_materialize_grads(False)
-        p = resolve_plan("all_gather_matmul", _rows(x_shard) * g.world_size, w.shape[1], w.shape[0], g, x_shard,
-                         mode, n_chunks, reduction,
-                         run=lambda q: ops.all_gather_matmul_forward(x_shard, w, g, dim, q, False))
+        p = e.plan
         keep_input = return_gathered or ctx.needs_input_grad[1]
-        out, x_full = ops.all_gather_matmul_forward(x_shard, w, g, dim, p, return_gathered=keep_input)
+        out, x_full = ops.all_gather_matmul_forward(x_shard, w, e.g, e.dim, p, return_gathered=keep_input)
         ctx.save_for_backward(x_full if ctx.needs_input_grad[1] else None, w)
-        ctx.g, ctx.dim, ctx.mode, ctx.reduction, ctx.return_gathered = g, dim, mode, reduction, return_gathered
+        ctx.e, ctx.return_gathered = e, return_gathered
         if return_gathered:
             return out, x_full
         return out
@@ -153,31 +193,30 @@ class _AllGatherMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dx_full=None):
         x_full, w = ctx.saved_tensors
+        e: _Entry = ctx.e
+        g, dim = e.g, e.dim
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx = dw = None
         if need_x:
             if dy is not None:
                 dy = dy.contiguous()
                 wt = w.t()
-                p = resolve_plan("matmul_reduce_scatter", _rows(dy), w.shape[0], w.shape[1], ctx.g, dy, ctx.mode,
-                                 None, ctx.reduction,
-                                 run=lambda q: ops.matmul_reduce_scatter_forward(dy, wt, ctx.g, ctx.dim, q))
-                dx = ops.matmul_reduce_scatter_forward(dy, w.t(), ctx.g, ctx.dim, p)
+                p = e.backward_plan("matmul_reduce_scatter", _rows(dy), w.shape[0], w.shape[1], dy,
+                                    run=lambda q: ops.matmul_reduce_scatter_forward(dy, wt, g, dim, q))
+                dx = ops.matmul_reduce_scatter_forward(dy, wt, g, dim, p)
             if dx_full is not None:  # the gathered input was used downstream too
-                part = _scatter_dim(dx_full.contiguous(), ctx.g, ctx.dim)
+                part = _scatter_dim(dx_full.contiguous(), g, dim)
                 dx = part if dx is None else dx + part
         if need_w and dy is not None:
             dw = _weight_grad(x_full, dy)
-        return dx, dw, None, None, None, None, None, None
+        return dx, dw, None, None
 
 
 class _MatmulAllReduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, g: GroupInfo, mode: str, n_chunks, reduction: str):
-        p = resolve_plan("matmul_all_reduce", _rows(x), w.shape[1], w.shape[0], g, x, mode, n_chunks, reduction,
-                         run=lambda q: ops.matmul_all_reduce_forward(x, w, g, q))
+    def forward(ctx, x, w, e: _Entry):
         ctx.save_for_backward(x, w)
-        return ops.matmul_all_reduce_forward(x, w, g, p)
+        return e.run(x, w)
 
     @staticmethod
     def backward(ctx, dy):
@@ -186,13 +225,85 @@ class _MatmulAllReduce(torch.autograd.Function):
         x, w = ctx.saved_tensors
         dx = torch.matmul(dy, w.t()) if ctx.needs_input_grad[0] else None
         dw = _weight_grad(x, dy) if ctx.needs_input_grad[1] else None
-        return dx, dw, None, None, None, None
+        return dx, dw, None
 
 
 def _checked(x_name: str, x, w, group, mode, n_chunks, reduction) -> GroupInfo:
     check_matmul_operands(x_name, x, w)
     check_mode(mode, reduction, n_chunks)
     return check_group(group, x.device)
+
+
+def _signature(x: torch.Tensor, w: torch.Tensor, group, *options) -> tuple:
+    # The group object itself (not None) so that a re-initialised default group is a new
+    # signature; the dict keeps it alive, so its id cannot be reused meanwhile.
+    pg = group if group is not None else dist.group.WORLD
+    return (x.shape, w.shape, x.dtype, w.dtype, x.device, w.device, pg, *options)
+
+
+def _rs_entry(key, x, w, group, scatter_dim, mode, n_chunks, reduction) -> _Entry:
+    g = _checked("x", x, w, group, mode, n_chunks, reduction)
+    dim = normalize_leading_dim("scatter_dim", scatter_dim, "x", x)
+    if x.shape[dim] % g.world_size:
+        raise ValueError(
+            f"x: size {x.shape[dim]} of scatter_dim={scatter_dim} (shape {tuple(x.shape)}) is not divisible by "
+            f"world_size={g.world_size}; the rule is x.shape[scatter_dim] % world_size == 0"
+        )
+    with torch.no_grad():
+        p = resolve_plan("matmul_reduce_scatter", _rows(x), w.shape[1], w.shape[0], g, x, mode, n_chunks, reduction,
+                         run=lambda q: ops.matmul_reduce_scatter_forward(x, w, g, dim, q))
+    if not p.overlap and g.world_size > 1 and x.dim() == 2 and dim == 0:
+        rows, n, pg = x.shape[0] // g.world_size, w.shape[1], g.group
+
+        def run(x, w):  # mm + NCCL, nothing else
+            out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+            reduce_scatter_tensor(out, torch.mm(x, w), group=pg)
+            return out
+    else:
+        def run(x, w):
+            return ops.matmul_reduce_scatter_forward(x, w, g, dim, p)
+    e = _ENTRIES[key] = _Entry(g, dim, mode, reduction, p, run)
+    return e
+
+
+def _ag_entry(key, x_shard, w, group, gather_dim, mode, n_chunks, reduction) -> _Entry:
+    g = _checked("x_shard", x_shard, w, group, mode, n_chunks, reduction)
+    dim = normalize_leading_dim("gather_dim", gather_dim, "x_shard", x_shard)
+    with torch.no_grad():
+        p = resolve_plan("all_gather_matmul", _rows(x_shard) * g.world_size, w.shape[1], w.shape[0], g, x_shard,
+                         mode, n_chunks, reduction,
+                         run=lambda q: ops.all_gather_matmul_forward(x_shard, w, g, dim, q, False))
+    if not p.overlap and g.world_size > 1 and x_shard.dim() == 2 and dim == 0:
+        rows, k, pg = x_shard.shape[0] * g.world_size, x_shard.shape[1], g.group
+
+        def run(x_shard, w):  # NCCL + mm, nothing else
+            full = torch.empty(rows, k, dtype=x_shard.dtype, device=x_shard.device)
+            all_gather_tensor(full, x_shard, group=pg)
+            return torch.mm(full, w)
+    else:
+        def run(x_shard, w):
+            return ops.all_gather_matmul_forward(x_shard, w, g, dim, p, False)[0]
+    e = _ENTRIES[key] = _Entry(g, dim, mode, reduction, p, run)
+    return e
+
+
+def _ar_entry(key, x, w, group, mode, n_chunks, reduction) -> _Entry:
+    g = _checked("x", x, w, group, mode, n_chunks, reduction)
+    with torch.no_grad():
+        p = resolve_plan("matmul_all_reduce", _rows(x), w.shape[1], w.shape[0], g, x, mode, n_chunks, reduction,
+                         run=lambda q: ops.matmul_all_reduce_forward(x, w, g, q))
+    if not p.overlap and g.world_size > 1 and x.dim() == 2:
+        pg = g.group
+
+        def run(x, w):  # mm + NCCL, nothing else
+            y = torch.mm(x, w)
+            dist.all_reduce(y, group=pg)
+            return y
+    else:
+        def run(x, w):
+            return ops.matmul_all_reduce_forward(x, w, g, p)
+    e = _ENTRIES[key] = _Entry(g, 0, mode, reduction, p, run)
+    return e
 
 
 def matmul_reduce_scatter(
@@ -217,14 +328,14 @@ def matmul_reduce_scatter(
     Returns:
         ``[..., S/R, ..., N]``: block ``rank`` of ``sum_r x_r @ w_r`` along ``scatter_dim``.
     """
-    g = _checked("x", x, w, group, mode, n_chunks, reduction)
-    dim = normalize_leading_dim("scatter_dim", scatter_dim, "x", x)
-    if x.shape[dim] % g.world_size:
-        raise ValueError(
-            f"x: size {x.shape[dim]} of scatter_dim={scatter_dim} (shape {tuple(x.shape)}) is not divisible by "
-            f"world_size={g.world_size}; the rule is x.shape[scatter_dim] % world_size == 0"
-        )
-    return _MatmulReduceScatter.apply(x, w, g, dim, mode, n_chunks, reduction)
+    key = ("rs", *_signature(x, w, group, scatter_dim, mode, n_chunks, reduction)) \
+        if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) else None
+    e = _ENTRIES.get(key) if key is not None else None
+    if e is None:
+        e = _rs_entry(key, x, w, group, scatter_dim, mode, n_chunks, reduction)
+    if _needs_grad(x, w):
+        return _MatmulReduceScatter.apply(x, w, e)
+    return e.run(x, w)
 
 
 def all_gather_matmul(
@@ -252,9 +363,14 @@ def all_gather_matmul(
     Returns:
         ``[..., S, ..., N/R]`` (and the gathered input with ``return_gathered``).
     """
-    g = _checked("x_shard", x_shard, w, group, mode, n_chunks, reduction)
-    dim = normalize_leading_dim("gather_dim", gather_dim, "x_shard", x_shard)
-    return _AllGatherMatmul.apply(x_shard, w, g, dim, mode, n_chunks, reduction, bool(return_gathered))
+    key = ("ag", *_signature(x_shard, w, group, gather_dim, mode, n_chunks, reduction)) \
+        if isinstance(x_shard, torch.Tensor) and isinstance(w, torch.Tensor) else None
+    e = _ENTRIES.get(key) if key is not None else None
+    if e is None:
+        e = _ag_entry(key, x_shard, w, group, gather_dim, mode, n_chunks, reduction)
+    if return_gathered or _needs_grad(x_shard, w):
+        return _AllGatherMatmul.apply(x_shard, w, e, bool(return_gathered))
+    return e.run(x_shard, w)
 
 
 def matmul_all_reduce(
@@ -275,5 +391,11 @@ def matmul_all_reduce(
     Returns:
         ``[..., N]`` = ``sum_r x_r @ w_r``, identical on every rank.
     """
-    g = _checked("x", x, w, group, mode, n_chunks, reduction)
-    return _MatmulAllReduce.apply(x, w, g, mode, n_chunks, reduction)
+    key = ("ar", *_signature(x, w, group, mode, n_chunks, reduction)) \
+        if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) else None
+    e = _ENTRIES.get(key) if key is not None else None
+    if e is None:
+        e = _ar_entry(key, x, w, group, mode, n_chunks, reduction)
+    if _needs_grad(x, w):
+        return _MatmulAllReduce.apply(x, w, e)
+    return e.run(x, w)

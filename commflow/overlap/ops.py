@@ -27,6 +27,11 @@ The overlapped schedules (chunk sizes come from the plan):
   runs meanwhile, then each landed chunk is multiplied peer by peer straight into its
   output rows (one GEMM per peer: no strided copy of the output).
 
+On CUDA with ``reduction="fp32"`` the plan's transport is ``"symm"`` and the three
+ops hand over to the copy-engine schedules of :mod:`commflow.overlap.symm` instead
+(no NCCL kernel beside the GEMM); the NCCL schedules below serve ``reduction="backend"``
+and CPU (gloo).
+
 ``reduction="backend"`` swaps the all-to-all + fp32 sum for the backend's own
 reduce-scatter / all-reduce on each chunk: one collective instead of two for the
 all-reduce, but NCCL sums bf16 in a ring and rounds at every hop.
@@ -45,6 +50,7 @@ import torch.distributed as dist
 
 from commflow.dist import all_gather_tensor, reduce_scatter_tensor
 
+from . import symm
 from .pipeline import communicate_then_consume, is_async, produce_then_communicate
 from .plan import OverlapPlan
 from .validate import GroupInfo
@@ -94,6 +100,8 @@ def matmul_reduce_scatter_forward(
     if not plan.overlap:
         reduce_scatter_tensor(out, torch.mm(x2d, w), group=g.group)
         return restore_rows_first(out, out_moved, scatter_dim)
+    if plan.transport == "symm":
+        return restore_rows_first(symm.matmul_reduce_scatter(x2d, w, g, plan.chunk_sizes), out_moved, scatter_dim)
     cols = _bounds(plan.chunk_sizes)
     asynchronous = is_async(x.device)
     fp32 = plan.reduction == "fp32"
@@ -130,6 +138,8 @@ def matmul_all_reduce_forward(x: torch.Tensor, w: torch.Tensor, g: GroupInfo, pl
         torch.mm(x2d, w, out=out)
         dist.all_reduce(out, group=g.group)
         return out.view(torch_shape)
+    if plan.transport == "symm":
+        return symm.matmul_all_reduce(x2d, w, g, plan.chunk_sizes).view(torch_shape)
     rows = _bounds(plan.chunk_sizes)
     asynchronous = is_async(x.device)
     fp32 = plan.reduction == "fp32"
@@ -168,6 +178,10 @@ def all_gather_matmul_forward(
         x_full = torch.empty(m, k, dtype=xs.dtype, device=xs.device)
         all_gather_tensor(x_full, xs.contiguous(), group=g.group)
         torch.mm(x_full, w, out=out)
+        gathered = restore_rows_first(x_full, full_moved, gather_dim) if return_gathered else None
+        return restore_rows_first(out, full_moved, gather_dim), gathered
+    if plan.transport == "symm":
+        out, x_full = symm.all_gather_matmul(xs.contiguous(), w, g, plan.chunk_sizes, return_gathered)
         gathered = restore_rows_first(x_full, full_moved, gather_dim) if return_gathered else None
         return restore_rows_first(out, full_moved, gather_dim), gathered
     rows = _bounds(plan.chunk_sizes)

@@ -14,6 +14,21 @@ the best overlapped time is ``max(t_gemm, t_comm) + min(t_gemm, t_comm) / n_chun
 ``(t_gemm + t_comm) / max(t_gemm, t_comm) <= 2``; for a row-parallel GEMM the ratio
 ``t_rs / t_gemm = (R-1)·b·F / (2·K·B)`` does not depend on M or N.
 
+Two transports for the overlapped schedule (``transport``):
+
+* ``"symm"`` (CUDA with ``reduction="fp32"``, the default there): copy-engine transfers
+  over symmetric memory (:mod:`commflow.overlap.symm`). Chunks are groups of rows
+  within every destination block (``chunk_sizes`` sum to M/R); the GEMM keeps all
+  its SMs and the reduction is one fp32 pass per group. Modelled with the calibration's
+  copy-engine rate, barrier cost and ``copy_slowdown``.
+* ``"nccl"`` (CPU/gloo, or ``reduction="backend"``): one NCCL/gloo collective per chunk
+  on a side stream (:mod:`commflow.overlap.ops`), modelled with the collectives' fits
+  and the contention factors.
+
+On CUDA the ``auto`` decision is then checked against the clock once per shape
+(:mod:`commflow.overlap.autotune`); the model only spares the measurement where overlap
+is clearly hopeless.
+
 Dimensions, per op (M = rows = all leading dims flattened, K = the local reduction dim):
 
 * ``matmul_reduce_scatter``: ``x [M, K]`` (before the scatter), ``w [K, N]``.
@@ -80,6 +95,8 @@ class OverlapPlan:
     """One sentence a person can check."""
     calibration: str
     """Source of the constants used."""
+    transport: str = "nccl"
+    """``symm`` (copy engine over symmetric memory) or ``nccl`` (a collective per chunk)."""
     best_split: tuple[int, ...] = ()
     """Chunk sizes of the best overlapped candidate, whatever the decision (empty if none fits)."""
     measured_sequential_ms: float | None = None
@@ -98,7 +115,7 @@ class OverlapPlan:
     def explain(self) -> str:
         lines = [
             f"{self.op} M={self.m} N={self.n} K={self.k} on {self.world_size} ranks ({self.dtype}, "
-            f"reduction={self.reduction})",
+            f"reduction={self.reduction}, transport={self.transport})",
             f"  decision: {self.decision}"
             + (f" with {self.n_chunks} chunks of {list(self.chunk_sizes)}" if self.overlap else ""),
             f"  predicted: gemm {self.t_gemm_ms:.3f} ms, comm {self.t_comm_ms:.3f} ms, "
@@ -240,6 +257,57 @@ def _overlap_us(cal: Calibration, op: str, m: int, n: int, k: int, b: int, sizes
     return main_t
 
 
+def _symm_us(cal: Calibration, op: str, m: int, n: int, k: int, b: int, sizes: tuple[int, ...]) -> float:
+    """The copy-engine schedules of symm.py, simulated: GEMMs back to back on the
+    caller's stream, transfers / barriers / reductions in order on the communication
+    stream, each starting when both its input and the stream are ready; and no faster
+    than the host launches its operations. ``sizes`` are rows per destination (or per
+    pulled piece of a shard) of each group."""
+    r = cal.world_size
+
+    groups = len(sizes)
+    if op == "all_gather_matmul":  # launches: copy-in, barrier, per piece a pull, event, wait, GEMM
+        launches = 6 + 4 * (r - 1) * groups
+    else:  # per group: a GEMM, a wait and a push per peer, own GEMM, wait, barrier, sum, event
+        launches = 4 + groups * (3 * (r - 1) + 4 + (r + 1 if op == "matmul_all_reduce" else 0))
+    return max(_symm_gpu_us(cal, op, m, n, k, b, sizes), launches * cal.launch_us)
+
+
+def _symm_gpu_us(cal: Calibration, op: str, m: int, n: int, k: int, b: int, sizes: tuple[int, ...]) -> float:
+    r = cal.world_size
+
+    def copy(nbytes: float) -> float:
+        return cal.copy_latency_us + nbytes / (cal.copy_gbps * 1e3)
+
+    if op == "all_gather_matmul":
+        shard = m // r
+        side = cal.memory_us(2 * shard * k * b) + cal.barrier_us
+        landed = []
+        for _ in range(r - 1):
+            for rows in sizes:
+                side += copy(rows * k * b)
+                landed.append((side, rows))
+        main = cal.gemm_us(shard, n, k) * cal.copy_slowdown
+        for t, rows in landed:
+            beside = landed[-1][0] > main
+            main = max(main, t) + cal.gemm_us(rows, n, k) * (cal.copy_slowdown if beside else 1.0)
+        return main
+    main = side = 0.0
+    for rows in sizes:
+        for _ in range(r - 1):
+            main += cal.gemm_us(rows, n, k) * (cal.copy_slowdown if side > main else 1.0)
+            side = max(side, main) + copy(rows * n * b)
+        main += cal.gemm_us(rows, n, k) * (cal.copy_slowdown if side > main else 1.0)
+        side = max(side, main) + cal.barrier_us + cal.memory_us((r + 1) * rows * n * b)
+        if op == "matmul_all_reduce":  # all-gather of the reduced block: pulls from every peer
+            side += cal.barrier_us + (r - 1) * copy(rows * n * b) + cal.memory_us(2 * rows * n * b)
+    return max(main, side)
+
+
+SYMM_CHUNKS = (1, 2, 3, 4)
+"""Row groups tried by the copy-engine schedules (one group already overlaps: R steps)."""
+
+
 # --- the decision ----------------------------------------------------------------------
 
 
@@ -260,6 +328,7 @@ def plan(
     n_chunks: int | None = None,
     reduction: str = "fp32",
     margin: float = DEFAULT_MARGIN,
+    transport: str | None = None,
 ) -> OverlapPlan:
     """Decide overlap vs. plain GEMM + collective for one shape; see the module doc for M, N, K.
 
@@ -267,7 +336,9 @@ def plan(
     ``"overlap"`` forces the overlapped schedule (the best chunk count unless
     ``n_chunks`` is given), ``"sequential"`` forces the plain path. Without
     ``calibration`` the built-in CUDA (H100) constants are used. Deterministic: every
-    rank with the same calibration reaches the same decision.
+    rank with the same calibration reaches the same decision. ``transport``: ``"symm"``
+    or ``"nccl"`` (see the module doc); default ``"symm"`` for a CUDA calibration with
+    ``reduction="fp32"``, else ``"nccl"``.
     """
     if op not in OPS:
         raise ValueError(f"op: got {op!r}; the rule is one of {OPS}")
@@ -283,28 +354,39 @@ def plan(
     from .validate import check_mode
 
     check_mode(mode, reduction, n_chunks)
+    if transport is None:
+        transport = "symm" if cal.device != "cpu" and reduction == "fp32" else "nccl"
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport: got {transport!r}; the rule is one of {TRANSPORTS}")
+    if transport == "symm" and reduction != "fp32":
+        raise ValueError(f"transport: 'symm' always reduces in fp32; got reduction={reduction!r}, the rule is "
+                         "reduction='fp32' with transport='symm'")
     key = (op, m, n, k, world_size, _dtype_name(dtype), cal.fingerprint(), cal.source, mode, n_chunks, reduction,
-           margin)
+           margin, transport)
     hit = _CACHE.get(key)
     if hit is None:
         if len(_CACHE) > 4096:  # shapes seen by one job are few; this only bounds a sweep
             _CACHE.clear()
         hit = _CACHE[key] = _decide(op, m, n, k, world_size, _dtype_name(dtype), cal, mode, n_chunks, reduction,
-                                    margin)
+                                    margin, transport)
     return hit
+
+
+TRANSPORTS = ("symm", "nccl")
 
 
 _CACHE: dict[tuple, OverlapPlan] = {}
 
 
-def _decide(op, m, n, k, world, dtype_name, cal, mode, n_chunks, reduction, margin) -> OverlapPlan:
+def _decide(op, m, n, k, world, dtype_name, cal, mode, n_chunks, reduction, margin, transport) -> OverlapPlan:
     b = getattr(torch, dtype_name).itemsize
     t_gemm, t_comm = _sequential_us(cal, op, m, n, k, b)
     t_seq = t_gemm + t_comm
-    limit = max(0, _max_chunks(op, m, n, world, reduction))
+    symm = transport == "symm"
+    limit = max(0, m // world if symm else _max_chunks(op, m, n, world, reduction))
     common = {"op": op, "m": m, "n": n, "k": k, "world_size": world, "dtype": dtype_name, "reduction": reduction,
-                  "t_gemm_ms": t_gemm / 1e3, "t_comm_ms": t_comm / 1e3, "t_sequential_ms": t_seq / 1e3,
-                  "calibration": cal.source}
+              "t_gemm_ms": t_gemm / 1e3, "t_comm_ms": t_comm / 1e3, "t_sequential_ms": t_seq / 1e3,
+              "calibration": cal.source, "transport": transport}
 
     def sequential(reason: str, candidates=None, best=None, best_split=()) -> OverlapPlan:
         return OverlapPlan(decision="sequential", n_chunks=1, t_overlap_ms=best, candidates=candidates or {},
@@ -314,9 +396,9 @@ def _decide(op, m, n, k, world, dtype_name, cal, mode, n_chunks, reduction, marg
         return sequential("a world of one has nothing to communicate: plain matmul")
     if mode == "sequential":
         return sequential("forced by mode='sequential'")
-    if op == "matmul_all_reduce" and reduction == "fp32" and m % world:
-        why = (f"M={m} is not divisible by world_size={world}, which the fp32 all-to-all reduction needs "
-               "(reduction='backend' has no such rule)")
+    if (symm or (op == "matmul_all_reduce" and reduction == "fp32")) and m % world:
+        why = (f"M={m} is not divisible by world_size={world}, which the fp32 reduction over "
+               f"{'symmetric memory' if symm else 'an all-to-all'} needs (reduction='backend' has no such rule)")
         if mode == "overlap":
             raise ValueError(f"x: {why}")
         return sequential(why)
@@ -326,16 +408,23 @@ def _decide(op, m, n, k, world, dtype_name, cal, mode, n_chunks, reduction, marg
                              f"({op}, M={m}, N={n}, world_size={world}); the rule is n_chunks <= {limit}")
         counts = (n_chunks,)
     else:
-        counts = tuple(c for c in CANDIDATE_CHUNKS if c <= limit)
-    total = _split_total(op, m, n, world)
+        counts = tuple(c for c in (SYMM_CHUNKS if symm else CANDIDATE_CHUNKS) if c <= limit)
     candidates: dict[int, float] = {}
     splits: dict[int, tuple[int, ...]] = {}
-    for c in counts:
-        unit = _split_unit(op, total, c, world, reduction)
-        for sizes in _candidate_splits(total, c, unit, t_comm / t_gemm):
-            t = _overlap_us(cal, op, m, n, k, b, sizes, reduction) / 1e3
-            if c not in candidates or t < candidates[c]:
-                candidates[c], splits[c] = t, sizes
+    if symm:  # groups of rows per destination block, as even as 64-row tiles allow
+        total = m // world
+        for c in counts:
+            unit = 64 if total // 64 >= c else 1
+            sizes = tuple(_split_sizes(total, c, unit))
+            candidates[c], splits[c] = _symm_us(cal, op, m, n, k, b, sizes) / 1e3, sizes
+    else:
+        total = _split_total(op, m, n, world)
+        for c in counts:
+            unit = _split_unit(op, total, c, world, reduction)
+            for sizes in _candidate_splits(total, c, unit, t_comm / t_gemm):
+                t = _overlap_us(cal, op, m, n, k, b, sizes, reduction) / 1e3
+                if c not in candidates or t < candidates[c]:
+                    candidates[c], splits[c] = t, sizes
     if not candidates:
         if mode == "overlap":
             raise ValueError(f"x: shape M={m}, N={n} is too small to split into 2 chunks for {op}")
@@ -354,9 +443,11 @@ def _decide(op, m, n, k, world, dtype_name, cal, mode, n_chunks, reduction, marg
         return OverlapPlan(decision="overlap", n_chunks=best_c, chunk_sizes=splits[best_c], t_overlap_ms=best,
                            candidates=candidates, predicted_speedup=speedup, reason=reason,
                            best_split=splits[best_c], **common)
+    chunk_latency = (cal.copy_latency_us + cal.barrier_us if symm
+                     else cal.comm[_chunk_kind(op, reduction)].latency_us)
     if ratio < 0.1:
         why = f"compute-bound: comm/gemm = {ratio:.2f} leaves little to hide"
-    elif t_seq < 200 or best_c * cal.comm[_chunk_kind(op, reduction)].latency_us > 0.2 * t_comm:
+    elif t_seq < 200 or best_c * chunk_latency > 0.2 * t_comm:
         why = "small shape: per-chunk latencies eat the hidden transfer"
     else:
         why = "contention and pipeline fill outweigh the hidden transfer"

@@ -141,3 +141,44 @@ def _world_of_one_is_plain_matmul() -> bool:
 
 def test_world_of_one_equals_matmul_exactly(dist_pool):
     assert dist_pool(1).run(_world_of_one_is_plain_matmul) == [True]
+
+
+def _resolved_once() -> dict:
+    """A signature is checked and planned once; later calls run the stored path, with or
+    without autograd, and give the same numbers; a new calibration forgets the entries."""
+    from dataclasses import replace
+
+    from commflow.overlap import functional, get_calibration, set_calibration
+
+    r, world = dist.get_rank(), dist.get_world_size()
+    X64, W64, X, W = _global((4 * world, 8 * world), 6, torch.float32, seed=7)
+    x, w = ref.row_parallel_shards(X, W, world, r)
+    functional.clear_caches()
+    out = {}
+    with torch.no_grad():
+        y1 = matmul_reduce_scatter(x, w, mode="sequential")
+    out["one entry"] = len(functional._ENTRIES) == 1
+    y2 = matmul_reduce_scatter(x, w, mode="sequential")  # grad mode on, nothing requires grad
+    out["still one"] = len(functional._ENTRIES) == 1
+    xg = x.clone().requires_grad_(True)
+    y3 = matmul_reduce_scatter(xg, w, mode="sequential")
+    y3.sum().backward()
+    gx = ref.row_parallel_shards(torch.ones(4 * world, 6, dtype=torch.float64) @ W64.t(), W64, world, r)[0]
+    out["same numbers"] = bool(torch.equal(y1, y2) and torch.equal(y1, y3.detach()))
+    out["grad"] = _rel(xg.grad, gx) < FP32_TOL
+    out["correct"] = _rel(y1, ref.matmul_reduce_scatter_reference(X64, W64, world, r)) < FP32_TOL
+    entries = len(functional._ENTRIES)  # the grad call is its own signature (requires_grad is not in it)
+    cal = get_calibration(torch.device("cpu"), world)
+    set_calibration(replace(cal, gemm_tflops=cal.gemm_tflops * 3), device_type="cpu")
+    out["forgotten"] = entries >= 1 and len(functional._ENTRIES) == 0
+    set_calibration(None, device_type="cpu")
+    try:
+        matmul_reduce_scatter(x[:1], w)  # bad input: refused, never stored
+    except ValueError:
+        out["bad input not stored"] = len(functional._ENTRIES) == 0
+    return out
+
+
+def test_signature_is_resolved_once(dist_pool):
+    for flags in dist_pool(2).run(_resolved_once):
+        assert all(flags.values()) and len(flags) == 7, flags

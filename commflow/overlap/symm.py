@@ -1,0 +1,336 @@
+"""Copy-engine schedules over symmetric memory (CUDA; no multicast, no NCCL on the hot path).
+
+Why not NCCL per chunk: an NCCL collective is a kernel that holds SMs for its whole
+duration (16-32 CTAs on H100 NVLink), so a chunked GEMM beside it loses SMs and
+waves, and each chunk pays a collective's launch and latency. Here every transfer is
+a ``copy_`` between a local tensor and a peer's symmetric-memory buffer mapped into
+this process: ``cudaMemcpyAsync`` on peer memory runs on the GPU's copy engines over
+NVLink and takes no SM (PyTorch's "low-contention" collectives rest on the same fact).
+Synchronisation between ranks is the symmetric-memory barrier (one small kernel that
+writes a flag into each peer's signal pad and waits for theirs; plain P2P stores, no
+multicast objects).
+
+Schedules (R ranks, this rank r, leading dims already flattened to rows; steps go
+``d = r + 1, r + 2, ...`` so that at every step each rank sends to a different peer):
+
+* :func:`matmul_reduce_scatter` ``x [M, K/R] @ w [K/R, N]`` -> block r ``[M/R, N]``
+  of the sum over ranks. The GEMM runs per destination block of rows: the block for
+  peer d is computed, then pushed by the copy engine into slot ``r`` of peer d's
+  workspace while the GEMM of the next block runs; this rank's own block is computed
+  last, straight into its own slot, so the last push hides under it. A barrier says
+  every slot has landed, and one reduction sums the R slots in fp32 and rounds once.
+* :func:`matmul_all_reduce`: the same, per group of rows, followed by an all-gather
+  of the reduced block (every rank pulls its peers' blocks by copy engine); the
+  all-gather of group g runs under the GEMMs of group g + 1.
+* :func:`all_gather_matmul` ``all_gather(x_shard) [M, K] @ w [K, N/R]``: every rank
+  copies its shard into its workspace, a barrier, then each rank pulls the peers'
+  shards by copy engine while multiplying the shards it already has.
+
+Buffer reuse without extra barriers. Each rank issues all its transfers, barriers and
+reductions of one workspace on one communication stream, in program order; the
+caller's stream waits for that stream before an op returns. Where a peer could write
+into a buffer this rank is still reading (reduce-scatter slots, all-gather shards),
+two copies of the buffer alternate between calls: a peer can only write into copy
+``i % 2`` of call ``i + 2`` after the barrier of call ``i + 1``, which this rank
+reaches after it finished reading call ``i``. The all-reduce's slots alternate per
+group of rows the same way; its reduced block is reused by every group because a
+peer only writes the next group's slots after the barrier that follows its pulls.
+
+Workspaces are per (process group, op) and grow on demand: growing is collective (all
+ranks pass the same shapes, so they grow at the same call) and synchronises once.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from .validate import GroupInfo
+
+__all__ = ["all_gather_matmul", "available", "matmul_all_reduce", "matmul_reduce_scatter", "workspace_bytes"]
+
+_AVAILABLE: dict[tuple, bool] = {}
+
+
+def _process_group(g: GroupInfo) -> dist.ProcessGroup:
+    return g.group if g.group is not None else dist.group.WORLD
+
+
+def available(g: GroupInfo, device: torch.device) -> bool:
+    """The copy-engine schedules serve this group on this device: CUDA, a torch with
+    ``torch.distributed._symmetric_memory``, and not switched off with
+    ``COMMFLOW_OVERLAP_SYMM=0`` (then overlap uses NCCL per chunk). Every rank must see
+    the same answer (same torch, same environment)."""
+    if device.type != "cuda" or g.world_size < 2 or os.environ.get("COMMFLOW_OVERLAP_SYMM", "1") == "0":
+        return False
+    key = (id(_process_group(g)), device.index)
+    hit = _AVAILABLE.get(key)
+    if hit is None:
+        try:
+            import torch.distributed._symmetric_memory  # noqa: F401
+
+            hit = True
+        except ImportError:
+            hit = False
+        _AVAILABLE[key] = hit
+    return hit
+
+
+_COMM_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def comm_stream(device: torch.device) -> torch.cuda.Stream:
+    """The high-priority stream that carries this device's transfers, barriers and reductions."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _COMM_STREAMS.get(index)
+    if stream is None:
+        _, high = torch.cuda.Stream.priority_range()
+        stream = _COMM_STREAMS[index] = torch.cuda.Stream(device=index, priority=high)
+    return stream
+
+
+def _streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    """(the caller's stream, the communication stream)."""
+    return torch.cuda.current_stream(device), comm_stream(device)
+
+
+def _on(stream: torch.cuda.Stream):
+    return torch.cuda.stream(stream)
+
+
+class _Workspace:
+    """One symmetric buffer of one group, and the views of it handed out so far."""
+
+    def __init__(self, pg: dist.ProcessGroup, device: torch.device):
+        self.pg, self.device = pg, device
+        self.group_name = pg.group_name
+        self.nbytes = 0
+        self.tensor: torch.Tensor | None = None
+        self.handle = None
+        self.views: dict[tuple, torch.Tensor] = {}
+        self.counter = 0  # calls (or groups of rows) so far: picks which copy of a buffer is used
+
+    def ensure(self, nbytes: int) -> None:
+        if nbytes <= self.nbytes:
+            return
+        import torch.distributed._symmetric_memory as symm_mem
+
+        if self.handle is not None:
+            # Peers may still read this buffer (their pulls of the last call): let every
+            # rank finish all queued work before any of them frees its old buffer.
+            torch.cuda.synchronize(self.device)
+            flag = torch.zeros(1, device=self.device)
+            dist.all_reduce(flag, group=self.pg)
+            torch.cuda.synchronize(self.device)
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+        if enable is not None:  # needed by older torch, a deprecated no-op on newer
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                enable(self.group_name)
+        nbytes = max(nbytes, 2 * self.nbytes)  # geometric growth: few re-rendezvous
+        nbytes = (nbytes + 2**20 - 1) // 2**20 * 2**20
+        self.views.clear()
+        self.handle = None
+        self.tensor = symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.handle = symm_mem.rendezvous(self.tensor, self.group_name)
+        self.nbytes = nbytes
+
+    def view(self, rank: int, shape: tuple[int, ...], dtype: torch.dtype, offset: int) -> torch.Tensor:
+        """``shape`` of ``dtype`` at element ``offset`` of ``rank``'s buffer (cached)."""
+        key = (rank, shape, dtype, offset)
+        t = self.views.get(key)
+        if t is None:
+            t = self.views[key] = self.handle.get_buffer(rank, list(shape), dtype, offset)
+        return t
+
+    def barrier(self) -> None:
+        """All ranks' work queued before this point on their communication stream is done."""
+        self.handle.barrier(channel=0)
+
+
+_WORKSPACES: dict[tuple, _Workspace] = {}
+
+
+def _workspace(g: GroupInfo, op: str, device: torch.device) -> _Workspace:
+    pg = _process_group(g)
+    key = (id(pg), op, device.index)
+    ws = _WORKSPACES.get(key)
+    if ws is None or ws.pg is not pg:
+        ws = _WORKSPACES[key] = _Workspace(pg, device)
+    return ws
+
+
+def workspace_bytes() -> dict[str, int]:
+    """Symmetric memory held per op (for reports)."""
+    out: dict[str, int] = {}
+    for (_, op, _), ws in _WORKSPACES.items():
+        out[op] = out.get(op, 0) + ws.nbytes
+    return out
+
+
+# --- GEMM + reduce-scatter / all-reduce ----------------------------------------------------
+
+
+def _offsets(sizes: tuple[int, ...]) -> list[int]:
+    out, start = [], 0
+    for s in sizes:
+        out.append(start)
+        start += s
+    return out
+
+
+def _reduce_scatter_groups(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, ws: _Workspace,
+                           sizes: tuple[int, ...], row_of, after_sum, *, direct: bool) -> list:
+    """The reduce-scatter pipeline shared by both ops.
+
+    For each group ``i`` of ``sizes[i]`` rows per destination: the GEMM of each peer's
+    rows (``row_of(d, i)`` is the first row of destination ``d`` in group ``i``), pushed
+    into slot ``rank`` of that peer's buffer; this rank's own rows straight into its own
+    slot; then, on the communication stream, a barrier and ``after_sum(i, slots)`` with
+    ``slots`` the ``[R, rows, N]`` partials of this rank's block (all landed).
+    Returns the tensors the caller must keep alive until its stream has waited.
+    """
+    world, rank = g.world_size, g.rank
+    n, dtype, dev = w.shape[1], x2d.dtype, x2d.device
+    region = world * max(sizes) * n  # one copy of the slots
+    main, comm = _streams(dev)
+    keep: list = []
+    summed: list[torch.cuda.Event] = []
+    passed: list[torch.cuda.Event] = []
+    for i, rows in enumerate(sizes):
+        base = (ws.counter & 1) * region
+        ws.counter += 1
+        mine = base + rank * rows * n  # where this rank's partials go, in every rank's buffer
+        if direct and i >= 2:
+            # The GEMM writes into the peers' copy of two groups ago: wait until every
+            # rank has summed it (they all reached the barrier of the group after it).
+            main.wait_event(passed[i - 1])
+        for step in range(1, world):
+            d = (rank + step) % world
+            a = row_of(d, i)
+            if direct:
+                torch.mm(x2d[a:a + rows], w, out=ws.view(d, (rows, n), dtype, mine))
+                continue
+            part = torch.mm(x2d[a:a + rows], w)
+            keep.append(part)
+            comm.wait_stream(main)
+            with _on(comm):
+                ws.view(d, (rows, n), dtype, mine).copy_(part)
+        if i >= 2:  # this rank's own slot in this copy was last summed two groups ago
+            main.wait_event(summed[i - 2])
+        a = row_of(rank, i)
+        torch.mm(x2d[a:a + rows], w, out=ws.view(rank, (rows, n), dtype, mine))
+        comm.wait_stream(main)
+        with _on(comm):
+            ws.barrier()  # every partial of this group has landed here
+            passed.append(comm.record_event())
+            after_sum(i, ws.view(rank, (world, rows, n), dtype, base))
+            summed.append(comm.record_event())
+    return keep
+
+
+def matmul_reduce_scatter(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tuple[int, ...] | None = None,
+                          *, direct: bool = False) -> torch.Tensor:
+    """``x2d [M, K/R] @ w [K/R, N]`` summed over ranks, row block ``g.rank`` ``[M/R, N]``.
+
+    ``sizes``: rows of each group within every destination block (sum ``M/R``; default
+    one group). Group ``i``'s reduction runs under the GEMMs of group ``i + 1``.
+    ``direct``: the GEMM writes each peer's partial straight into the peer's slot (NVLink
+    stores from the GEMM) instead of computing it locally for the copy engine to push.
+    """
+    world = g.world_size
+    m, n, dtype, dev = x2d.shape[0], w.shape[1], x2d.dtype, x2d.device
+    mr = m // world
+    sizes = sizes or (mr,)
+    ws = _workspace(g, "rs", dev)
+    ws.ensure(2 * world * max(sizes) * n * dtype.itemsize)
+    out = torch.empty(mr, n, dtype=dtype, device=dev)
+    starts = _offsets(sizes)
+
+    def after_sum(i: int, slots: torch.Tensor) -> None:
+        # One pass over the R partials, accumulated in fp32, rounded once.
+        torch.sum(slots, dim=0, out=out[starts[i]:starts[i] + sizes[i]])
+
+    keep = _reduce_scatter_groups(x2d, w, g, ws, sizes, lambda d, i: d * mr + starts[i], after_sum, direct=direct)
+    _streams(dev)[0].wait_stream(_streams(dev)[1])
+    del keep
+    return out
+
+
+def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tuple[int, ...] | None = None,
+                      *, direct: bool = False) -> torch.Tensor:
+    """``x2d [M, K/R] @ w [K/R, N]`` summed over ranks, ``[M, N]`` on every rank.
+
+    Rows go in groups of ``R * sizes[i]`` (``sizes`` sums to ``M/R``; default one
+    group): each group is a reduce-scatter as above, then every rank pulls the peers'
+    reduced blocks of the group; the pulls of group ``i`` run under the GEMMs of group
+    ``i + 1``.
+    """
+    world, rank = g.world_size, g.rank
+    m, n, dtype, dev = x2d.shape[0], w.shape[1], x2d.dtype, x2d.device
+    sizes = sizes or (m // world,)
+    starts = _offsets(sizes)
+    ws = _workspace(g, "ar", dev)
+    ws.ensure((2 * world + 1) * max(sizes) * n * dtype.itemsize)
+    red = 2 * world * max(sizes) * n  # this rank's reduced block, pulled by the peers
+    out = torch.empty(m, n, dtype=dtype, device=dev)
+
+    def after_sum(i: int, slots: torch.Tensor) -> None:
+        rows, g0 = sizes[i], world * starts[i]
+        torch.sum(slots, dim=0, out=ws.view(rank, (rows, n), dtype, red))
+        ws.barrier()  # every rank's reduced block of this group is ready
+        for step in range(world):
+            p = (rank + step) % world
+            out[g0 + p * rows:g0 + (p + 1) * rows].copy_(ws.view(p, (rows, n), dtype, red))
+
+    keep = _reduce_scatter_groups(x2d, w, g, ws, sizes, lambda d, i: world * starts[i] + d * sizes[i], after_sum,
+                                  direct=direct)
+    _streams(dev)[0].wait_stream(_streams(dev)[1])
+    del keep
+    return out
+
+
+# --- all-gather + GEMM ---------------------------------------------------------------------
+
+
+def all_gather_matmul(xs: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tuple[int, ...] | None = None,
+                      return_gathered: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``all_gather(xs [M/R, K]) @ w [K, N]`` -> ``[M, N]`` (and the gathered ``[M, K]``).
+
+    ``sizes``: rows of each pulled piece of a peer's shard (sum ``M/R``; default the
+    whole shard); the GEMM of a piece starts as soon as it has landed.
+    """
+    world, rank = g.world_size, g.rank
+    ms, k = xs.shape
+    n, dtype, dev = w.shape[1], xs.dtype, xs.device
+    sizes = sizes or (ms,)
+    starts = _offsets(sizes)
+    shard = ms * k
+    ws = _workspace(g, "ag", dev)
+    ws.ensure(2 * shard * dtype.itemsize)
+    base = (ws.counter & 1) * shard
+    ws.counter += 1
+    main, comm = _streams(dev)
+    out = torch.empty(world * ms, n, dtype=dtype, device=dev)
+    full = torch.empty(world * ms, k, dtype=dtype, device=dev)
+    landed = []
+    comm.wait_stream(main)
+    with _on(comm):
+        ws.view(rank, (ms, k), dtype, base).copy_(xs)
+        ws.barrier()  # every shard is in its owner's buffer
+        for step in range(1, world):
+            p = (rank + step) % world
+            for a, rows in zip(starts, sizes):
+                full[p * ms + a:p * ms + a + rows].copy_(ws.view(p, (rows, k), dtype, base + a * k))
+                landed.append((p * ms + a, rows, comm.record_event()))
+    torch.mm(xs, w, out=out[rank * ms:(rank + 1) * ms])
+    for a, rows, event in landed:
+        main.wait_event(event)
+        torch.mm(full[a:a + rows], w, out=out[a:a + rows])
+    if return_gathered:
+        full[rank * ms:(rank + 1) * ms].copy_(xs)
+    main.wait_stream(comm)
+    return out, (full if return_gathered else None)

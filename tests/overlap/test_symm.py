@@ -1,0 +1,155 @@
+"""The copy-engine schedules' data flow, emulated on CPU.
+
+Ranks are threads of one process, each rank's symmetric buffer is a shared CPU tensor
+(poisoned with NaN bytes when allocated, so a slot read before it is written shows),
+the symmetric-memory barrier is a thread barrier and streams run in program order.
+This checks what the schedules compute (slot layout, row groups, the two alternating
+copies across calls, direct stores, pulls) against the float64 product; the GPU test
+(test_gpu.py) checks them with real streams, copy engines and barriers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+
+import pytest
+import torch
+
+from commflow.overlap import reference as ref
+from commflow.overlap import symm
+from commflow.overlap.validate import GroupInfo
+
+TOL = 1e-5
+"""fp32 against the float64 product: a few fp32 roundings of O(1) values."""
+
+
+class _Stream:
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self):
+        return None
+
+
+class _Workspace:
+    """A rank's symmetric buffer: views of any rank's buffer, a barrier over the threads."""
+
+    def __init__(self, buffers: dict, rank: int, barrier: threading.Barrier):
+        self.buffers, self.rank, self.bar, self.counter, self.nbytes = buffers, rank, barrier, 0, 0
+
+    def ensure(self, nbytes: int) -> None:
+        if nbytes <= self.nbytes:
+            return
+        self.bar.wait()  # growing is collective on the GPU too
+        self.buffers[self.rank] = torch.full((nbytes,), 255, dtype=torch.uint8)  # NaN in every float type
+        self.nbytes = nbytes
+        self.bar.wait()
+
+    def view(self, rank, shape, dtype, offset):
+        flat = self.buffers[rank].view(dtype)
+        assert offset + math.prod(shape) <= flat.numel(), (offset, shape, flat.numel())
+        return flat[offset:offset + math.prod(shape)].view(shape)
+
+    def barrier(self) -> None:
+        self.bar.wait()
+
+
+@pytest.fixture
+def ranks(monkeypatch):
+    """``run(world, fn)``: ``fn(g)`` on ``world`` emulated ranks, their results in rank order."""
+
+    def run(world, fn):
+        buffers: dict = {}
+        barrier = threading.Barrier(world, timeout=60)
+        spaces: dict = {}
+
+        def workspace(g, op, device):
+            return spaces.setdefault((g.rank, op), _Workspace(buffers.setdefault(op, {}), g.rank, barrier))
+
+        monkeypatch.setattr(symm, "_streams", lambda device: (_Stream(), _Stream()))
+        monkeypatch.setattr(symm, "_on", lambda stream: contextlib.nullcontext())
+        monkeypatch.setattr(symm, "_workspace", workspace)
+        results, errors = [None] * world, []
+
+        def body(r):
+            try:
+                results[r] = fn(GroupInfo(group=None, rank=r, world_size=world))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+                barrier.abort()
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+    return run
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_reduce_scatter_and_all_reduce(ranks, world):
+    g0 = torch.Generator().manual_seed(0)
+    m, k, n = 24 * world, 8 * world, 10
+    X, W = torch.randn(m, k, generator=g0, dtype=torch.float64), torch.randn(k, n, generator=g0, dtype=torch.float64)
+    splits = [None, (12, 12), (10, 7, 7), (24,)]  # rows per destination block: m / world = 24
+
+    def fn(g):
+        x, w = (t.float() for t in ref.row_parallel_shards(X, W, world, g.rank))
+        errs = []
+        for sizes in splits * 2:  # twice: the second pass reuses both copies of the slots
+            for direct in (False, True):
+                errs.append(_rel(symm.matmul_reduce_scatter(x, w, g, sizes, direct=direct),
+                                 ref.matmul_reduce_scatter_reference(X, W, world, g.rank)))
+                errs.append(_rel(symm.matmul_all_reduce(x, w, g, sizes, direct=direct), X @ W))
+        return errs
+
+    for errs in ranks(world, fn):
+        assert all(e <= TOL for e in errs), errs  # (a NaN fails too)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_all_gather_matmul(ranks, world):
+    g0 = torch.Generator().manual_seed(1)
+    m, k, n = 12 * world, 16, 6 * world
+    X, W = torch.randn(m, k, generator=g0, dtype=torch.float64), torch.randn(k, n, generator=g0, dtype=torch.float64)
+
+    def fn(g):
+        xs, w = (t.float() for t in ref.column_parallel_shards(X, W, world, g.rank))
+        errs = []
+        for sizes in (None, (6, 6), (5, 4, 3)) * 2:
+            out, full = symm.all_gather_matmul(xs, w, g, sizes, return_gathered=True)
+            errs += [_rel(out, ref.all_gather_matmul_reference(X, W, world, g.rank)), _rel(full, X)]
+            errs.append(0.0 if symm.all_gather_matmul(xs, w, g, sizes)[1] is None else 1.0)
+        return errs
+
+    for errs in ranks(world, fn):
+        assert all(e <= TOL for e in errs), errs
+
+
+def test_growing_workspace_keeps_results(ranks):
+    world = 2
+    g0 = torch.Generator().manual_seed(2)
+    X, W = torch.randn(64, 8, generator=g0, dtype=torch.float64), torch.randn(8, 5, generator=g0, dtype=torch.float64)
+
+    def fn(g):
+        errs = []
+        for rows in (8, 64, 16):  # small, larger (the buffer grows), small again
+            x, w = (t.float() for t in ref.row_parallel_shards(X[:rows], W, world, g.rank))
+            errs.append(_rel(symm.matmul_reduce_scatter(x, w, g), (X[:rows] @ W).chunk(world)[g.rank]))
+        return errs
+
+    for errs in ranks(world, fn):
+        assert all(e <= TOL for e in errs), errs
