@@ -306,7 +306,10 @@ def _worker(rows: list[dict], variants: list[str], args_dict: dict, partial_path
                   + " ".join(f"{k}={v:.3f}" for k, v in t.items())
                   + (f" errors={list(res.get('errors', {}))}" if res.get("errors") else ""), flush=True)
     dist.barrier()
+    from commflow.overlap import symm
+
     return {"world_size": info.world_size, "calibration": cal.to_json(), "calibration_s": calibration_s,
+            "symm_unavailable": symm.unavailable_reason(), "symm_workspace_bytes": symm.workspace_bytes(),
             "rows": done}
 
 
@@ -364,6 +367,8 @@ def run(args: argparse.Namespace) -> dict:
             results["worlds"].append({"world_size": world, "error": f"{type(e).__name__}: {e}"[-3000:]})
             continue
         results["worlds"].append({k: v for k, v in res.items() if k != "rows"})
+        if res.get("symm_unavailable"):
+            print(f"[{world} ranks] copy-engine transport unavailable: {res['symm_unavailable']}", flush=True)
         results["rows"].extend(res["rows"])
     results["summary"] = summarize(results["rows"])
     if not any("error" in w for w in results["worlds"]):

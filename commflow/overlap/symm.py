@@ -66,17 +66,33 @@ def available(g: GroupInfo, device: torch.device) -> bool:
     the same answer (same torch, same environment)."""
     if device.type != "cuda" or g.world_size < 2 or os.environ.get("COMMFLOW_OVERLAP_SYMM", "1") == "0":
         return False
-    key = (id(_process_group(g)), device.index)
+    pg = _process_group(g)
+    key = (id(pg), device.index)
     hit = _AVAILABLE.get(key)
     if hit is None:
+        # First use on this group (every rank gets here at the same call: ops resolve
+        # signatures in the same order everywhere): set up a small workspace for real,
+        # and agree over the group, so that no rank picks a transport its peers lack.
         try:
-            import torch.distributed._symmetric_memory  # noqa: F401
-
-            hit = True
-        except ImportError:
-            hit = False
-        _AVAILABLE[key] = hit
+            _workspace(g, "probe", device).ensure(1 << 20)
+            ok = 1
+        except Exception as e:  # noqa: BLE001 - reported by unavailable_reason(); NCCL per chunk instead
+            _WHY[key] = f"{type(e).__name__}: {e}"
+            ok = 0
+        flag = torch.tensor([ok], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=pg)
+        hit = _AVAILABLE[key] = bool(flag.item())
+        if not hit and key not in _WHY:
+            _WHY[key] = "symmetric memory failed on another rank"
     return hit
+
+
+_WHY: dict[tuple, str] = {}
+
+
+def unavailable_reason() -> dict[str, str]:
+    """Why the copy-engine transport was refused, per (group, device), where it was."""
+    return {f"group {k[0]} cuda:{k[1]}": v for k, v in _WHY.items()}
 
 
 _COMM_STREAMS: dict[int, torch.cuda.Stream] = {}
