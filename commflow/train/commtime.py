@@ -18,10 +18,12 @@ waiting for one, divided by the step's wall time. It is measured, not modelled:
   when the last bucket was launched, i.e. when the last gradient was computed; the rest
   of ``backward()`` is waiting for the all-reduces to finish, the exposed part of DP.
 
-On CUDA the marks are CUDA events on the current stream, so a span is how long the
-compute stream was held up, read once per step after a synchronize. Calls on other
-Calls from any thread count (on GPU the backward, and with it SP's backward collectives,
-runs on autograd's device thread); a call nested inside another counts once.
+On CUDA the marks are CUDA events on the caller's current stream, so a span is how
+long that stream was held up, read once per step after a synchronize (FSDP2 issues its
+collectives on side streams: there a span is the collective itself, an upper bound of
+what it exposes). Calls from any thread count (on GPU the backward, and with it SP's
+backward collectives, runs on autograd's device thread); a call nested inside another
+counts once.
 """
 
 from __future__ import annotations
