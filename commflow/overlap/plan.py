@@ -292,16 +292,16 @@ def _symm_gpu_us(cal: Calibration, op: str, m: int, n: int, k: int, b: int, size
             beside = landed[-1][0] > main
             main = max(main, t) + cal.gemm_us(rows, n, k) * (cal.copy_slowdown if beside else 1.0)
         return main
-    main = side = 0.0
+    main = side = pull = 0.0  # the caller's stream, the push stream, the all-reduce's pull stream
     for rows in sizes:
         for _ in range(r - 1):
-            main += cal.gemm_us(rows, n, k) * (cal.copy_slowdown if side > main else 1.0)
+            main += cal.gemm_us(rows, n, k) * (cal.copy_slowdown if max(side, pull) > main else 1.0)
             side = max(side, main) + copy(rows * n * b)
-        main += cal.gemm_us(rows, n, k) * (cal.copy_slowdown if side > main else 1.0)
+        main += cal.gemm_us(rows, n, k) * (cal.copy_slowdown if max(side, pull) > main else 1.0)
         side = max(side, main) + cal.barrier_us + cal.memory_us((r + 1) * rows * n * b)
         if op == "matmul_all_reduce":  # all-gather of the reduced block: pulls from every peer
-            side += cal.barrier_us + (r - 1) * copy(rows * n * b) + cal.memory_us(2 * rows * n * b)
-    return max(main, side)
+            pull = max(pull, side) + cal.barrier_us + (r - 1) * copy(rows * n * b) + cal.memory_us(2 * rows * n * b)
+    return max(main, side, pull)
 
 
 SYMM_CHUNKS = (1, 2, 3, 4)

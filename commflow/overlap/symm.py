@@ -20,21 +20,20 @@ Schedules (R ranks, this rank r, leading dims already flattened to rows; steps g
   last, straight into its own slot, so the last push hides under it. A barrier says
   every slot has landed, and one reduction sums the R slots in fp32 and rounds once.
 * :func:`matmul_all_reduce`: the same, per group of rows, followed by an all-gather
-  of the reduced block (every rank pulls its peers' blocks by copy engine); the
-  all-gather of group g runs under the GEMMs of group g + 1.
+  of the reduced block (every rank pulls its peers' blocks by copy engine, on a second
+  stream); the all-gather of group g runs beside the GEMMs and pushes of group g + 1.
 * :func:`all_gather_matmul` ``all_gather(x_shard) [M, K] @ w [K, N/R]``: every rank
   copies its shard into its workspace, a barrier, then each rank pulls the peers'
   shards by copy engine while multiplying the shards it already has.
 
-Buffer reuse without extra barriers. Each rank issues all its transfers, barriers and
+Buffer reuse without extra barriers. Each rank issues its pushes, barriers and
 reductions of one workspace on one communication stream, in program order; the
-caller's stream waits for that stream before an op returns. Where a peer could write
-into a buffer this rank is still reading (reduce-scatter slots, all-gather shards),
-two copies of the buffer alternate between calls: a peer can only write into copy
-``i % 2`` of call ``i + 2`` after the barrier of call ``i + 1``, which this rank
-reaches after it finished reading call ``i``. The all-reduce's slots alternate per
-group of rows the same way; its reduced block is reused by every group because a
-peer only writes the next group's slots after the barrier that follows its pulls.
+caller's stream waits for it before an op returns. Where a peer could write into a
+buffer this rank is still reading (reduce-scatter slots, all-gather shards), two
+copies of the buffer alternate: a peer can only write into copy ``i % 2`` of step
+``i + 2`` after the barrier of step ``i + 1``, which this rank reaches after it
+finished reading step ``i``. The all-reduce's reduced block alternates the same way
+between groups, guarded by the pull stream's barrier (see :func:`matmul_all_reduce`).
 
 Workspaces are per (process group, op) and grow on demand: growing is collective (all
 ranks pass the same shapes, so they grow at the same call) and synchronises once.
@@ -113,6 +112,19 @@ def _streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream
     return torch.cuda.current_stream(device), comm_stream(device)
 
 
+_PULL_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def pull_stream(device: torch.device) -> torch.cuda.Stream:
+    """A second high-priority stream for the all-reduce's pulls (beside the pushes)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _PULL_STREAMS.get(index)
+    if stream is None:
+        _, high = torch.cuda.Stream.priority_range()
+        stream = _PULL_STREAMS[index] = torch.cuda.Stream(device=index, priority=high)
+    return stream
+
+
 def _on(stream: torch.cuda.Stream):
     return torch.cuda.stream(stream)
 
@@ -162,9 +174,9 @@ class _Workspace:
             t = self.views[key] = self.handle.get_buffer(rank, list(shape), dtype, offset)
         return t
 
-    def barrier(self) -> None:
-        """All ranks' work queued before this point on their communication stream is done."""
-        self.handle.barrier(channel=0)
+    def barrier(self, channel: int = 0) -> None:
+        """All ranks' work queued before this point on their stream that uses ``channel`` is done."""
+        self.handle.barrier(channel=channel)
 
 
 _WORKSPACES: dict[tuple, _Workspace] = {}
@@ -282,29 +294,46 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
 
     Rows go in groups of ``R * sizes[i]`` (``sizes`` sums to ``M/R``; default one
     group): each group is a reduce-scatter as above, then every rank pulls the peers'
-    reduced blocks of the group; the pulls of group ``i`` run under the GEMMs of group
-    ``i + 1``.
+    reduced blocks of the group. The pulls go on a second stream, so the all-gather of
+    group ``i`` (data coming in) runs beside the pushes of group ``i + 1`` (data going
+    out) and the GEMMs.
+
+    The reduced block has two copies, alternating per group. The sum of group ``i``
+    overwrites the copy the peers pulled for group ``i - 2``; it waits for this rank's
+    pull-side barrier of group ``i - 1``, which every peer reaches after those pulls.
+    (Across calls the push-side barrier of the new group already orders it: a rank
+    reaches it after the caller's stream waited for all of its pulls.)
     """
     world, rank = g.world_size, g.rank
     m, n, dtype, dev = x2d.shape[0], w.shape[1], x2d.dtype, x2d.device
     sizes = sizes or (m // world,)
     starts = _offsets(sizes)
+    block = max(sizes) * n
     ws = _workspace(g, "ar", dev)
-    ws.ensure((2 * world + 1) * max(sizes) * n * dtype.itemsize)
-    red = 2 * world * max(sizes) * n  # this rank's reduced block, pulled by the peers
+    ws.ensure((2 * world + 2) * block * dtype.itemsize)
+    main, comm = _streams(dev)
+    pull = pull_stream(dev)
     out = torch.empty(m, n, dtype=dtype, device=dev)
+    pulled_barrier: list[torch.cuda.Event] = []
 
-    def after_sum(i: int, slots: torch.Tensor) -> None:
+    def after_sum(i: int, slots: torch.Tensor) -> None:  # on the push stream
         rows, g0 = sizes[i], world * starts[i]
+        red = 2 * world * block + (i % 2) * block  # this rank's reduced block, pulled by the peers
+        if i >= 2:
+            comm.wait_event(pulled_barrier[i - 1])
         torch.sum(slots, dim=0, out=ws.view(rank, (rows, n), dtype, red))
-        ws.barrier()  # every rank's reduced block of this group is ready
-        for step in range(world):
-            p = (rank + step) % world
-            out[g0 + p * rows:g0 + (p + 1) * rows].copy_(ws.view(p, (rows, n), dtype, red))
+        pull.wait_stream(comm)
+        with _on(pull):
+            ws.barrier(channel=1)  # every rank's reduced block of this group is ready
+            pulled_barrier.append(pull.record_event())
+            for step in range(world):
+                p = (rank + step) % world
+                out[g0 + p * rows:g0 + (p + 1) * rows].copy_(ws.view(p, (rows, n), dtype, red))
 
     keep = _reduce_scatter_groups(x2d, w, g, ws, sizes, lambda d, i: world * starts[i] + d * sizes[i], after_sum,
                                   direct=direct)
-    _streams(dev)[0].wait_stream(_streams(dev)[1])
+    main.wait_stream(comm)
+    main.wait_stream(pull)
     del keep
     return out
 

@@ -55,8 +55,8 @@ class _Workspace:
         assert offset + math.prod(shape) <= flat.numel(), (offset, shape, flat.numel())
         return flat[offset:offset + math.prod(shape)].view(shape)
 
-    def barrier(self) -> None:
-        self.bar.wait()
+    def barrier(self, channel: int = 0) -> None:
+        self.bar.wait()  # every rank issues its barriers in one order here, whatever the channel
 
 
 @pytest.fixture
@@ -72,6 +72,7 @@ def ranks(monkeypatch):
             return spaces.setdefault((g.rank, op), _Workspace(buffers.setdefault(op, {}), g.rank, barrier))
 
         monkeypatch.setattr(symm, "_streams", lambda device: (_Stream(), _Stream()))
+        monkeypatch.setattr(symm, "pull_stream", lambda device: _Stream())
         monkeypatch.setattr(symm, "_on", lambda stream: contextlib.nullcontext())
         monkeypatch.setattr(symm, "_workspace", workspace)
         results, errors = [None] * world, []
