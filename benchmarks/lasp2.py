@@ -597,6 +597,9 @@ def _worker(cfg: dict, steps: list[dict], start: int, run_dir: str, dead: list[s
         if step["kind"] == "sweep" and step["phase"] == "fwd+bwd" and "OutOfMemory" in row.get("error", ""):
             dead.add(step["method"])
     dog.close()
+    with contextlib.suppress(Exception):  # every op has completed: a clean NCCL shutdown
+        dist.barrier()
+        dist.destroy_process_group()
     return {"rank": rank, "steps_done": done}
 
 
