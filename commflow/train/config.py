@@ -146,7 +146,7 @@ class DataConfig:
     seq_len: int = 32
     """Global sequence length in tokens (split across the sp ranks)."""
     batch: int = 32
-    """Global batch in sequences (split across the dp ranks)."""
+    """Global batch in sequences, split across the dp ranks (as evenly as it goes)."""
     mqar_pairs: int = 8
     """MQAR: key-value pairs per sequence (each is queried once)."""
     mqar_vocab: int = 64
@@ -161,8 +161,9 @@ class ParallelConfig:
     """Local processes to spawn (default dp x sp, or 4); ignored under torchrun."""
     dp: int | None = None
     """Data-parallel degree (default: world size / sp)."""
-    sp: int = 2
-    """Sequence-parallel degree: each sequence is split across this many ranks."""
+    sp: int | None = None
+    """Sequence-parallel degree: each sequence is split across this many ranks (default: 2
+    when the world size is even, else 1, so a restart on fewer ranks still fits)."""
     softmax_sp: str = "allgather"
     """Softmax layers under SP: allgather (LASP-2H), ulysses or ring. Linear layers use LASP-2."""
     layout: str = "auto"
@@ -325,6 +326,8 @@ def resolve_layout(cfg: TrainConfig, pattern: str) -> str:
 def mesh_shape(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     """(dp, sp) for a world of ``world_size`` ranks; raises if the mesh does not fit."""
     sp = cfg.parallel.sp
+    if sp is None:
+        sp = 2 if world_size % 2 == 0 else 1
     _positive("sp", sp)
     if world_size % sp:
         raise ValueError(f"--sp ({sp}) must divide the world size ({world_size})")
@@ -340,9 +343,10 @@ def default_world_size(cfg: TrainConfig) -> int:
     p = cfg.parallel
     if p.nproc is not None:
         return p.nproc
+    sp = 2 if p.sp is None else p.sp
     if p.dp is not None:
-        return p.dp * p.sp
-    return 4 if 4 % p.sp == 0 else p.sp
+        return p.dp * sp
+    return 4 if 4 % sp == 0 else sp
 
 
 def validate(cfg: TrainConfig, world_size: int) -> ModelConfig:
@@ -381,8 +385,8 @@ def validate(cfg: TrainConfig, world_size: int) -> ModelConfig:
     _positive("eval_batches", lg.eval_batches, zero_ok=True)
     if o.lr is not None:
         _positive("lr", o.lr)
-    if d.batch % dp:
-        raise ValueError(f"--batch ({d.batch}) must be divisible by dp ({dp}): each dp rank takes batch/dp sequences")
+    if d.batch < dp:
+        raise ValueError(f"--batch ({d.batch}) must be >= dp ({dp}): every dp rank needs at least one sequence")
     parts = sp * (2 if layout == "zigzag" else 1)
     if d.seq_len % parts:
         rule = "2 x sp" if layout == "zigzag" else "sp"

@@ -8,7 +8,8 @@ Parallel layout (a 2-D DeviceMesh ``("dp", "sp")``):
 * ``sp`` ranks share one sequence: each holds ``seq_len / sp`` tokens in the model's one
   layout and runs every per-token op on them alone; attention crosses the sp group
   (commflow.sp: LASP-2 for linear layers, all-gather-KV / Ulysses / ring for softmax).
-* ``dp`` ranks hold different sequences (``batch / dp`` each).
+* ``dp`` ranks hold different sequences (``batch / dp`` each, the remainder spread over
+  the first ranks).
 * Parameters are replicated over both dimensions and every rank sees different tokens,
   so a parameter's gradient is the sum of the contributions of all ``dp x sp`` ranks.
   DDP (or FSDP2) therefore runs over the flattened ``dp x sp`` group (torchtitan's
@@ -16,7 +17,8 @@ Parallel layout (a 2-D DeviceMesh ``("dp", "sp")``):
   per bucket instead of one over dp and another over sp.
 * Both average over that group, while the loss is a mean over *all* scored tokens, and
   MQAR's scored tokens are not spread evenly over the sp ranks (queries sit late in the
-  sequence). So each rank backpropagates ``loss_sum_local * world / scored_global``:
+  sequence), nor are sequences over dp ranks when dp does not divide the batch. So each
+  rank backpropagates ``loss_sum_local * world / scored_global``:
   averaged over ``world`` ranks this is exactly the gradient of the global token mean,
   the same as a single process on the whole batch (tested against one).
 """
@@ -189,7 +191,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_src, eval_src = make_source(cfg, "train"), make_source(cfg, "eval")
     pos_cpu = shard_positions(cfg.data.seq_len, sp_rank, sp, layout)  # global positions of this rank's tokens
     pos = pos_cpu.to(device)
-    local_batch = cfg.data.batch // dp
+    # Sequences [first, first + count) of every global batch are this dp rank's; the split
+    # may be uneven (a restart on an odd world): the loss scaling below stays exact.
+    share, extra = divmod(cfg.data.batch, dp)
+    first_example = dp_rank * share + min(dp_rank, extra)
+    local_batch = share + (1 if dp_rank < extra else 0)
     scored_per_step = cfg.data.batch * train_src.labels_per_sequence  # known without communication
     loss_scale = world / scored_per_step
     tokens_per_step = cfg.data.batch * cfg.data.seq_len
@@ -197,8 +203,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 else contextlib.nullcontext())
 
     def examples(first: int) -> list[int]:
-        base = first + dp_rank * local_batch
-        return list(range(base, base + local_batch))
+        return list(range(first + first_example, first + first_example + local_batch))
 
     def evaluate() -> tuple[float, float]:
         model.eval()

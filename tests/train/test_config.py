@@ -40,7 +40,8 @@ def cfg(**flat) -> TrainConfig:
         ({"pattern": ""}, 4, "--pattern must be a non-empty string"),
         ({"pattern": "LLS"}, 4, "--layers (2) must be a multiple of the pattern length"),
         ({"data": "/nonexistent/file.txt"}, 4, "--data '/nonexistent/file.txt': no such file"),
-        ({"batch": 3}, 4, "--batch (3) must be divisible by dp (2)"),
+        ({"batch": 1}, 4, "--batch (1) must be >= dp (2)"),
+        ({"sp": 2}, 1, "--sp (2) must divide the world size (1)"),
         ({"layout": "ring"}, 4, "--layout must be one of auto, contiguous, zigzag; got 'ring'"),
         ({"seq_len": 34, "sp": 2}, 4, "--seq-len (34) must be divisible by 2 x sp (4) for layout 'zigzag'"),
         ({"pattern": "S", "softmax_sp": "ulysses", "sp": 8}, 8, "heads (4) must be divisible by sp (8)"),
@@ -66,6 +67,12 @@ def test_default_config_is_valid_on_a_2x2_mesh():
     assert model.pattern == "LS" and model.vocab_size == c.data.mqar_vocab
     assert resolve_layout(c, model.pattern) == "zigzag"  # softmax layers: balanced
     assert resolve_layout(c, "L") == "contiguous"  # nothing to balance
+
+
+def test_sp_defaults_to_what_the_world_fits():
+    from commflow.train.config import mesh_shape
+
+    assert [mesh_shape(TrainConfig(), w) for w in (4, 2, 3, 1)] == [(2, 2), (1, 2), (3, 1), (1, 1)]
 
 
 def test_short_data_file_is_refused(tmp_path):

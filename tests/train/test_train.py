@@ -102,7 +102,7 @@ def _cases_world2(text_file: Path) -> dict[str, dict]:
         "dp1_sp2_linear_only_contiguous": {"dp": 1, "sp": 2, "pattern": "L"},
         "dp1_sp2_constant_decay": {"dp": 1, "sp": 2, "linear_decay": "constant"},
         "dp1_sp2_no_decay": {"dp": 1, "sp": 2, "linear_decay": "none"},
-        "dp2_sp1_bytes_file": {"dp": 2, "sp": 1, "data": text_file},
+        "dp2_sp1_bytes_file_uneven_batch": {"dp": 2, "sp": 1, "data": text_file, "batch": 3},
         "dp1_sp2_bytes_file": {"dp": 1, "sp": 2, "data": text_file},
     }
     if HAS_RING:
