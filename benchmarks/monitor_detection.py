@@ -149,11 +149,8 @@ def run(args: argparse.Namespace) -> dict:
         s = score(r)
         first_it = {e["fault"]["text"]: e["iteration"] for e in r.injected if e["kind"] not in ("jitter", "heal")}
         for row in s["faults"]:
-            v_it = None
-            if row["verdict"] is not None:
-                match = [v for v in r.verdicts if v.kind == row["verdict"] and v.ranks == row.get("ranks")]
-                v_it = match[0].iteration if match else None
-            row["latency_iters"] = (v_it - first_it.get(row["fault"], 0)) if v_it is not None else None
+            v_it = row.get("verdict_iteration")
+            row["latency_iters"] = (v_it - first_it[row["fault"]]) if v_it is not None else None
         summ = _summary(r, s["faults"])
         period = statistics.median(x["period"] for x in r.iterations) if r.iterations else None
         periods.append(period)

@@ -240,7 +240,11 @@ class Detector:
                 self.recheck = (self.closed_iters + self.cfg.recheck_iterations, 2.0 * max(excess, 0.0))
             else:
                 self.recheck = None
-        self.streak.clear()
+        # Only the acknowledged kind starts counting again; a slow rank building up its
+        # confirmation meanwhile keeps its count.
+        family = {"slow_rank": "slow", "comm_slow": "comm", "slow_link": "comm"}.get(verdict.kind)
+        for key in [k for k in self.streak if k[0] == family]:
+            del self.streak[key]
 
     # -- input -----------------------------------------------------------------------
 

@@ -472,6 +472,7 @@ def score(result: ScenarioResult, *, window_s: float = 30.0) -> dict:
             used.add(hit)
             v = verdicts[hit]
             row["verdict"] = v.kind
+            row["verdict_iteration"] = v.iteration
             row["ranks"] = v.ranks
             row["link"] = v.link
             row["latency_s"] = v.t_detect - ev["t"]

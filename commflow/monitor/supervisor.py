@@ -22,11 +22,14 @@ the rest); the coordinator still names the culprit (the first worker whose chann
 closed without a goodbye). The job ends when an attempt succeeds, or with an error
 when the world would shrink below ``--min-world`` or ``--max-incidents`` is reached.
 
-Multi-node (``--nnodes N --rdzv-endpoint host:port``): every node runs
-``commflow launch``; the attempt's rendezvous is c10d on that endpoint. The node that
-owns the endpoint's address hosts the coordinator on ``--monitor-port``; the others
-connect to it as followers and take the attempt number and the excluded nodes from
-it. A culprit removes its *node* (torchrun needs the same process count per node).
+Multi-node (``--nnodes N --rdzv-endpoint host:port``): every node runs ``commflow
+launch``; the rendezvous is c10d on that endpoint. The node whose supervisor binds the
+monitor port (``--monitor-port``, default rendezvous port + 1) first hosts the
+coordinator -- every worker of every node reports to it, so detection and localization
+see the whole job -- and the others follow. On a verdict the leader stops the job and
+writes the incident with the node(s) to leave out (a culprit removes its *node*:
+torchrun needs the same process count per node); relaunching the smaller job is left
+to the scheduler (every node's supervisor would have to agree on the new membership).
 """
 
 from __future__ import annotations
@@ -171,6 +174,7 @@ class Supervisor:
         self._pending: dict | None = None
         self._stopping = False
         self.coordinator: Coordinator | None = None
+        self.monitor_endpoint = ""
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -242,9 +246,18 @@ class Supervisor:
             host = "0.0.0.0"
             if not port:
                 port = int(cfg.rdzv_endpoint.rsplit(":", 1)[1]) + 1
-        self.coordinator = Coordinator(cfg.detect, cfg.probe, host=host, port=port, out_dir=self.out,
-                                       on_verdict=self._on_verdict, prometheus_port=cfg.prometheus_port,
-                                       advertise=_advertise(cfg))
+            self.monitor_endpoint = f"{_advertise(cfg)}:{port}"
+        try:
+            if cfg.nnodes > 1 and not _is_local(_advertise(cfg) or ""):
+                raise OSError("the rendezvous host is another machine")
+            self.coordinator = Coordinator(cfg.detect, cfg.probe, host=host, port=port, out_dir=self.out,
+                                           on_verdict=self._on_verdict, prometheus_port=cfg.prometheus_port,
+                                           advertise=_advertise(cfg))
+        except OSError:
+            if cfg.nnodes == 1:
+                raise
+            # Another node (the one the endpoint names) already hosts the coordinator.
+            return self._follow()
         self.coordinator.on_healthy = self._on_healthy
         self.coordinator.start()
         try:
@@ -255,12 +268,33 @@ class Supervisor:
                         self._write_incident(self._pending)
                     return 0
                 if code is None:
+                    if cfg.nnodes > 1:
+                        # Restarting several nodes without the culprit needs every node's
+                        # supervisor to agree on the new membership; here the leader
+                        # stops the job and says which node to leave out.
+                        inc = self._pending or {}
+                        hosts = sorted({w.get("host") for w in inc.get("where") or [] if w.get("host")})
+                        if self._pending is not None:
+                            self._pending["action"] = f"stopped: relaunch without node(s) {hosts}"
+                        print(f"commflow launch: {inc.get('kind')} on {hosts}; relaunch without them",
+                              file=sys.stderr)
+                        return 3
                     continue  # restarted after an incident
                 return code
         finally:
             if self._pending is not None:
                 self._write_incident(self._pending)
             self.coordinator.stop()
+
+    def _follow(self) -> int:
+        """A node that does not host the coordinator: one attempt, reporting to it."""
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+        try:
+            code = self._attempt()
+        except ChildFailedError:
+            code = 1
+        return 0 if code == 0 else 1
 
     def _attempt(self) -> int | None:
         """One elastic launch. 0: success; None: an incident, go again; else: give up."""
@@ -272,12 +306,12 @@ class Supervisor:
         slots = self._world_slots()
         world = len(slots)
         coord = self.coordinator
-        assert coord is not None
-        coord.new_attempt(self.attempt, world)
+        if coord is not None:
+            coord.new_attempt(self.attempt, world)
         self._verdict = None
         self._verdict_event.clear()
         env = {
-            "COMMFLOW_MONITOR": coord.endpoint,
+            "COMMFLOW_MONITOR": coord.endpoint if coord is not None else self.monitor_endpoint,
             "COMMFLOW_INJECT": json.dumps({"faults": [f.to_json() for f in self.faults], "seed": cfg.seed}),
             "COMMFLOW_INJECT_LOG": str((self.out / "injected.jsonl").resolve()),
             "COMMFLOW_SLOTS": ",".join(map(str, slots)),
@@ -330,6 +364,8 @@ class Supervisor:
         t_stop = time.time()
         if ok:
             return 0
+        if coord is None:
+            return 1  # a follower: the leader judges
         verdict = self._wait_verdict(failures, t_start)
         return self._handle(verdict, failures, t_stop, slots)
 
@@ -406,6 +442,16 @@ class Supervisor:
             return 3
         self.attempt += 1
         return None
+
+
+def _is_local(ip: str) -> bool:
+    """Whether ``ip`` belongs to this machine (binding to it only works here)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+        return True
+    except OSError:
+        return False
 
 
 def _advertise(cfg: SupervisorConfig) -> str | None:
