@@ -179,6 +179,7 @@ class Reporter(threading.Thread):
         self._send(msg)
 
     def run(self) -> None:
+        self._use_device()
         next_report = 0.0
         next_connect = 0.0
         while True:
@@ -215,6 +216,17 @@ class Reporter(threading.Thread):
                 if stopping:
                     return
                 next_connect = time.time() + 0.5
+
+    def _use_device(self) -> None:
+        """Make this thread's current CUDA device the worker's, so the lazy queries of
+        the tracer's CUDA events run in the right context."""
+        try:
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        except Exception:  # noqa: BLE001 - CPU worker or no CUDA yet: nothing to do
+            pass
 
     def _close_sock(self) -> None:
         if self._sock is not None:

@@ -304,7 +304,7 @@ def sweep_in_thread(
     if backend == "nccl":
         torch.cuda.set_device(device or 0)
         dev = torch.device("cuda", device or 0)
-        pg = dist.ProcessGroupNCCL(dist.PrefixStore("pg", prefixed), rank, world)
+        pg = dist.ProcessGroupNCCL(dist.PrefixStore("pg", prefixed), rank, world, dist.ProcessGroupNCCL.Options())
 
         def sync() -> None:
             torch.cuda.set_device(dev)

@@ -136,6 +136,8 @@ class CommRecord:
     quiet: bool = False
     """Entered inside an expected long section (checkpoint, eval): no hang verdicts."""
     work: Any = field(default=None, repr=False)
+    dev: int = -1
+    """CUDA device index of the tensors (-1: CPU)."""
     ev_start: Any = field(default=None, repr=False)
     ev_end: Any = field(default=None, repr=False)
 
@@ -328,6 +330,9 @@ class Tracer:
         for rec in list(self.pending_poll.values()):
             try:
                 if rec.ev_end is not None and rec.work is None:
+                    if rec.dev != getattr(self._tls, "poll_dev", -2):  # query in the device's context
+                        torch.cuda.set_device(rec.dev)
+                        self._tls.poll_dev = rec.dev
                     if not rec.ev_end.query():
                         continue
                     dur = rec.ev_start.elapsed_time(rec.ev_end) / 1e3
@@ -378,6 +383,7 @@ class Tracer:
         self.ring.append(rec)
         self.inflight[rec.idx] = rec
         if cuda:
+            rec.dev = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
             rec.ev_start = self._event()
             rec.ev_start.record()
         tls.inside = True
