@@ -7,8 +7,7 @@ shards of one ``[B, S, H, D]`` problem, in the same process group and the same r
 * ``deepspeed``: DeepSpeed's ``DistributedAttention`` around the same SDPA call,
   with ``batch_dim_idx=0`` for ``[b, s, h, d]`` and the local shape asserted;
 * ``torch_cp_allgather`` / ``torch_cp_alltoall``: torch's ``context_parallel``
-  with each rotate method (head-tail load balancing = our zigzag shards), SDPA held
-  to flash (see :mod:`benchmarks.sp_peers` for why not cuDNN);
+  with each rotate method (head-tail load balancing = our zigzag shards);
 * ``sdpa_1gpu`` / ``sdpa_1gpu_bhsd``: plain SDPA on every GPU at the per-GPU shape
   ``(S, H/W)``, no communication: the compute limit of sequence parallelism, with
   inputs in ``[B, S, H, D]`` memory (the model layout every SP strategy here uses)

@@ -12,13 +12,13 @@ Names: a base name (:data:`ALL`), optionally ``:variant`` and ``@normal``:
 
 * ``ulysses:4`` / ``allgather:2``: ours with ``head_chunks`` pinned;
 * ``torch_cp_alltoall:cudnn`` (``flash``, ``efficient``, ``default``): torch CP with
-  SDPA held to that kernel (``default``: SDPA's own choice). Plain ``torch_cp_*``
-  means ``:flash``: in torch 2.11 CP's ring backward hands the *forward's*
-  ``max_q``/``max_k`` to every kernel call, and cuDNN's backward (unlike flash's,
-  which reads the lengths from the tensors) runs with them, so the half-length
-  blocks of load-balanced causal steps get wrong gradients (and cuDNN is what SDPA
-  picks on H100): the first 4-GPU run's check failed with a max relative error of 21.7;
-* ``sdpa_1gpu:flash``: the 1-GPU limit of that kernel (what torch CP runs on);
+  SDPA held to that kernel; plain ``torch_cp_*`` is ``:default`` (SDPA's own choice).
+  On torch 2.11 / 4 H100 every one of them fails the check with the same error
+  (max relative error 21.7, bit-identical for flash, cuDNN and SDPA's choice), so
+  the kernel is not the cause; the same sharding (head-tail = our zigzag, a
+  length-only marker buffer) passes against torch 2.13's CP code. ``sp_cp_probe``
+  records what torch 2.11 actually runs inside the context;
+* ``sdpa_1gpu:flash``: the 1-GPU limit of one pinned SDPA kernel;
 * ``@normal``: the strategy on the default process group, whose NCCL stream has
   normal priority, instead of the high-priority group every strategy gets by default.
 """
@@ -37,7 +37,7 @@ OURS = ("ulysses", "ring", "allgather")
 PEERS = ("deepspeed", "torch_cp_allgather", "torch_cp_alltoall", "sdpa_1gpu", "sdpa_1gpu_bhsd")
 ALL = OURS + PEERS
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
-TORCH_CP_DEFAULT_BACKEND = "flash"
+TORCH_CP_DEFAULT_BACKEND = "default"
 
 
 def parse(name: str) -> tuple[str, str, bool]:

@@ -41,7 +41,7 @@ def _label(name: str) -> str:
     base, _, variant = body.partition(":")
     label = LABELS.get(base, base)
     if variant:
-        label += f" ({variant} chunks)" if variant.isdigit() else f" ({variant})"
+        label += f" ({variant} chunk{'' if variant == '1' else 's'})" if variant.isdigit() else f" ({variant})"
     return label + (" [normal-priority NCCL]" if priority else "")
 
 
@@ -97,7 +97,7 @@ def markdown(record: dict) -> str:
         f"{cfg['dtype']}, {'causal' if cfg['causal'] else 'full'} attention; ring/all-gather shards: "
         f"{cfg['layout']}. FLOPs: {res['flop_convention']}.",
         f"Communication: every strategy on one NCCL group, stream priority "
-        f"{cfg.get('nccl_priority', 'normal')}; torch CP with SDPA held to flash.",
+        f"{cfg.get('nccl_priority', 'normal')}.",
         "",
         f"Command: `{_command(record)}`",
         "",

@@ -14,17 +14,19 @@ What makes it fast (and what DeepSpeed's ``DistributedAttention`` does not do):
   buffer for ``B = 1``), the layout single-GPU SDPA takes; the kernel's output and
   its dq, dk, dv come back dense and are sent as they are. DeepSpeed copies before
   and after every all-to-all.
-* **overlap**: the local heads are processed in ``head_chunks`` groups; the
+* **overlap**: the local heads can be processed in ``head_chunks`` groups; the
   all-to-alls of group ``c + 1`` are queued before group ``c``'s kernel and the
   return of group ``c - 1`` right after it, so only the first and the last
-  transfer are exposed. For the transfers to really run beside the kernel, the
-  group's NCCL stream should have high priority (``TORCH_NCCL_HIGH_PRIORITY=1`` or
-  ``ProcessGroupNCCL.Options(is_high_priority_stream=True)``): otherwise the GPU
-  hands free SMs to the already running attention kernel first and the
-  all-to-all waits for its last wave.
+  transfer are exposed. On 4 H100 this buys less than the smaller kernel calls
+  cost beyond two chunks, so the default is one or two (``_default_chunks``). A
+  transfer queued beside a running kernel only gets SMs as the kernel's blocks
+  retire; a high-priority NCCL stream (``TORCH_NCCL_HIGH_PRIORITY=1`` or
+  ``ProcessGroupNCCL.Options(is_high_priority_stream=True)``) lets it in first
+  (measured: ~2% faster at 32K-64K, within noise at 128K).
 * **memory**: what the backward needs (head-sharded q, k, v, out) is freed chunk
-  by chunk as the backward proceeds, while an SDPA node (DeepSpeed's) holds all of
-  it until its whole backward is done, beside its gradients and workspace.
+  by chunk as the backward proceeds, and the returned gradients are allocated only
+  after the first chunk's kernel, while an SDPA node (DeepSpeed's) holds all of it
+  until its whole backward is done, beside its gradients and workspace.
 
 GQA/MQA: key/value heads must split evenly over the ``W`` ranks. With ``Hkv`` not
 a multiple of ``W`` each key/value head is repeated ``W / gcd(Hkv, W)`` times (the
@@ -170,16 +172,18 @@ class _Ulysses(torch.autograd.Function):
         def send_dout(c):
             return _all_to_all(do6[:, :, :, c].permute(2, 0, 1, 3, 4).contiguous(), info)
 
-        # Separate allocations: autograd takes them over as the .grad of the inputs.
-        dq = torch.empty(ctx.shape, dtype=dout.dtype, device=dout.device)
-        dk = torch.empty((b, s_local, ctx.kv_heads, d), dtype=dout.dtype, device=dout.device)
-        dv = torch.empty_like(dk)
-        targets = [t.view(b, s_local, w, chunks, -1, d) for t in (dq, dk, dv)]
+        # Separate allocations (autograd takes them over as the .grad of the inputs),
+        # made at the first return, i.e. after the first chunk's kernel: not beside
+        # the saved tensors of every chunk, where the peak would otherwise be.
+        shapes = [ctx.shape, (b, s_local, ctx.kv_heads, d), (b, s_local, ctx.kv_heads, d)]
+        finals: list[torch.Tensor] = []
 
         def finish(c, recvs, works):
-            for target, recv, work in zip(targets, recvs, works):
-                work.wait()
-                target[:, :, :, c] = recv.permute(1, 2, 0, 3, 4)  # head group j from rank j
+            _wait(works)  # also lets go of the sent kernel gradients before the first allocation
+            if not finals:
+                finals.extend(torch.empty(shape, dtype=dout.dtype, device=dout.device) for shape in shapes)
+            for final, recv in zip(finals, recvs):
+                final.view(b, s_local, w, chunks, -1, d)[:, :, :, c] = recv.permute(1, 2, 0, 3, 4)  # group j from rank j
 
         returning = None
         pending = send_dout(0)
@@ -203,6 +207,7 @@ class _Ulysses(torch.autograd.Function):
                 finish(*returning)
             returning, pending = sent, nxt
         finish(*returning)
+        dq, dk, dv = finals
         if ctx.repeat > 1:  # the copies of a repeated key/value head share its gradient
             heads = ctx.kv_heads // ctx.repeat
             acc = acc_dtype(dout.dtype)
@@ -212,13 +217,18 @@ class _Ulysses(torch.autograd.Function):
 
 
 def _default_chunks(q: torch.Tensor, local_kv_heads: int, world: int) -> int:
-    """Deepest pipeline (4, 2 or 1 head chunks) whose kernel calls still fill a GPU:
-    >= 1024 blocks of 128 query rows x heads (the whole sequence is local here)."""
+    """2 head chunks where each kernel call keeps >= 2048 blocks of 128 query rows x
+    heads (the whole sequence is local here), else 1.
+
+    Measured on 4 H100 (causal, H=32, D=128; benchmarks/results/sp_attention_4xH100_
+    20261126-run2.json, rows ``ulysses:N``): splitting the heads costs the attention
+    kernel more than the hidden all-to-all saves beyond two chunks. TFLOP/s per GPU
+    for 1 / 2 / 4 / 8 chunks: 32K 508 / 493 / 476 / 447, 64K 518 / 519 / 515 / 500,
+    128K 523 / 525 / 515 / 482.
+    """
     b, s_local, hq = q.shape[:3]
-    for n in (4, 2):
-        if local_kv_heads % n == 0 and b * max(1, s_local * world // 128) * (hq // world // n) >= 1024:
-            return n
-    return 1
+    blocks = b * max(1, s_local * world // 128) * (hq // world)
+    return 2 if local_kv_heads % 2 == 0 and blocks // 2 >= 2048 else 1
 
 
 def ulysses_attention(
@@ -245,8 +255,10 @@ def ulysses_attention(
         layout: ``"contiguous"`` (default) or ``"zigzag"``, so Ulysses layers can
             share the shards of ring layers; attention work is balanced either way.
         head_chunks: pipeline depth over the local heads (must divide the local
-            key/value heads); default: 4 or 2 where that divides them and each
-            kernel call keeps >= 1024 blocks of 128 query rows x heads, else 1.
+            key/value heads); default: 2 where that divides them and each kernel
+            call keeps >= 2048 blocks of 128 query rows x heads, else 1. More
+            chunks hide more of the all-to-all and lower the peak memory, but
+            smaller kernel calls run slower (see ``_default_chunks``).
 
     Raises:
         ValueError: ``Hq`` not divisible by the group size (use ring or all-gather
