@@ -43,6 +43,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-fault-iters", type=int, default=80)
     p.add_argument("--gap", type=int, default=15, help="healthy iterations between faults")
     p.add_argument("--lanes", type=int, default=1, help="CPU: settings run side by side")
+    p.add_argument("--jitter-pct", type=float, default=20.0, help="per-iteration compute jitter on every rank")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
     nbytes = args.nbytes or ((64 << 20) if cuda else (64 << 10))
     probe = ProbeConfig(nbytes=(64 << 20) if cuda else (64 << 10), reps=3, timeout_s=1.0 if cuda else 0.2,
                         backend="nccl" if cuda else "gloo")
-    jitter = ["jitter:pct=20"]
+    jitter = [f"jitter:pct={args.jitter_pct:g}"] if args.jitter_pct > 0 else []
     settings: list[tuple[str, str, Scenario]] = []
     w = args.nproc
 

@@ -44,6 +44,8 @@ class ProbeConfig:
     backend: str = "auto"
     """"gloo" (CPU tensors over TCP: the host network), "nccl" (CUDA tensors: NVLink
     and the GPU's NIC path), "auto" (nccl where the worker has a GPU)."""
+    confirm_sweeps: int = 2
+    """Independent sweeps that must agree on a slow edge or rank (a dead edge needs one)."""
 
 
 class Coordinator:
@@ -211,10 +213,11 @@ class Coordinator:
                     self._finalize(v, now)
             self._flush_metrics()
 
-    def _start_probe(self, v: Verdict, now: float) -> None:
+    def _start_probe(self, v: Verdict, now: float, *, sweeps: list | None = None, first: float | None = None) -> None:
         self._probe_id += 1
         world = self.detector.world_size or len(self.connected_ranks())
-        self._probe = {"id": self._probe_id, "verdict": v, "t0": now, "rows": {}, "done": set(), "world": world}
+        self._probe = {"id": self._probe_id, "verdict": v, "t0": now, "rows": {}, "done": set(), "world": world,
+                       "sweeps": sweeps or [], "first_t0": first if first is not None else now}
         cfg = self.probe_cfg
         cmd = {"cmd": "probe", "id": self._probe_id, "attempt": self.attempt, "nbytes": cfg.nbytes,
                "reps": cfg.reps, "timeout_s": cfg.timeout_s, "world": world, "backend": cfg.backend}
@@ -231,8 +234,19 @@ class Coordinator:
         v: Verdict = p["verdict"]
         m = matrix_from_rows(p["rows"], p["world"])
         finding = analyze_matrix(m)
-        v.evidence["probe"] = {**finding.evidence, "seconds": round(now - p["t0"], 3),
-                               "ranks_finished": sorted(p["done"]), "where": finding.where}
+        sweeps = p.get("sweeps", []) + [{"where": finding.where, "ranks": finding.ranks, "link": finding.link,
+                                          "dead": finding.dead, "seconds": round(now - p["t0"], 3)}]
+        # A slow (not dead) finding is confirmed by a second, independent sweep: a
+        # rank starved of CPU during one sweep can make its edges look slow once.
+        if (finding.where != "none" and not finding.dead and len(sweeps) < self.probe_cfg.confirm_sweeps):
+            self._start_probe(v, now, sweeps=sweeps, first=p.get("first_t0", p["t0"]))
+            return
+        same = all((sw["where"], sw["ranks"], sw["link"]) == (finding.where, finding.ranks, finding.link)
+                   for sw in sweeps)
+        if not same:
+            finding = type(finding)(where="none", evidence={**finding.evidence, "note": "sweeps disagree"})
+        v.evidence["probe"] = {**finding.evidence, "seconds": round(now - p.get("first_t0", p["t0"]), 3),
+                               "ranks_finished": sorted(p["done"]), "where": finding.where, "sweeps": sweeps}
         if finding.where == "link":
             v.link = finding.link
             v.ranks = list(finding.ranks)

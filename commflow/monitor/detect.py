@@ -78,7 +78,7 @@ class DetectConfig:
     """Healthy iterations needed before slow checks run."""
     history: int = 256
     """Healthy iterations kept as the baseline."""
-    windows: tuple[int, ...] = (3, 6, 12, 24)
+    windows: tuple[int, ...] = (3, 6, 12, 24, 48)
     """Window lengths (iterations) of the persistence test."""
     kappa: float = 5.0
     """Threshold in robust standard errors of the window median."""
