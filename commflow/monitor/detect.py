@@ -86,8 +86,9 @@ class DetectConfig:
     """Least lateness flagged, as a fraction of the step period."""
     comm_floor: float = 0.05
     """Least comm-time increase flagged, as a fraction of the step period."""
-    comm_rel: float = 1.0
-    """... and as a fraction of the baseline comm time (1.0: it must double)."""
+    comm_rel: float = 0.5
+    """... and as a fraction of the baseline comm time. Only a trigger: the probe
+    sweep, confirmed twice, decides whether there is a culprit."""
     sigma_floor: float = 0.003
     """Least noise scale assumed (fraction of the period); a jitter-free baseline
     would otherwise make any wobble significant."""

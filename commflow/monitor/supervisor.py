@@ -331,7 +331,9 @@ class Supervisor:
             min_nodes=len(self.nodes),
             max_nodes=len(self.nodes),
             nproc_per_node=nproc,
-            run_id=f"commflow-{uuid.uuid4().hex[:8]}-{self.attempt}",
+            # Every node of a multi-node job must name the same rendezvous.
+            run_id=(f"commflow-{cfg.rdzv_endpoint.replace(':', '-')}-{self.attempt}" if cfg.nnodes > 1
+                    else f"commflow-{uuid.uuid4().hex[:8]}-{self.attempt}"),
             rdzv_backend="c10d",
             rdzv_endpoint=cfg.rdzv_endpoint or "localhost:0",
             max_restarts=0,
