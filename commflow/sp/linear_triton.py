@@ -65,6 +65,10 @@ _OUT_CONFIGS = [(128, 8, 3), (128, 8, 2), (64, 4, 3), (64, 4, 2)]  # (BV, warps,
 
 if triton is not None:
 
+    def _value_block_configs() -> list:
+        """The output and dv kernels' tunings over ``_OUT_CONFIGS`` (a fresh list per kernel)."""
+        return [triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv, w, s in _OUT_CONFIGS]
+
     @triton.jit
     def _gates(g, gamma, rows, m_t, i_t, i_h, last, bos, H, BT: tl.constexpr,
                USE_G: tl.constexpr, USE_GAMMA: tl.constexpr):
@@ -78,10 +82,7 @@ if triton is not None:
             b_g_last = b_gamma * (last - i_t * BT + 1).to(tl.float32)
         return b_g, b_g_last
 
-    @triton.autotune(
-        configs=[triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv, w, s in _OUT_CONFIGS],
-        key=_KEY,
-    )
+    @triton.autotune(configs=_value_block_configs(), key=_KEY)
     @triton.jit(do_not_specialize=["T", "H", "occupancy"])
     def _chunk_fwd_o_kernel(
         q, k, v, h, g, gamma, fold, fold_w, o, scale, T, occupancy,
@@ -129,10 +130,7 @@ if triton is not None:
         b_o = (b_o + tl.dot(b_a.to(b_v.dtype), b_v)) * scale
         tl.store(o + rows[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
 
-    @triton.autotune(
-        configs=[triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv, w, s in _OUT_CONFIGS],
-        key=_KEY,
-    )
+    @triton.autotune(configs=_value_block_configs(), key=_KEY)
     @triton.jit(do_not_specialize=["T", "H", "occupancy"])
     def _chunk_bwd_dv_kernel(
         q, k, do, dh, g, gamma, fold, fold_w, dv, scale, T, occupancy,
@@ -269,6 +267,18 @@ def _dummy(x):
     return x.new_empty(1, dtype=torch.float32)
 
 
+def _optional_args(q, g2, gamma2, fold, fold_w) -> tuple:
+    """``(g2, gamma2, fold, fold_w)`` with a one-element fp32 placeholder for each absent one
+    (the kernels take a pointer either way; the flags keep them from reading it)."""
+    d = _dummy(q)
+    return tuple(d if t is None else t for t in (g2, gamma2, fold, fold_w))
+
+
+def _block_k(K: int) -> int:
+    """Tile width over the key dim: the next power of two of ``K``, within 16..128."""
+    return min(128, max(16, triton.next_power_of_2(K)))
+
+
 _OCCUPANCY_OVERRIDE: int | None = None
 
 
@@ -292,32 +302,29 @@ def force_occupancy(bucket: int):
         _OCCUPANCY_OVERRIDE = saved
 
 
+def _launch_over_value_blocks(kernel, q, k, x, state, g2, gamma2, scale, chunk_size, fold, fold_w):
+    """Run the output or the dv kernel: both read ``q, k``, a value-shaped ``x [B, T, H, V]``
+    (``v`` or ``do``) and per-chunk states, and write a tensor like ``x``, one program per
+    (value block, chunk, batch x head)."""
+    B, T, H, K = q.shape
+    V = x.shape[-1]
+    BT, BK = chunk_size, _block_k(K)
+    out = torch.empty_like(x)
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), triton.cdiv(T, BT), B * H)  # noqa: E731
+    kernel[grid](q, k, x, state, *_optional_args(q, g2, gamma2, fold, fold_w), out, scale, T,
+                 _occupancy(B, T, H, BT), H=H, K=K, V=V, BT=BT, BK=BK, **_flags(g2, gamma2, fold))
+    return out
+
+
 def chunk_fwd_o(q, k, v, h, g2, gamma2, scale: float, chunk_size: int = 64, fold=None, fold_w=None):
     """``o [B, T, H, V]`` from the entering states ``h`` (+ ``2^{fold_w} fold`` per chunk)."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    BT, BK = chunk_size, min(128, max(16, triton.next_power_of_2(K)))
-    o = torch.empty_like(v)
-    d = _dummy(q)
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), triton.cdiv(T, BT), B * H)  # noqa: E731
-    _chunk_fwd_o_kernel[grid](q, k, v, h, d if g2 is None else g2, d if gamma2 is None else gamma2,
-                              d if fold is None else fold, d if fold_w is None else fold_w, o, scale, T,
-                              _occupancy(B, T, H, BT), H=H, K=K, V=V, BT=BT, BK=BK, **_flags(g2, gamma2, fold))
-    return o
+    return _launch_over_value_blocks(_chunk_fwd_o_kernel, q, k, v, h, g2, gamma2, scale, chunk_size, fold, fold_w)
 
 
 def chunk_bwd_dv(q, k, do, dh, g2, gamma2, scale: float, chunk_size: int = 64, fold=None, fold_w=None):
     """``dv [B, T, H, V]`` from the leaving-state gradients ``dh`` (+ ``2^{fold_w} fold``)."""
-    B, T, H, K = q.shape
-    V = do.shape[-1]
-    BT, BK = chunk_size, min(128, max(16, triton.next_power_of_2(K)))
-    dv = torch.empty_like(do)
-    d = _dummy(q)
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), triton.cdiv(T, BT), B * H)  # noqa: E731
-    _chunk_bwd_dv_kernel[grid](q, k, do, dh, d if g2 is None else g2, d if gamma2 is None else gamma2,
-                               d if fold is None else fold, d if fold_w is None else fold_w, dv, scale, T,
-                               _occupancy(B, T, H, BT), H=H, K=K, V=V, BT=BT, BK=BK, **_flags(g2, gamma2, fold))
-    return dv
+    return _launch_over_value_blocks(_chunk_bwd_dv_kernel, q, k, do, dh, g2, gamma2, scale, chunk_size, fold,
+                                     fold_w)
 
 
 def chunk_bwd_dqkg(q, k, v, do, h, dh, g2, gamma2, scale: float, chunk_size: int = 64, fold=None, fold_w=None):
@@ -326,16 +333,15 @@ def chunk_bwd_dqkg(q, k, v, do, h, dh, g2, gamma2, scale: float, chunk_size: int
     B, T, H, K = q.shape
     V = v.shape[-1]
     BT = chunk_size
-    BK = min(128, max(16, triton.next_power_of_2(K)))
+    BK = _block_k(K)
     BV = min(64, max(16, triton.next_power_of_2(V)))
     NK = triton.cdiv(K, BK)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     db = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device) if g2 is not None else _dummy(q)
-    d = _dummy(q)
     grid = (NK, triton.cdiv(T, BT), B * H)
-    _chunk_bwd_dqkg_kernel[grid](q, k, v, h, dh, do, d if g2 is None else g2, d if gamma2 is None else gamma2,
-                                 d if fold is None else fold, d if fold_w is None else fold_w, dq, dk, db, scale,
-                                 T, B * T * H, _occupancy(B, T, H, BT), H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, **_flags(g2, gamma2, fold))
+    _chunk_bwd_dqkg_kernel[grid](q, k, v, h, dh, do, *_optional_args(q, g2, gamma2, fold, fold_w), dq, dk, db, scale,
+                                 T, B * T * H, _occupancy(B, T, H, BT), H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+                                 **_flags(g2, gamma2, fold))
     if g2 is None:
         return dq, dk, None
     return dq, dk, db.sum(0) if NK > 1 else db[0]
