@@ -9,6 +9,7 @@ shard with the naive single-process reference (:mod:`commflow.sp.reference`).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,55 @@ def world_one_is_the_local_kernel(strategy: str, cases: list[Case]) -> list[bool
         out_b.backward(g["dout"])
         results.append(torch.equal(out_a, out_b) and all(torch.equal(x.grad, y.grad) for x, y in zip(a, b)))
     return results
+
+
+def check_matches_reference(pool, strategy: str, cases: list[Case]) -> None:
+    """The body of each strategy's gloo test: every rank's errors within the case's tolerance,
+    dtypes and shapes kept."""
+    per_rank = pool.run(run_cases, strategy, cases)
+    for rank, results in enumerate(per_rank):
+        for case, err in zip(cases, results):
+            worst = max(err["out"], err["dq"], err["dk"], err["dv"])
+            assert worst <= case.tolerance(), (rank, case, err)
+            assert err["dtypes_ok"] and err["shapes_ok"], (rank, case, err)
+
+
+def check_world_one(pool, strategy: str) -> None:
+    """On a group of one (``pool`` of world 1): bitwise the local kernel, and fp64 exact."""
+    layouts = ("contiguous", "zigzag")
+    cases = [Case(causal=c, layout=lay, hq=4, hkv=2, batch=2) for c in (False, True) for lay in layouts]
+    cases += [Case(causal=True, hq=4, hkv=1, dtype="bfloat16")]
+    (bitwise,) = pool.run(world_one_is_the_local_kernel, strategy, cases)
+    assert all(bitwise)
+    (errors,) = pool.run(run_cases, strategy, [Case(causal=True, hq=4, hkv=2, dtype="float64")])
+    assert max(errors[0][n] for n in ("out", "dq", "dk", "dv")) <= 1e-12
+
+
+# Bad inputs that every strategy refuses (scenario of :func:`error_messages`, regex of the
+# message); a strategy adds its own before the opt-in uneven-shards check.
+COMMON_BAD_INPUTS = [
+    ("not_4d", "q must be 4-D"),
+    ("dtype", "must share one dtype"),
+    ("device", "must be on one device"),
+    ("kv_shape", "k and v must have the same shape"),
+    ("seq", "same batch and local sequence length"),
+    ("gqa", r"query heads \(4\) must be a multiple of key/value heads \(3\)"),
+    ("zigzag_odd", r"divisible by 2 x group size \(4\)"),
+    ("layout", "layout must be one of"),
+]
+UNEVEN_SHARDS = ("uneven_shards", "ranks hold shards of different shapes")
+
+
+def bad_input_cases(*own: tuple[str, str]) -> list[tuple[str, str]]:
+    """``(scenario, expected)`` pairs: the common ones, the strategy's ``own``, uneven shards."""
+    return [*COMMON_BAD_INPUTS, *own, UNEVEN_SHARDS]
+
+
+def check_bad_input(pool, strategy: str, scenario: str, expected: str, prefix: str) -> None:
+    """Every rank raises a ValueError matching ``expected`` that starts with ``prefix``."""
+    for message in pool.run(error_messages, strategy, scenario):
+        assert re.search(expected, message), message
+        assert message.startswith(prefix), message
 
 
 def error_messages(strategy: str, scenario: str) -> str:

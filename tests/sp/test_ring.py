@@ -6,7 +6,13 @@ import itertools
 
 import pytest
 
-from tests.sp.softmax_harness import Case, error_messages, run_cases, world_one_is_the_local_kernel
+from tests.sp.softmax_harness import (
+    Case,
+    bad_input_cases,
+    check_bad_input,
+    check_matches_reference,
+    check_world_one,
+)
 
 STRATEGY = "ring"
 LAYOUTS = ("contiguous", "zigzag")
@@ -32,44 +38,16 @@ CASES = _cases()
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_matches_reference(dist_pool, world):
-    per_rank = dist_pool(world).run(run_cases, STRATEGY, CASES)
-    for rank, results in enumerate(per_rank):
-        for case, err in zip(CASES, results):
-            worst = max(err["out"], err["dq"], err["dk"], err["dv"])
-            assert worst <= case.tolerance(), (rank, case, err)
-            assert err["dtypes_ok"] and err["shapes_ok"], (rank, case, err)
+    check_matches_reference(dist_pool(world), STRATEGY, CASES)
 
 
 def test_world_one_is_the_local_kernel_exactly(dist_pool):
-    cases = [Case(causal=c, layout=lay, hq=4, hkv=2, batch=2) for c in (False, True) for lay in LAYOUTS]
-    cases += [Case(causal=True, hq=4, hkv=1, dtype="bfloat16")]
-    (bitwise,) = dist_pool(1).run(world_one_is_the_local_kernel, STRATEGY, cases)
-    assert all(bitwise)
-    (errors,) = dist_pool(1).run(run_cases, STRATEGY, [Case(causal=True, hq=4, hkv=2, dtype="float64")])
-    assert max(errors[0][n] for n in ("out", "dq", "dk", "dv")) <= 1e-12
+    check_world_one(dist_pool(1), STRATEGY)
 
 
-@pytest.mark.parametrize(
-    "scenario, expected",
-    [
-        ("not_4d", "q must be 4-D"),
-        ("dtype", "must share one dtype"),
-        ("device", "must be on one device"),
-        ("kv_shape", "k and v must have the same shape"),
-        ("seq", "same batch and local sequence length"),
-        ("gqa", r"query heads \(4\) must be a multiple of key/value heads \(3\)"),
-        ("zigzag_odd", r"divisible by 2 x group size \(4\)"),
-        ("layout", "layout must be one of"),
-        ("uneven_shards", "ranks hold shards of different shapes"),
-    ],
-)
+@pytest.mark.parametrize("scenario, expected", bad_input_cases())
 def test_bad_input_raises_on_every_rank(dist_pool, scenario, expected):
-    import re
-
-    messages = dist_pool(2).run(error_messages, STRATEGY, scenario)
-    for message in messages:
-        assert re.search(expected, message), message
-        assert message.startswith("ring_attention:"), message
+    check_bad_input(dist_pool(2), STRATEGY, scenario, expected, prefix="ring_attention:")
 
 
 @pytest.mark.gpu
