@@ -18,10 +18,12 @@ from .layout import LAYOUTS
 
 __all__ = [
     "GroupInfo",
+    "check_head_chunks",
     "check_inputs",
     "check_shards_agree",
     "default_scale",
     "group_info",
+    "wait_all",
     "zigzag_to_global",
     "global_to_zigzag",
 ]
@@ -111,6 +113,15 @@ def check_inputs(fn: str, q, k, v, *, causal, scale, layout: str, world: int) ->
         )
 
 
+def check_head_chunks(fn: str, head_chunks, heads: int, heads_name: str) -> None:
+    """``head_chunks`` (the pipeline depth over heads) must be a positive int dividing ``heads``
+    (``heads_name`` says which heads, in the message)."""
+    if not isinstance(head_chunks, int) or head_chunks < 1 or heads % head_chunks:
+        raise ValueError(
+            f"{fn}: head_chunks must be a positive divisor of the {heads_name} ({heads}), got {head_chunks!r}"
+        )
+
+
 def check_shards_agree(fn: str, q, k, info: GroupInfo) -> None:
     """Opt-in (``COMMFLOW_SP_CHECK_SHARDS=1``): every rank holds shards of one shape.
 
@@ -131,6 +142,12 @@ def check_shards_agree(fn: str, q, k, info: GroupInfo) -> None:
             f"{fn}: ranks hold shards of different shapes ({per_rank}); the global sequence must be "
             f"divisible by the group size ({info.world}) and split evenly, e.g. with commflow.sp.shard"
         )
+
+
+def wait_all(works) -> None:
+    """Wait for every work handle of ``works`` (async collectives or point-to-point ops)."""
+    for work in works:
+        work.wait()
 
 
 def zigzag_to_global(x: torch.Tensor, world: int, dim: int = 1) -> torch.Tensor:

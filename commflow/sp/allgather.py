@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from ..dist import all_gather_tensor, reduce_scatter_tensor
-from ._common import check_inputs, check_shards_agree, default_scale, group_info
+from ._common import check_head_chunks, check_inputs, check_shards_agree, default_scale, group_info
 from .kernels import acc_dtype, attention_backward, attention_forward, local_attention, merge_
 
 __all__ = ["allgather_attention"]
@@ -302,11 +302,7 @@ def allgather_attention(
     hkv = k.shape[2]
     if head_chunks is None:
         head_chunks = _default_chunks(q, hkv, layout)
-    if not isinstance(head_chunks, int) or head_chunks < 1 or hkv % head_chunks:
-        raise ValueError(
-            f"allgather_attention: head_chunks must be a positive divisor of the key/value heads ({hkv}), "
-            f"got {head_chunks!r}"
-        )
+    check_head_chunks("allgather_attention", head_chunks, hkv, "key/value heads")
     scale = default_scale(q.shape[-1], scale)
     if info.world == 1:
         return local_attention(q, k, v, causal=causal, scale=scale)

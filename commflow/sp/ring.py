@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ._common import GroupInfo, check_inputs, check_shards_agree, default_scale, group_info
+from ._common import GroupInfo, check_inputs, check_shards_agree, default_scale, group_info, wait_all
 from .kernels import acc_dtype, attention_backward, attention_forward, local_attention, merge_
 
 __all__ = ["ring_attention"]
@@ -55,11 +55,6 @@ def _exchange(sends: list[torch.Tensor], recvs: list[torch.Tensor], info: GroupI
     ops = [dist.P2POp(dist.isend, t, info.next_rank, info.group) for t in sends]
     ops += [dist.P2POp(dist.irecv, t, info.prev_rank, info.group) for t in recvs]
     return dist.batch_isend_irecv(ops)
-
-
-def _wait(works) -> None:
-    for work in works:
-        work.wait()
 
 
 class _RingAttention(torch.autograd.Function):
@@ -91,7 +86,7 @@ class _RingAttention(torch.autograd.Function):
                 else:
                     merge_(out_acc[:, q0:q1], lse[:, :, q0:q1], o, o_lse)
             if step + 1 < w:
-                _wait(works)
+                wait_all(works)
                 cur_k, cur_v = nxt_k, nxt_v
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -126,7 +121,7 @@ class _RingAttention(torch.autograd.Function):
                 dq[:, q0:q1] += dq_b
                 grads = (k0, k1, dk_b, dv_b)
             # The accumulator for this block arrived from the previous rank while we computed.
-            _wait(dkv_works)
+            wait_all(dkv_works)
             mine, incoming = dkv[step % 2], dkv[(step + 1) % 2]
             if grads is not None:
                 k0, k1, dk_b, dv_b = grads
@@ -135,9 +130,9 @@ class _RingAttention(torch.autograd.Function):
             if w > 1:
                 dkv_works = _exchange([mine], [incoming], info)
             if step + 1 < w:
-                _wait(kv_works)
+                wait_all(kv_works)
                 cur_k, cur_v = nxt_k, nxt_v
-        _wait(dkv_works)
+        wait_all(dkv_works)
         # After W hops the accumulator of our own block is back, summed over every rank.
         total = dkv[w % 2] if w > 1 else dkv[0]
         return dq.to(q.dtype), total[0].to(k.dtype), total[1].to(v.dtype), None, None, None, None

@@ -43,11 +43,13 @@ import torch
 import torch.distributed as dist
 
 from ._common import (
+    check_head_chunks,
     check_inputs,
     check_shards_agree,
     default_scale,
     global_to_zigzag,
     group_info,
+    wait_all,
     zigzag_to_global,
 )
 from .kernels import acc_dtype, attention_backward, attention_forward, local_attention
@@ -75,11 +77,6 @@ def _all_to_all_many(sends: list[torch.Tensor], info):
         recvs.append(recv)
         works.append(dist.all_to_all_single(recv, send, group=info.group, async_op=True))
     return recvs, works
-
-
-def _wait(works) -> None:
-    for work in works:
-        work.wait()
 
 
 def _seq_major(x: torch.Tensor, world: int) -> torch.Tensor:
@@ -142,7 +139,7 @@ class _Ulysses(torch.autograd.Function):
             # high-priority NCCL stream it then runs beside the kernel.
             nxt = send_qkv(c + 1) if c + 1 < chunks else None
             recvs, works = pending
-            _wait(works)
+            wait_all(works)
             q_c, k_c, v_c = (_full_sequence(t) for t in recvs)
             if reorder:
                 q_c, k_c, v_c = (zigzag_to_global(t, w) for t in (q_c, k_c, v_c))
@@ -179,7 +176,7 @@ class _Ulysses(torch.autograd.Function):
         finals: list[torch.Tensor] = []
 
         def finish(c, recvs, works):
-            _wait(works)  # also lets go of the sent kernel gradients before the first allocation
+            wait_all(works)  # also lets go of the sent kernel gradients before the first allocation
             if not finals:
                 finals.extend(torch.empty(shape, dtype=dout.dtype, device=dout.device) for shape in shapes)
             for final, recv in zip(finals, recvs):
@@ -277,11 +274,7 @@ def ulysses_attention(
     local_kv_heads = hkv * repeat // w
     if head_chunks is None:
         head_chunks = _default_chunks(q, local_kv_heads, w)
-    if not isinstance(head_chunks, int) or head_chunks < 1 or local_kv_heads % head_chunks:
-        raise ValueError(
-            f"{fn}: head_chunks must be a positive divisor of the key/value heads per rank "
-            f"({local_kv_heads}), got {head_chunks!r}"
-        )
+    check_head_chunks(fn, head_chunks, local_kv_heads, "key/value heads per rank")
     scale = default_scale(q.shape[-1], scale)
     if w == 1:
         return local_attention(q, k, v, causal=causal, scale=scale)
