@@ -40,7 +40,7 @@ import torch.distributed as dist
 from commflow.dist import all_gather_tensor
 
 from .layout import LAYOUTS
-from .linear_kernels import LinearKernels, decay_mode, select_kernels
+from .linear_kernels import LinearKernels, _compute_dtype, decay_mode, select_kernels
 
 __all__ = ["check_lasp2_inputs", "chunk_owners", "lasp2_attention", "rank_scan"]
 
@@ -142,7 +142,7 @@ def rank_scan(states: torch.Tensor, log_gammas: torch.Tensor, index: int, *, rev
 
 def _local_log_decay(q, g, g_gamma) -> torch.Tensor | None:
     """``G`` ``[B, S, H]`` fp32 (fp64 for fp64 inputs): inclusive cumulative log decay over the shard."""
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = _compute_dtype(q)
     if g is not None:
         return torch.cumsum(g.to(cdt), dim=1)
     if g_gamma is not None:
@@ -153,7 +153,7 @@ def _local_log_decay(q, g, g_gamma) -> torch.Tensor | None:
 
 def _add_inter(o, q, s_in, G, scale):
     """``o + scale * (q * exp(G)) @ S_in``: the incoming state's share of the output."""
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = _compute_dtype(q)
     # The product runs in q's dtype (bf16 on GPU, like fla's inter-chunk term); the sum in fp32.
     inter = torch.einsum("bshk,bhkv->bshv", q, s_in.to(q.dtype)).to(cdt)
     weight = scale if G is None else scale * torch.exp(G)[..., None]
@@ -198,7 +198,7 @@ class _Lasp2Causal(torch.autograd.Function):
         if world == 1:
             o = kernels.output(qs, ks, vs, dec, h, scale)
         else:
-            sdt = torch.float64 if q.dtype == torch.float64 else torch.float32  # the state chain's dtype
+            sdt = _compute_dtype(q)  # the state chain's dtype
             payload = s_local.to(sdt).reshape(-1)
             if dec.mode == "g":
                 payload = torch.cat([payload, gs.to(sdt).sum(1).reshape(-1)])
@@ -286,7 +286,7 @@ class _Lasp2Bidirectional(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, group):
         _, world = _rank_world(group)
-        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        cdt = _compute_dtype(q)
         total = torch.einsum("bshk,bshv->bhkv", k.to(cdt), v.to(cdt))
         if world > 1:
             dist.all_reduce(total, group=group)

@@ -218,7 +218,7 @@ class TorchChunkKernels(LinearKernels):
             full = g_gamma.detach()[None, None, :].expand(1, seq_len, g_gamma.shape[0])
         else:
             ref, full = g, g.detach()
-        cdt = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        cdt = _compute_dtype(ref)
         dec.chunk_cum = torch.cumsum(_chunked(full[..., None], self.chunk_size, cdt)[..., 0], dim=2)
         return dec
 
