@@ -78,6 +78,15 @@ def _wait(works: list) -> None:
         w.wait()
 
 
+def _checked_setup(q, k, v, g, g_gamma, scale, kernels) -> tuple[LinearKernels, float]:
+    """Like the benchmark's LASP-2 calls: shapes checked, no host sync for the sign of ``g``;
+    returns the kernels (an instance, a backend name or None) and the scale (default ``D_k ** -0.5``)."""
+    check_lasp2_inputs(q, k, v, g=g, g_gamma=g_gamma, causal=True, scale=scale, check_decay_sign=False)
+    kernels = kernels if isinstance(kernels, LinearKernels) else select_kernels(q.device, backend=kernels)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return kernels, scale
+
+
 class _Lasp1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, g_gamma, scale, kernels: LinearKernels, serial_compute: bool):
@@ -134,10 +143,7 @@ class _Lasp1(torch.autograd.Function):
 
 def lasp1_attention(q, k, v, *, g=None, g_gamma=None, scale=None, kernels=None, serial_compute=False):
     """LASP-1 serial state passing on the default group (see the module docstring)."""
-    # Like the benchmark's LASP-2 calls: shapes checked, no host sync for the sign of g.
-    check_lasp2_inputs(q, k, v, g=g, g_gamma=g_gamma, causal=True, scale=scale, check_decay_sign=False)
-    kernels = kernels if isinstance(kernels, LinearKernels) else select_kernels(q.device, backend=kernels)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    kernels, scale = _checked_setup(q, k, v, g, g_gamma, scale, kernels)
     return _Lasp1.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, g_gamma, scale, kernels, serial_compute)
 
 
@@ -147,6 +153,12 @@ def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor]):
     ops = [dist.P2POp(dist.isend, t, (rank + 1) % world) for t in send]
     ops += [dist.P2POp(dist.irecv, t, (rank - 1) % world) for t in recv]
     return dist.batch_isend_irecv(ops)
+
+
+def _per_token_gate(g, g_gamma, B: int, S: int, H: int, sdt) -> torch.Tensor | None:
+    """The log decay of every token ``[B, S, H]``: ``g`` itself, a constant ``g_gamma`` broadcast
+    (in the state dtype), or None without decay."""
+    return g if g is not None else (None if g_gamma is None else g_gamma.to(sdt)[None, None].expand(B, S, H))
 
 
 def _block_decay(g_block: torch.Tensor | None, sdt) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -165,7 +177,7 @@ class _RingKV(torch.autograd.Function):
         sdt = _state_dtype(q)
         dec = kernels.prepare(g, g_gamma, S)
         # The gate travels with the block; a constant g_gamma is the same everywhere.
-        g_full = g if g is not None else (None if g_gamma is None else g_gamma.to(sdt)[None, None].expand(B, S, H))
+        g_full = _per_token_gate(g, g_gamma, B, S, H, sdt)
         block = [k, v] + ([g.contiguous()] if g is not None else [])
         s_in = torch.zeros(B, H, K, v.shape[-1], dtype=sdt, device=q.device)
         log_between = torch.zeros(B, H, dtype=sdt, device=q.device)  # log prod of Gamma between block and us
@@ -173,8 +185,7 @@ class _RingKV(torch.autograd.Function):
         reqs = _exchange(block, nxt) if world > 1 else []
         h, _ = kernels.states(k, v, dec, None, False)  # under the first transfer
         for step in range(1, world):
-            for r in reqs:
-                r.wait()
+            _wait(reqs)
             block = nxt
             if step < world - 1:  # the next block travels while this one is folded in
                 nxt = [torch.empty_like(t) for t in block]
@@ -206,7 +217,7 @@ class _RingKV(torch.autograd.Function):
         # Own output, S_in held fixed: dq, dk, dv, dg of this rank's tokens, and dh0 = D_r.
         h, _ = kernels.states(k, v, dec, s_in, False, states_in_fp32=True)
         dq, dk, dv, dg, own = kernels.backward(q, k, v, dec, h, do, s_in, None, scale)
-        g_full = g if g is not None else (None if g_gamma is None else g_gamma.to(sdt)[None, None].expand(B, S, H))
+        g_full = _per_token_gate(g, g_gamma, B, S, H, sdt)
         gated = g is not None
         # K, V (and g) rotate ahead; the fp32 gradient accumulators of each block follow one
         # hop behind and come home after W hops.
@@ -221,8 +232,7 @@ class _RingKV(torch.autograd.Function):
         kv_reqs = _exchange(block, nxt) if world > 1 else []
         acc_reqs = _exchange(acc, acc_nxt) if world > 1 else []
         for step in range(1, world):
-            for r in kv_reqs:
-                r.wait()
+            _wait(kv_reqs)
             block = nxt
             if step < world - 1:
                 nxt = [torch.empty_like(t) for t in block]
@@ -244,13 +254,11 @@ class _RingKV(torch.autograd.Function):
                     cross[j + 1: rank] += a.sum(1)  # <M, S_j> for every Gamma_i between j and us
                 if log_gamma_j is not None:
                     log_between = log_between + log_gamma_j
-            for r in acc_reqs:
-                r.wait()
+            _wait(acc_reqs)
             acc = acc_nxt if contrib is None else [x + c for x, c in zip(acc_nxt, contrib)]
             acc_nxt = [torch.empty_like(t) for t in acc]
             acc_reqs = _exchange(acc, acc_nxt)
-        for r in acc_reqs:
-            r.wait()
+        _wait(acc_reqs)
         acc = acc_nxt if world > 1 else acc
         if world > 1:
             dist.all_reduce(cross)
@@ -263,7 +271,5 @@ class _RingKV(torch.autograd.Function):
 
 def ring_kv_attention(q, k, v, *, g=None, g_gamma=None, scale=None, kernels=None):
     """Ring K/V passing for causal linear attention on the default group (module docstring)."""
-    check_lasp2_inputs(q, k, v, g=g, g_gamma=g_gamma, causal=True, scale=scale, check_decay_sign=False)
-    kernels = kernels if isinstance(kernels, LinearKernels) else select_kernels(q.device, backend=kernels)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    kernels, scale = _checked_setup(q, k, v, g, g_gamma, scale, kernels)
     return _RingKV.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, g_gamma, scale, kernels)
