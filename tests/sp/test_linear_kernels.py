@@ -68,21 +68,26 @@ def _grads(fn, q, k, v, g, g_gamma, h0, do, d_final):
     return o, final, grads
 
 
-@pytest.mark.parametrize("mode", ["none", "gamma", "g"])
-@pytest.mark.parametrize("chunk", [1, 4, 5, 16])
-def test_torch_chunked_equals_reference(mode, chunk):
-    """Chunk 4 and 5 leave a partial last chunk of 13 tokens; 16 is one partial chunk."""
-    prob = _problem(mode)
-    o_ref, s_ref, g_ref = _grads(linear_attention_naive, *prob)
-    kern = TorchChunkKernels(chunk)
+def _check_chunked_against_naive(kern, prob, ref_prob, tol):
+    """``chunk_linear_attention`` with ``kern`` on ``prob`` vs the quadratic reference on
+    ``ref_prob``: output, final state and every gradient within ``tol`` (relative)."""
+    o_ref, s_ref, g_ref = _grads(linear_attention_naive, *ref_prob)
 
     def chunked(q, k, v, **kw):
         return chunk_linear_attention(q, k, v, output_final_state=True, kernels=kern, **kw)
 
     o, s, grads = _grads(chunked, *prob)
-    assert _rel(o, o_ref) < TOL_F64 and _rel(s, s_ref) < TOL_F64
+    assert _rel(o, o_ref) < tol and _rel(s, s_ref) < tol
     for name, a, b in zip(["q", "k", "v", "h0", "g"], grads, g_ref):
-        assert _rel(a, b) < TOL_F64, f"d{name}"
+        assert _rel(a, b) < tol, f"d{name}"
+
+
+@pytest.mark.parametrize("mode", ["none", "gamma", "g"])
+@pytest.mark.parametrize("chunk", [1, 4, 5, 16])
+def test_torch_chunked_equals_reference(mode, chunk):
+    """Chunk 4 and 5 leave a partial last chunk of 13 tokens; 16 is one partial chunk."""
+    prob = _problem(mode)
+    _check_chunked_against_naive(TorchChunkKernels(chunk), prob, prob, TOL_F64)
 
 
 @pytest.mark.parametrize("mode", ["none", "gamma", "g"])
@@ -218,13 +223,4 @@ def test_fla_backend_equals_reference_bf16(mode, backend):
 
     prob = _problem(mode, B=2, S=200, H=4, K=64, V=64, dtype=torch.bfloat16, device="cuda")
     ref = tuple(None if t is None else t.double() for t in prob)  # the same (rounded) inputs, in float64
-    o_ref, s_ref, g_ref = _grads(linear_attention_naive, *ref)
-    kern = select_kernels("cuda", backend=backend)
-
-    def chunked(q, k, v, **kw):
-        return chunk_linear_attention(q, k, v, output_final_state=True, kernels=kern, **kw)
-
-    o, s, grads = _grads(chunked, *prob)
-    assert _rel(o, o_ref) < TOL_BF16 and _rel(s, s_ref) < TOL_BF16
-    for name, a, b in zip(["q", "k", "v", "h0", "g"], grads, g_ref):
-        assert _rel(a, b) < TOL_BF16, f"d{name}"
+    _check_chunked_against_naive(select_kernels("cuda", backend=backend), prob, ref, TOL_BF16)
