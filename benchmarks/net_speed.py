@@ -14,6 +14,7 @@ import argparse
 import time
 
 from .registry import register
+from .report import pyplot, save_figure
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -69,11 +70,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy in dict.fromkeys(r["policy"] for r in rows):
         rs = [r for r in rows if r["policy"] == policy]
@@ -85,6 +82,4 @@ def _plot(rows, path):
     ax.set_ylabel("wall time of net.simulate, one ring step (s)")
     ax.set_title("commflow.net speed, 2-tier leaf-spine, one Python process")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -22,6 +22,7 @@ import argparse
 import numpy as np
 
 from .registry import register
+from .report import pyplot, save_figure
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -103,11 +104,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     colls = list(dict.fromkeys(r["collective"] for r in rows))
     overs = list(dict.fromkeys(r["oversub"] for r in rows))
     fig, axes = plt.subplots(len(colls), len(overs), figsize=(3.4 * len(overs), 2.8 * len(colls)), squeeze=False)
@@ -129,8 +126,6 @@ def _plot(rows, path):
             if i == len(colls) - 1:
                 ax.set_xlabel("splits k (QPs per connection)")
     axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 

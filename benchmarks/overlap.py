@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from .registry import register
+from .report import load_result, pyplot, report_main, report_paths, save_figure, write_markdown
 
 SHAPES = {  # name: (K, N) of the row-parallel GEMM, global
     "llama3-70b-attn-out": (8192, 8192),
@@ -391,18 +392,10 @@ def _fmt(v, spec=".3f") -> str:
 
 def report(path: str | Path, md_out: str | Path | None = None, img_dir: str | Path | None = None) -> str:
     """Markdown tables (one per op) and one PNG per world size from a result file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    record = json.loads(Path(path).read_text())
-    env, res = record.get("env", {}), record["results"]
+    plt = pyplot()
+    record, env, res = load_result(path)
     rows = res["rows"]
-    root = Path(__file__).resolve().parent.parent
-    md_out = Path(md_out) if md_out else root / "docs" / "overlap_results.md"
-    img_dir = Path(img_dir) if img_dir else root / "docs" / "img"
-    img_dir.mkdir(parents=True, exist_ok=True)
+    md_out, img_dir = report_paths("overlap", md_out, img_dir)
     lines = [
         "# commflow.overlap: benchmark results",
         "",
@@ -481,27 +474,14 @@ def report(path: str | Path, md_out: str | Path | None = None, img_dir: str | Pa
             ax.set_title(f"{OPS[op]}, {world} ranks")
             ax.legend(fontsize=7)
         fig.suptitle(f"commflow.overlap on {env.get('device')} ({Path(path).name})", fontsize=9)
-        fig.tight_layout()
         png = img_dir / f"overlap_{world}x.png"
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
+        save_figure(fig, png, dpi=110)
         lines.append(f"![{world} ranks](img/{png.name})")
-    text = "\n".join(lines) + "\n"
-    md_out.write_text(text)
-    return text
+    return write_markdown(lines, md_out)
 
 
 def _main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.overlap")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    rp = sub.add_parser("report", help="markdown table + plot from a result JSON")
-    rp.add_argument("json")
-    rp.add_argument("--md", default=None)
-    rp.add_argument("--img-dir", default=None)
-    a = p.parse_args(argv)
-    report(a.json, a.md, a.img_dir)
-    print(f"wrote {a.md or 'docs/overlap_results.md'} and overlap_*.png")
-    return 0
+    return report_main(argv, "overlap", "markdown table + plot from a result JSON", report)
 
 
 if __name__ == "__main__":
