@@ -234,11 +234,15 @@ def _checked(x_name: str, x, w, group, mode, n_chunks, reduction) -> GroupInfo:
     return check_group(group, x.device)
 
 
-def _signature(x: torch.Tensor, w: torch.Tensor, group, *options) -> tuple:
+def _entry_key(op: str, x, w, group, *options) -> tuple | None:
+    """The ``_ENTRIES`` key of one call of ``op``, or None where ``x`` or ``w`` is no tensor
+    (nothing to look up; building the entry then raises the operand check's ValueError)."""
+    if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)):
+        return None
     # The group object itself (not None) so that a re-initialised default group is a new
     # signature; the dict keeps it alive, so its id cannot be reused meanwhile.
     pg = group if group is not None else dist.group.WORLD
-    return (x.shape, w.shape, x.dtype, w.dtype, x.device, w.device, pg, *options)
+    return (op, x.shape, w.shape, x.dtype, w.dtype, x.device, w.device, pg, *options)
 
 
 def _rs_entry(key, x, w, group, scatter_dim, mode, n_chunks, reduction) -> _Entry:
@@ -328,8 +332,7 @@ def matmul_reduce_scatter(
     Returns:
         ``[..., S/R, ..., N]``: block ``rank`` of ``sum_r x_r @ w_r`` along ``scatter_dim``.
     """
-    key = ("rs", *_signature(x, w, group, scatter_dim, mode, n_chunks, reduction)) \
-        if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) else None
+    key = _entry_key("rs", x, w, group, scatter_dim, mode, n_chunks, reduction)
     e = _ENTRIES.get(key) if key is not None else None
     if e is None:
         e = _rs_entry(key, x, w, group, scatter_dim, mode, n_chunks, reduction)
@@ -363,8 +366,7 @@ def all_gather_matmul(
     Returns:
         ``[..., S, ..., N/R]`` (and the gathered input with ``return_gathered``).
     """
-    key = ("ag", *_signature(x_shard, w, group, gather_dim, mode, n_chunks, reduction)) \
-        if isinstance(x_shard, torch.Tensor) and isinstance(w, torch.Tensor) else None
+    key = _entry_key("ag", x_shard, w, group, gather_dim, mode, n_chunks, reduction)
     e = _ENTRIES.get(key) if key is not None else None
     if e is None:
         e = _ag_entry(key, x_shard, w, group, gather_dim, mode, n_chunks, reduction)
@@ -391,8 +393,7 @@ def matmul_all_reduce(
     Returns:
         ``[..., N]`` = ``sum_r x_r @ w_r``, identical on every rank.
     """
-    key = ("ar", *_signature(x, w, group, mode, n_chunks, reduction)) \
-        if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) else None
+    key = _entry_key("ar", x, w, group, mode, n_chunks, reduction)
     e = _ENTRIES.get(key) if key is not None else None
     if e is None:
         e = _ar_entry(key, x, w, group, mode, n_chunks, reduction)

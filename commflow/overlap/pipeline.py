@@ -52,16 +52,20 @@ between two ``yield``s runs after the previous collective has completed."""
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
+def cached_stream(streams: dict[int, torch.cuda.Stream], device: torch.device) -> torch.cuda.Stream:
+    """``streams``' high-priority stream of ``device``, created on first use (one per device
+    index; each dict of streams is one role: side, transfers, pulls)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = streams.get(index)
+    if stream is None:
+        _, high = torch.cuda.Stream.priority_range()
+        stream = streams[index] = torch.cuda.Stream(device=index, priority=high)
+    return stream
+
+
 def side_stream(device: torch.device) -> torch.cuda.Stream:
     """The high-priority side stream of ``device`` (created once, shared by every op)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _SIDE_STREAMS.get(index)
-    if stream is None:
-        low, high = torch.cuda.Stream.priority_range()
-        del low
-        stream = torch.cuda.Stream(device=index, priority=high)
-        _SIDE_STREAMS[index] = stream
-    return stream
+    return cached_stream(_SIDE_STREAMS, device)
 
 
 def is_async(device: torch.device) -> bool:

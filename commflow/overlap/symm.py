@@ -47,6 +47,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from .pipeline import cached_stream
 from .validate import GroupInfo
 
 __all__ = ["all_gather_matmul", "available", "matmul_all_reduce", "matmul_reduce_scatter", "workspace_bytes"]
@@ -99,12 +100,7 @@ _COMM_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 def comm_stream(device: torch.device) -> torch.cuda.Stream:
     """The high-priority stream that carries this device's transfers, barriers and reductions."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _COMM_STREAMS.get(index)
-    if stream is None:
-        _, high = torch.cuda.Stream.priority_range()
-        stream = _COMM_STREAMS[index] = torch.cuda.Stream(device=index, priority=high)
-    return stream
+    return cached_stream(_COMM_STREAMS, device)
 
 
 def _streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
@@ -117,12 +113,7 @@ _PULL_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 def pull_stream(device: torch.device) -> torch.cuda.Stream:
     """A second high-priority stream for the all-reduce's pulls (beside the pushes)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _PULL_STREAMS.get(index)
-    if stream is None:
-        _, high = torch.cuda.Stream.priority_range()
-        stream = _PULL_STREAMS[index] = torch.cuda.Stream(device=index, priority=high)
-    return stream
+    return cached_stream(_PULL_STREAMS, device)
 
 
 def _on(stream: torch.cuda.Stream):
