@@ -1,11 +1,11 @@
 """commflow.monitor: what tracing costs a training step (goal: < 1 %).
 
-Each rank trains two copies of the same model in alternating blocks of steps: one
-plain (no tracer, DDP's built-in all-reduce), one watched (``commflow.monitor.watch``
-with the reporter thread streaming to a live coordinator in the launching process,
-DDP's all-reduce through the traced comm hook). Alternating blocks cancel drift (other
-load, clocks); the overhead is median(watched step) / median(plain step) - 1 per rank,
-the slowest rank's reported. A second number is the tracer's own cost per call, in a
+Each rank trains two copies of the same model, alternating single steps: one plain
+(no tracer, DDP's built-in all-reduce), one watched (``commflow.monitor.watch`` with
+the reporter thread streaming to a live coordinator in the launching process, DDP's
+all-reduce through the traced comm hook). Alternating steps cancel drift (other load,
+clocks); the overhead is median(watched step) / median(plain step) - 1 per rank, the
+slowest rank's reported. A second number is the tracer's own cost per call, in a
 world of one (no peers, no network: only the wrapper's CPU time), best of 5 rounds of
 ``--calls`` small all-reduces, with and without the tracer; multiplied by the calls
 per step it bounds the overhead from below on any machine.
@@ -90,12 +90,14 @@ def _ddp_worker(args: argparse.Namespace, endpoint: str) -> dict:
     for _ in range(3):
         plain_step()
     times = {"plain": [], "watched": []}
-    for _ in range(args.blocks):
+    # Alternate single steps (the patching happens between them, untimed): load on a
+    # shared machine drifts on the scale of seconds, and this cancels it.
+    for _ in range(args.blocks * args.steps):
         for variant, fn in (("plain", plain_step), ("watched", watched_step)):
             if variant == "watched":
                 tracer.install()
             dist.barrier()
-            times[variant] += [fn() for _ in range(args.steps)]
+            times[variant].append(fn())
             if variant == "watched":
                 tracer.uninstall()
     # Per-call cost: tiny all-reduces, plain then traced.
