@@ -38,6 +38,7 @@ def launch(
     seed: Annotated[int, typer.Option("--seed", help="seed for faults left unspecified and jitter")] = 0,
     max_incidents: Annotated[int, typer.Option("--max-incidents")] = 8,
     min_world: Annotated[int, typer.Option("--min-world", help="give up below this many workers")] = 1,
+    world_multiple: Annotated[int, typer.Option("--world-multiple", help="keep the world a multiple of this (sp/tp degree)")] = 1,
     monitor_port: Annotated[int, typer.Option("--monitor-port", help="coordinator port (0: any)")] = 0,
     prometheus_port: Annotated[int | None, typer.Option("--prometheus-port", help="serve Prometheus metrics here")] = None,
     min_hang_s: Annotated[float, typer.Option("--min-hang-s", help="hang deadline floor")] = DetectConfig.min_hang_s,
@@ -59,7 +60,7 @@ def launch(
         cfg = SupervisorConfig(
             cmd=cmd, nproc_per_node=nproc_per_node, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, out=out,
             checkpoint_dir=checkpoint_dir, resume_arg=resume_arg, inject=list(inject), seed=seed,
-            max_incidents=max_incidents, min_world=min_world, monitor_port=monitor_port,
+            max_incidents=max_incidents, min_world=min_world, world_multiple=world_multiple, monitor_port=monitor_port,
             prometheus_port=prometheus_port, tee=not quiet_workers,
             detect=DetectConfig(min_hang_s=min_hang_s, startup_hang_s=startup_hang_s),
             probe=ProbeConfig(nbytes=int(probe_mib * 2**20)),

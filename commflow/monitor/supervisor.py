@@ -76,6 +76,8 @@ class SupervisorConfig:
     seed: int = 0
     max_incidents: int = 8
     min_world: int = 1
+    world_multiple: int = 1
+    """Keep the world a multiple of this (e.g. the sp or tp degree) after an exclusion."""
     monitor_port: int = 0
     """Coordinator port (0: any; multi-node default: rendezvous port + 1)."""
     prometheus_port: int | None = None
@@ -154,6 +156,9 @@ class Supervisor:
             raise ValueError(f"--nnodes={cfg.nnodes} needs --rdzv-endpoint host:port")
         if cfg.min_world < 1:
             raise ValueError(f"--min-world={cfg.min_world} must be >= 1")
+        if cfg.world_multiple < 1 or (cfg.nproc_per_node * cfg.nnodes) % cfg.world_multiple:
+            raise ValueError(f"--world-multiple={cfg.world_multiple} must be >= 1 and divide the world "
+                             f"{cfg.nproc_per_node * cfg.nnodes}")
         self.cfg = cfg
         self.entry, self.args = worker_command(cfg.cmd)
         world = cfg.nproc_per_node * cfg.nnodes
@@ -273,7 +278,7 @@ class Supervisor:
                         # supervisor to agree on the new membership; here the leader
                         # stops the job and says which node to leave out.
                         inc = self._pending or {}
-                        hosts = sorted({w.get("host") for w in inc.get("where") or [] if w.get("host")})
+                        hosts = sorted({f"{w.get('host')} (node {w.get('node')})" for w in inc.get("where") or []})
                         if self._pending is not None:
                             self._pending["action"] = f"stopped: relaunch without node(s) {hosts}"
                         print(f"commflow launch: {inc.get('kind')} on {hosts}; relaunch without them",
@@ -317,8 +322,9 @@ class Supervisor:
             "COMMFLOW_SLOTS": ",".join(map(str, slots)),
             "COMMFLOW_ATTEMPT": str(self.attempt),
             "COMMFLOW_OUT": str(self.out),
-            "COMMFLOW_NODE": str(self.node_index),
         }
+        if cfg.nnodes == 1:
+            env["COMMFLOW_NODE"] = "0"  # multi-node: workers take elastic's GROUP_RANK
         if self.attempt > 0:
             env["COMMFLOW_RESUME"] = "1"
         if self.gpus is not None:
@@ -399,12 +405,25 @@ class Supervisor:
         exclude_slots = sorted({slots[r] for r in exclude_ranks})
         last_step = max((st.max_step for st in coord.detector.ranks.values()), default=-1)
         resumed = _latest_step(self.ckpt_dir)
+        # Every rank raised before the first iteration finished: the program or its
+        # config is broken (e.g. the world no longer divides --sp), not a device.
+        # Excluding slots would only burn healthy GPUs.
+        byes = coord.byes
+        software = (v.kind == "crash" and coord.detector.closed_iters == 0 and len(byes) >= len(slots)
+                    and all(not b.get("ok", True) for b in byes.values()))
+        if software:
+            exclude_slots = []
         n = cfg.nproc_per_node
+        shape_slots: list[int] = []
         if cfg.nnodes > 1:
             gone_nodes = sorted({s // n for s in exclude_slots})
             self.nodes = [nd for nd in self.nodes if nd not in gone_nodes]
         else:
             self.local_slots = [s for s in self.local_slots if s not in exclude_slots]
+            # Keep the world a multiple of --world-multiple (tensor/sequence parallel
+            # degree): leave out the highest healthy slots too (over-eviction).
+            while cfg.world_multiple > 1 and len(self.local_slots) % cfg.world_multiple:
+                shape_slots.append(self.local_slots.pop())
         world_after = len(self._world_slots())
         kind = v.kind if v.kind in INCIDENT_KINDS else "hang"
         inc = {
@@ -413,6 +432,7 @@ class Supervisor:
             "link": v.link,
             "slots": [slots[r] for r in v.ranks if 0 <= r < len(slots)],
             "excluded_slots": exclude_slots,
+            "excluded_for_shape": shape_slots,
             "where": v.evidence.get("where"),
             "evidence": {k: val for k, val in v.evidence.items() if k not in ("where",)},
             "detect_s": round(v.detect_s, 3),
@@ -434,6 +454,10 @@ class Supervisor:
         if self._pending is not None:
             self._write_incident(self._pending)
         self._pending = inc
+        if software:
+            inc["evidence"]["stopped"] = "every rank failed before its first iteration: a program error, not a device"
+            self._write_incident(inc)
+            return 4
         if len(self.incidents) >= cfg.max_incidents:
             inc["evidence"]["stopped"] = f"--max-incidents={cfg.max_incidents} reached"
             self._write_incident(inc)
