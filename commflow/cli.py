@@ -45,6 +45,8 @@ app.add_typer(__import__("commflow.train.cli", fromlist=["app"]).app, name="trai
 app.command("decentral")(__import__("commflow.decentral.cli", fromlist=["decentral"]).decentral)
 app.add_typer(__import__("commflow.net.cli", fromlist=["app"]).app, name="net")
 app.add_typer(__import__("commflow.overlap.cli", fromlist=["app"]).app, name="overlap")
+app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(__import__("commflow.monitor.cli", fromlist=["launch"]).launch)
+app.add_typer(__import__("commflow.monitor.cli", fromlist=["app"]).app, name="monitor")
 
 
 def main() -> None:
