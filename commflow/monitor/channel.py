@@ -366,6 +366,7 @@ def default_hello(rank: int, slot: int, world: int, **extra: Any) -> dict:
         "local_rank": int(os.environ.get("LOCAL_RANK", rank)),
         "host": _s.gethostname(),
         "pid": os.getpid(),
+        "agent_pid": os.getppid(),  # the elastic agent (supervisor) that started this worker
         "node": int(os.environ.get("COMMFLOW_NODE", os.environ.get("GROUP_RANK", 0))),
         "attempt": int(os.environ.get("COMMFLOW_ATTEMPT", 0)),
         "gpu": None,

@@ -29,7 +29,7 @@ app = typer.Typer(help="Collective-communication health: incident reports (see a
 def launch(
     ctx: typer.Context,
     nproc_per_node: Annotated[int, typer.Option("--nproc-per-node", help="workers per node (one per GPU)")],
-    nnodes: Annotated[int, typer.Option("--nnodes", help="nodes in the job")] = 1,
+    nnodes: Annotated[str, typer.Option("--nnodes", help="nodes: N, or MIN:MAX (start MAX, shrink to MIN)")] = "1",
     rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help="host:port of the c10d rendezvous")] = None,
     out: Annotated[Path, typer.Option("--out", help="incidents.jsonl, injected.jsonl, logs/")] = Path("commflow_out"),
     checkpoint_dir: Annotated[Path | None, typer.Option("--checkpoint-dir", help="default: OUT/checkpoints")] = None,
@@ -47,6 +47,7 @@ def launch(
     quiet_workers: Annotated[bool, typer.Option("--quiet-workers", help="worker output only in OUT/logs")] = False,
 ) -> None:
     """Run ``-- CMD ...`` on torch elastic with the monitor on; isolate culprits and restart."""
+    from .multinode import parse_nnodes
     from .supervisor import SupervisorConfig
     from .supervisor import launch as run_launch
 
@@ -57,8 +58,9 @@ def launch(
     try:
         for spec in inject:
             parse_fault(spec)  # fail fast, before anything starts
+        min_nodes, max_nodes = parse_nnodes(nnodes)
         cfg = SupervisorConfig(
-            cmd=cmd, nproc_per_node=nproc_per_node, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, out=out,
+            cmd=cmd, nproc_per_node=nproc_per_node, nnodes=max_nodes, min_nodes=min_nodes, rdzv_endpoint=rdzv_endpoint, out=out,
             checkpoint_dir=checkpoint_dir, resume_arg=resume_arg, inject=list(inject), seed=seed,
             max_incidents=max_incidents, min_world=min_world, world_multiple=world_multiple, monitor_port=monitor_port,
             prometheus_port=prometheus_port, tee=not quiet_workers,

@@ -7,10 +7,16 @@ every worker for a probe sweep (:mod:`.localize`) and waits for the matrix befor
 passing the verdict on. Verdicts go to ``on_verdict`` (the supervisor) and, with
 ``out_dir``, to ``verdicts.jsonl``; per-iteration
 numbers to ``iterations.jsonl`` and, optionally, Prometheus gauges.
+
+In a multi-node job the other nodes' supervisors connect to the same port: a
+connection that opens with ``{"sup": ...}`` is a supervisor, not a worker; its
+messages go to ``on_supervisor`` and :meth:`Coordinator.post` sends to it (see
+:mod:`.multinode`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import threading
@@ -99,6 +105,14 @@ class Coordinator:
         self.injected: list[dict] = []
         self.events: list[tuple[float, str, Any]] = []
         self.errors: list[str] = []
+        self.node_agents: dict[int, tuple[str, int]] = {}
+        """node -> (host, pid of the process that launched its workers), from hellos; kept
+        across attempts (a node's supervisor stays the same)."""
+        self.supervisors: dict[int, dict] = {}  # connection id -> a follower supervisor's hello
+        self.on_supervisor: Callable[[int, dict, float], None] = lambda cid, msg, now: None
+        """Called (coordinator thread) with each follower supervisor's message and, on
+        disconnect, ``{"closed": hello}``."""
+        self._posts: collections.deque[tuple[int | None, dict]] = collections.deque()
         self._probe: dict | None = None
         self._probe_id = 0
         self._stop = threading.Event()
@@ -136,12 +150,22 @@ class Coordinator:
             self.byes.clear()
             self._probe = None
 
+    def post(self, msg: dict, cid: int | None = None) -> None:
+        """Send ``msg`` to supervisor connection ``cid`` (None: every follower
+        supervisor). Thread-safe: the loop sends it within one poll (20 ms)."""
+        self._posts.append((cid, msg))
+
     def connected_ranks(self) -> list[int]:
         return sorted(set(self.conn_rank.values()))
 
     # -- messages -------------------------------------------------------------------------
 
     def _on_message(self, cid: int, msg: dict, now: float) -> None:
+        if "sup" in msg or cid in self.supervisors:
+            if "sup" in msg:
+                self.supervisors[cid] = dict(msg["sup"])
+            self.on_supervisor(cid, msg, now)
+            return
         if "hello" in msg:
             info = msg["hello"]
             if int(info.get("attempt", 0)) != self.attempt:
@@ -151,6 +175,8 @@ class Coordinator:
             if rank not in self.detector.ranks or self.detector.ranks[rank].closed_at is not None:
                 self.detector.hello(rank, info, now)
             self.infos[rank] = info
+            if info.get("node") is not None and info.get("agent_pid"):
+                self.node_agents[int(info["node"])] = (str(info.get("host")), int(info["agent_pid"]))
             return
         rank = self.conn_rank.get(cid)
         if rank is None:
@@ -171,6 +197,9 @@ class Coordinator:
         self.detector.ingest(rank, msg, now)
 
     def _on_close(self, cid: int, now: float) -> None:
+        if cid in self.supervisors:
+            self.on_supervisor(cid, {"closed": self.supervisors.pop(cid)}, now)
+            return
         rank = self.conn_rank.pop(cid, None)
         if rank is None:
             return
@@ -194,6 +223,10 @@ class Coordinator:
             self.server.poll(0.02)
         except OSError:
             return
+        while self._posts:
+            cid, msg = self._posts.popleft()
+            for target in ([cid] if cid is not None else list(self.supervisors)):
+                self.server.send(target, msg)
         with self._lock:
             now = time.time()
             if self._probe is not None:

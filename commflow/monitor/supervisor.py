@@ -11,7 +11,8 @@ without edits) and, on a verdict:
 
 1. stops the attempt (SIGKILL to the workers: a hung one would ignore anything else);
 2. excludes the culprit: its *slot* -- the GPU on this host (``CUDA_VISIBLE_DEVICES``
-   of the next attempt lacks it) or the local process slot on CPU;
+   of the next attempt lacks it) or the local process slot on CPU; in a multi-node
+   job its *node*;
 3. restarts from the newest checkpoint under ``--checkpoint-dir`` (``DIR/checkpoints``),
    appending ``--resume-arg`` (e.g. ``--resume``) and setting ``COMMFLOW_RESUME=1``;
 4. appends an incident to ``DIR/incidents.jsonl`` once the new attempt has finished its
@@ -20,16 +21,16 @@ without edits) and, on a verdict:
 A crash needs no verdict to stop the attempt (elastic notices the dead worker and stops
 the rest); the coordinator still names the culprit (the first worker whose channel
 closed without a goodbye). The job ends when an attempt succeeds, or with an error
-when the world would shrink below ``--min-world`` or ``--max-incidents`` is reached.
+when the world would shrink below ``--min-world`` (or the nodes below ``--nnodes``
+MIN) or ``--max-incidents`` is reached.
 
-Multi-node (``--nnodes N --rdzv-endpoint host:port``): every node runs ``commflow
-launch``; the rendezvous is c10d on that endpoint. The node whose supervisor binds the
-monitor port (``--monitor-port``, default rendezvous port + 1) first hosts the
-coordinator -- every worker of every node reports to it, so detection and localization
-see the whole job -- and the others follow. On a verdict the leader stops the job and
-writes the incident with the node(s) to leave out (a culprit removes its *node*:
-torchrun needs the same process count per node); relaunching the smaller job is left
-to the scheduler (every node's supervisor would have to agree on the new membership).
+Multi-node (``--nnodes [MIN:]MAX --rdzv-endpoint host:port``): every node runs the same
+``commflow launch``. The supervisor on the rendezvous host leads (control plane: the
+rendezvous store, the coordinator every worker of every node reports to, the
+decisions); the others follow its plans: on a verdict every node stops its workers,
+the culprit's node leaves the job (its supervisor records why and exits 0), and the
+rest meet in a new c10d rendezvous of the remaining nodes and resume from the
+checkpoint. See :mod:`.multinode` for the protocol and why it is built this way.
 """
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ from typing import Any
 from .coordinator import Coordinator, ProbeConfig
 from .detect import DetectConfig, Verdict
 from .inject import Fault, resolve_faults
+from .multinode import (
+    Followers,
+    LeaderLink,
+    append_node_event,
+    descendants,
+    hold_rendezvous_store,
+    node_key,
+    node_slots,
+    plan_nodes,
+)
 
 __all__ = ["SupervisorConfig", "Supervisor", "worker_command"]
 
@@ -64,10 +75,15 @@ class SupervisorConfig:
     """The worker command, e.g. ``["python", "train.py", "--lr", "0.1"]``."""
     nproc_per_node: int
     nnodes: int = 1
+    """Nodes that start the job (MAX of ``--nnodes MIN:MAX``)."""
+    min_nodes: int | None = None
+    """Fewest nodes exclusions may shrink a multi-node job to (MIN of ``--nnodes``);
+    None: ``nnodes``, as torchrun reads ``--nnodes N`` (a fixed size: an incident then
+    stops the job and names the node to leave out)."""
     rdzv_endpoint: str | None = None
     """host:port of the c10d rendezvous (multi-node); None = this host, a free port."""
     out: Path = Path("commflow_out")
-    """incidents.jsonl, injected.jsonl, verdicts.jsonl, iterations.jsonl, logs/."""
+    """incidents.jsonl, injected.jsonl, verdicts.jsonl, iterations.jsonl, nodes.jsonl, logs/."""
     checkpoint_dir: Path | None = None
     """Where the job writes checkpoints (default ``out/checkpoints``)."""
     resume_arg: str | None = None
@@ -85,6 +101,24 @@ class SupervisorConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     tee: bool = True
     """Show worker output on this console as well as in out/logs."""
+    leader_timeout_s: float = 120.0
+    """Multi-node: a follower gives up when the leader's coordinator port has not
+    answered for this long at start."""
+    decision_timeout_s: float = 600.0
+    """Multi-node: a follower whose attempt ended waits this long for the leader's plan."""
+
+
+@dataclass
+class _Outcome:
+    """How one elastic launch on this node ended."""
+
+    ok: bool
+    failures: dict[int, tuple[int, float]]
+    """Global rank -> (exit code, time) of the workers elastic saw fail."""
+    t_start: float
+    t_stop: float
+    error: str | None = None
+    """The launch itself failed (rendezvous, agent): no worker verdict to wait for."""
 
 
 def worker_command(cmd: list[str]) -> tuple[str, list[str]]:
@@ -152,6 +186,10 @@ class Supervisor:
             raise ValueError(f"--nproc-per-node={cfg.nproc_per_node} must be >= 1")
         if cfg.nnodes < 1:
             raise ValueError(f"--nnodes={cfg.nnodes} must be >= 1")
+        if cfg.min_nodes is None:
+            cfg.min_nodes = cfg.nnodes
+        if not 1 <= cfg.min_nodes <= cfg.nnodes:
+            raise ValueError(f"--nnodes={cfg.min_nodes}:{cfg.nnodes}: MIN must be in 1..MAX")
         if cfg.nnodes > 1 and not cfg.rdzv_endpoint:
             raise ValueError(f"--nnodes={cfg.nnodes} needs --rdzv-endpoint host:port")
         if cfg.min_world < 1:
@@ -160,6 +198,7 @@ class Supervisor:
             raise ValueError(f"--world-multiple={cfg.world_multiple} must be >= 1 and divide the world "
                              f"{cfg.nproc_per_node * cfg.nnodes}")
         self.cfg = cfg
+        self.multi = cfg.nnodes > 1
         self.entry, self.args = worker_command(cfg.cmd)
         world = cfg.nproc_per_node * cfg.nnodes
         # Malformed or out-of-range faults fail here, before any worker starts.
@@ -170,16 +209,22 @@ class Supervisor:
         if self.gpus is not None and len(self.gpus) < cfg.nproc_per_node:
             raise ValueError(f"--nproc-per-node={cfg.nproc_per_node} but only {len(self.gpus)} GPUs are visible")
         self.local_slots = list(range(cfg.nproc_per_node))  # slots still in use on this node
-        self.nodes = list(range(cfg.nnodes))  # node indices still in the job
-        self.node_index = 0
+        self.nodes = list(range(cfg.nnodes))  # nodes (first-attempt group ranks) still in the job
+        self.my_node: int | None = None  # multi-node: this supervisor's node, once known
+        self.role = "single" if not self.multi else "undecided"
+        self.host = socket.gethostname()
         self.incidents: list[dict] = []
         self.attempt = 0
         self._verdict: Verdict | None = None
         self._verdict_event = threading.Event()
         self._pending: dict | None = None
-        self._stopping = False
+        self._launching: int | None = None  # the attempt whose elastic launch runs now
+        self._stopped: set[int] = set()  # attempts told to stop
+        self._left = False
+        self.followers = Followers()
         self.coordinator: Coordinator | None = None
         self.monitor_endpoint = ""
+        self._store: Any = None
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -199,10 +244,9 @@ class Supervisor:
 
     def _world_slots(self) -> list[int]:
         """Slot (first-attempt global rank) of every global rank of this attempt."""
-        n = self.cfg.nproc_per_node
-        if self.cfg.nnodes == 1:
+        if not self.multi:
             return list(self.local_slots)
-        return [node * n + s for node in self.nodes for s in range(n)]
+        return node_slots(self.nodes, self.cfg.nproc_per_node)
 
     def _append(self, name: str, rec: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -210,19 +254,45 @@ class Supervisor:
             fh.write(json.dumps(rec, default=str) + "\n")
 
     def _kill_workers(self) -> None:
-        pids = set(_children(os.getpid()))
-        if self.coordinator is not None:
-            pids |= {int(i["pid"]) for i in self.coordinator.infos.values() if i.get("pid")}
+        if self.multi:
+            # Only this node's processes: the other nodes' supervisors kill theirs
+            # (a pid from another host's hello means nothing here).
+            pids = set(descendants(os.getpid()))
+        else:
+            pids = set(_children(os.getpid()))
+            if self.coordinator is not None:
+                pids |= {int(i["pid"]) for i in self.coordinator.infos.values() if i.get("pid")}
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+
+    def _stop_local(self, attempt: int) -> None:
+        """Kill this node's workers of ``attempt``. Multi-node: a stop can come from
+        another node a moment before this node's agent has spawned its workers, so
+        keep killing until the attempt's launch returns."""
+        first = attempt not in self._stopped
+        self._stopped.add(attempt)
+        self._kill_workers()
+        if self.multi and first:
+            def keep_killing() -> None:
+                while self._launching == attempt:
+                    self._kill_workers()
+                    time.sleep(0.1)
+
+            threading.Thread(target=keep_killing, name="commflow-stop", daemon=True).start()
+
+    def _stop_everywhere(self) -> None:
+        """End the current attempt on this node and (leader) on every other node."""
+        self._stop_local(self.attempt)
+        if self.multi and self.coordinator is not None:
+            self.coordinator.post({"cmd": "stop", "attempt": self.attempt})
 
     def _on_verdict(self, v: Verdict) -> None:
         """Coordinator thread: remember the verdict and stop the attempt."""
         if self._verdict is None:
             self._verdict = v
             self._verdict_event.set()
-            self._kill_workers()
+            self._stop_everywhere()
 
     def _on_healthy(self, attempt: int, t: float) -> None:
         """Coordinator thread: the attempt finished its first iteration."""
@@ -240,81 +310,185 @@ class Supervisor:
         self._append("incidents.jsonl", rec)
         self._pending = None
 
-    # -- the loop -----------------------------------------------------------------------
+    def _make_coordinator(self, host: str, port: int, advertise: str | None = None) -> Coordinator:
+        cfg = self.cfg
+        return Coordinator(cfg.detect, cfg.probe, host=host, port=port, out_dir=self.out,
+                           on_verdict=self._on_verdict, prometheus_port=cfg.prometheus_port, advertise=advertise)
+
+    # -- roles --------------------------------------------------------------------------
 
     def run(self) -> int:
         """Run attempts until success; returns the exit code (0 = the job finished)."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        host, port = "127.0.0.1", cfg.monitor_port
-        if cfg.nnodes > 1:
-            host = "0.0.0.0"
-            if not port:
-                port = int(cfg.rdzv_endpoint.rsplit(":", 1)[1]) + 1
-            self.monitor_endpoint = f"{_advertise(cfg)}:{port}"
+        if not self.multi:
+            self.coordinator = self._make_coordinator("127.0.0.1", cfg.monitor_port)
+            return self._lead()
+        advertise = _advertise(cfg)
+        port = cfg.monitor_port or int(cfg.rdzv_endpoint.rsplit(":", 1)[1]) + 1
+        self.monitor_endpoint = f"{advertise}:{port}"
         try:
-            if cfg.nnodes > 1 and not _is_local(_advertise(cfg) or ""):
+            if not _is_local(advertise or ""):
                 raise OSError("the rendezvous host is another machine")
-            self.coordinator = Coordinator(cfg.detect, cfg.probe, host=host, port=port, out_dir=self.out,
-                                           on_verdict=self._on_verdict, prometheus_port=cfg.prometheus_port,
-                                           advertise=_advertise(cfg))
+            self.coordinator = self._make_coordinator("0.0.0.0", port, advertise)
         except OSError:
-            if cfg.nnodes == 1:
-                raise
-            # Another node (the one the endpoint names) already hosts the coordinator.
+            # Another supervisor (the one on the rendezvous host) leads.
             return self._follow()
-        self.coordinator.on_healthy = self._on_healthy
-        self.coordinator.start()
         try:
+            self._store = hold_rendezvous_store(cfg.rdzv_endpoint)
+        except OSError as e:
+            self.coordinator.server.close()
+            print(f"commflow launch: {e}", file=sys.stderr)
+            return 1
+        self.role = "leader"
+        return self._lead()
+
+    def _lead(self) -> int:
+        """Single node, or the leader of a multi-node job: coordinator + decisions."""
+        coord = self.coordinator
+        assert coord is not None
+        coord.on_healthy = self._on_healthy
+        coord.on_supervisor = self.followers.on_message
+        coord.start()
+        if self.multi:
+            append_node_event(self.out, {"event": "leader", "host": self.host, "pid": os.getpid(),
+                                         "coordinator": coord.endpoint, "rendezvous": self.cfg.rdzv_endpoint})
+        code = 1
+        try:
+            self._begin_attempt()
             while True:
-                code = self._attempt()
-                if code == 0:
-                    if self._pending is not None:
-                        self._write_incident(self._pending)
-                    return 0
-                if code is None:
-                    if cfg.nnodes > 1:
-                        # Restarting several nodes without the culprit needs every node's
-                        # supervisor to agree on the new membership; here the leader
-                        # stops the job and says which node to leave out.
-                        inc = self._pending or {}
-                        hosts = sorted({f"{w.get('host')} (node {w.get('node')})" for w in inc.get("where") or []})
-                        if self._pending is not None:
-                            self._pending["action"] = f"stopped: relaunch without node(s) {hosts}"
-                        print(f"commflow launch: {inc.get('kind')} on {hosts}; relaunch without them",
-                              file=sys.stderr)
-                        return 3
-                    continue  # restarted after an incident
+                local = not self.multi or self.my_node is None or self.my_node in self.nodes
+                code = self._attempt() if local else self._attempt_remote()
+                if code is None:  # an incident; go again without the culprit
+                    self._begin_attempt()
+                    if self.multi and not self._send_plan():
+                        code = 1
+                        return code
+                    continue
+                if code == 0 and self._pending is not None:
+                    self._write_incident(self._pending)
                 return code
         finally:
             if self._pending is not None:
                 self._write_incident(self._pending)
-            self.coordinator.stop()
+            if self.multi:
+                coord.post({"end": {"code": code}})
+                # Followers exit on "end"; keep the coordinator and the rendezvous store
+                # up until they have (their elastic agents still close the rendezvous).
+                self.followers.wait(lambda: not self.followers.links, 15.0)
+                append_node_event(self.out, {"event": "finished", "role": "leader", "node": self.my_node,
+                                             "code": code})
+            coord.stop()
+            self._store = None
 
     def _follow(self) -> int:
-        """A node that does not host the coordinator: one attempt, reporting to it."""
-        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
+        """A node that does not lead: run the leader's plans until it says end or
+        excludes this node."""
+        cfg = self.cfg
+        self.role = "follower"
+        me = node_key(self.host, os.getpid())
+        link = LeaderLink(self.monitor_endpoint, {"host": self.host, "pid": os.getpid(),
+                                                  "nproc": cfg.nproc_per_node}, on_stop=self._remote_stop)
         try:
-            code = self._attempt()
-        except ChildFailedError:
-            code = 1
-        return 0 if code == 0 else 1
+            link.connect(cfg.leader_timeout_s)
+        except OSError as e:
+            print(f"commflow launch: no leader answers at {self.monitor_endpoint} ({e})", file=sys.stderr)
+            return 1
+        append_node_event(self.out, {"event": "joined", "role": "follower", "host": self.host,
+                                     "pid": os.getpid(), "leader": self.monitor_endpoint})
+        try:
+            while True:
+                res = self._launch(self._world_slots())
+                link.send({"done": {"attempt": self.attempt, "ok": res.ok, "error": res.error,
+                                    "failures": {str(r): list(f) for r, f in res.failures.items()}}})
+                msg = link.next_decision(self.attempt, cfg.decision_timeout_s)
+                if msg is None:
+                    code = 0 if res.ok else 1
+                    append_node_event(self.out, {"event": "finished", "node": self.my_node, "code": code,
+                                                 "note": "no word from the leader"})
+                    return code
+                if "end" in msg:
+                    code = int(msg["end"].get("code", 1))
+                    append_node_event(self.out, {"event": "finished", "node": self.my_node, "code": code})
+                    return code
+                plan = msg["plan"]
+                if me in plan["members"]:
+                    self.my_node = int(plan["members"][me])
+                    self.attempt = int(plan["attempt"])
+                    self.nodes = [int(n) for n in plan["nodes"]]
+                    append_node_event(self.out, {"event": "restart", "node": self.my_node, "attempt": self.attempt,
+                                                 "nodes": self.nodes, "incident": plan.get("incident")})
+                    continue
+                node = plan.get("excluded", {}).get(me)
+                inc = plan.get("incident") or {}
+                append_node_event(self.out, {"event": "excluded", "node": node, "host": self.host,
+                                             "attempt": plan["attempt"], "incident": inc,
+                                             "nodes_after": plan["nodes"]})
+                print(f"commflow launch: node {node} ({self.host}) is left out after a {inc.get('kind')} "
+                      f"on ranks {inc.get('ranks')}; leaving the job", file=sys.stderr)
+                return 0 if node is not None else 1
+        finally:
+            link.close()
+
+    def _remote_stop(self, attempt: int) -> None:
+        """Leader link thread: stop this node's workers of ``attempt``."""
+        if attempt == self.attempt:
+            self._stop_local(attempt)
+
+    # -- attempts -----------------------------------------------------------------------
+
+    def _begin_attempt(self) -> None:
+        """The coordinator forgets the old world; only hellos of this attempt count."""
+        assert self.coordinator is not None
+        self.coordinator.new_attempt(self.attempt, len(self._world_slots()))
+        self._verdict = None
+        self._verdict_event.clear()
 
     def _attempt(self) -> int | None:
-        """One elastic launch. 0: success; None: an incident, go again; else: give up."""
+        """One attempt with workers on this node. 0: success; None: an incident, go
+        again; else: give up."""
+        slots = self._world_slots()
+        res = self._launch(slots)
+        if res.error is not None:
+            return 1
+        if res.ok and self._verdict is None:
+            return 0
+        if self.multi:
+            self._stop_everywhere()  # one node failed: the others' workers go too
+        verdict = self._wait_verdict(res.failures, res.t_start)
+        return self._handle(verdict, res.failures, res.t_stop, slots)
+
+    def _attempt_remote(self) -> int | None:
+        """The leader's node was excluded: the attempt runs on the followers; wait for
+        their reports or a verdict."""
+        slots = self._world_slots()
+        members = self._membership()
+        keys = {members[n] for n in self.nodes if n in members}
+        attempt, t_start = self.attempt, time.time()
+
+        def settled() -> bool:
+            reps = self.followers.reports.get(attempt, {})
+            return (self._verdict_event.is_set() or keys <= set(reps)
+                    or any(k in self.followers.gone and k not in reps for k in keys))
+
+        while not self.followers.wait(settled, 1.0):
+            pass
+        reps = self.followers.reports.get(attempt, {})
+        if not self._verdict_event.is_set() and keys <= set(reps) and all(reps[k]["ok"] for k in keys):
+            return 0
+        t_stop = time.time()
+        self._stop_everywhere()
+        verdict = self._wait_verdict({}, t_start)
+        return self._handle(verdict, self.followers.failures(attempt), t_stop, slots)
+
+    def _launch(self, slots: list[int]) -> _Outcome:
+        """One ``elastic_launch`` of this node's workers for the current attempt."""
         from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
         cfg = self.cfg
-        slots = self._world_slots()
-        world = len(slots)
         coord = self.coordinator
-        if coord is not None:
-            coord.new_attempt(self.attempt, world)
-        self._verdict = None
-        self._verdict_event.clear()
         env = {
             "COMMFLOW_MONITOR": coord.endpoint if coord is not None else self.monitor_endpoint,
             "COMMFLOW_INJECT": json.dumps({"faults": [f.to_json() for f in self.faults], "seed": cfg.seed}),
@@ -323,8 +497,10 @@ class Supervisor:
             "COMMFLOW_ATTEMPT": str(self.attempt),
             "COMMFLOW_OUT": str(self.out),
         }
-        if cfg.nnodes == 1:
-            env["COMMFLOW_NODE"] = "0"  # multi-node: workers take elastic's GROUP_RANK
+        if not self.multi:
+            env["COMMFLOW_NODE"] = "0"
+        elif self.my_node is not None:
+            env["COMMFLOW_NODE"] = str(self.my_node)  # else (first attempt) workers take GROUP_RANK
         if self.attempt > 0:
             env["COMMFLOW_RESUME"] = "1"
         if self.gpus is not None:
@@ -332,16 +508,22 @@ class Supervisor:
         args = list(self.args)
         if self.attempt > 0 and cfg.resume_arg:
             args.append(cfg.resume_arg)
-        nproc = len(self.local_slots)
+        rdzv_configs: dict[str, Any] = {}
+        if self.multi:
+            # The leader's process holds the store (hold_rendezvous_store); nobody
+            # else may try to host it, even on the same machine.
+            rdzv_configs["is_host"] = self.role == "leader"
         launch = LaunchConfig(
+            # Exactly the planned nodes: the round closes when they are all in.
             min_nodes=len(self.nodes),
             max_nodes=len(self.nodes),
-            nproc_per_node=nproc,
+            nproc_per_node=len(self.local_slots),
             # Every node of a multi-node job must name the same rendezvous.
-            run_id=(f"commflow-{cfg.rdzv_endpoint.replace(':', '-')}-{self.attempt}" if cfg.nnodes > 1
+            run_id=(f"commflow-{cfg.rdzv_endpoint.replace(':', '-')}-{self.attempt}" if self.multi
                     else f"commflow-{uuid.uuid4().hex[:8]}-{self.attempt}"),
             rdzv_backend="c10d",
             rdzv_endpoint=cfg.rdzv_endpoint or "localhost:0",
+            rdzv_configs=rdzv_configs,
             max_restarts=0,
             monitor_interval=0.1,
             logs_specs=DefaultLogsSpecs(
@@ -353,49 +535,94 @@ class Supervisor:
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         t_start = time.time()
-        failures: dict = {}
+        self._launching = self.attempt
         try:
             elastic_launch(launch, self.entry)(*args)
-            ok = self._verdict is None
+            return _Outcome(ok=True, failures={}, t_start=t_start, t_stop=time.time())
         except ChildFailedError as e:
-            ok = False
-            failures = {int(r): f for r, f in e.failures.items()}
+            failures = {int(r): (int(f.exitcode), float(f.timestamp)) for r, f in e.failures.items()}
+            return _Outcome(ok=False, failures=failures, t_start=t_start, t_stop=time.time())
         except Exception as e:  # noqa: BLE001 - rendezvous or agent failure: report, stop
             print(f"commflow launch: attempt {self.attempt} failed to run: {e!r}", file=sys.stderr)
-            return 1
+            return _Outcome(ok=False, failures={}, t_start=t_start, t_stop=time.time(), error=repr(e))
         finally:
+            self._launching = None
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-        t_stop = time.time()
-        if ok:
-            return 0
-        if coord is None:
-            return 1  # a follower: the leader judges
-        verdict = self._wait_verdict(failures, t_start)
-        return self._handle(verdict, failures, t_stop, slots)
 
-    def _wait_verdict(self, failures: dict, t_start: float) -> Verdict:
+    def _wait_verdict(self, failures: dict[int, tuple[int, float]], t_start: float) -> Verdict:
         """The coordinator's verdict, or -- for a crash it had not settled yet -- one from
-        the exit codes elastic reported."""
+        the exit codes elastic reported (on any node)."""
         coord = self.coordinator
         assert coord is not None
-        if not self._verdict_event.wait(coord.detector.cfg.crash_settle_s + 2.0):
-            first = min(failures.items(), key=lambda kv: kv[1].timestamp) if failures else None
+        settled = self._verdict_event.wait(coord.detector.cfg.crash_settle_s + 2.0)
+        if self.multi:
+            failures = {**self.followers.failures(self.attempt), **failures}
+        codes = {str(r): code for r, (code, _) in failures.items()}
+        if not settled:
+            first = min(failures.items(), key=lambda kv: kv[1][1]) if failures else None
             now = time.time()
             ranks = [first[0]] if first else []
-            ev = {"class": "crash: a worker exited with an error (from the elastic agent)",
-                  "exit_codes": {str(r): f.exitcode for r, f in failures.items()}}
-            t0 = first[1].timestamp if first else t_start
+            ev = {"class": "crash: a worker exited with an error (from the elastic agent)", "exit_codes": codes}
+            t0 = first[1][1] if first else t_start
             self._verdict = Verdict(kind="crash", ranks=ranks, evidence={**ev, "exclude": ranks},
                                     t_onset=t0, t_detect=now, t_localized=now)
         v = self._verdict
         assert v is not None
         if failures:
-            v.evidence.setdefault("exit_codes", {str(r): f.exitcode for r, f in failures.items()})
+            v.evidence.setdefault("exit_codes", codes)
         return v
+
+    # -- decisions ----------------------------------------------------------------------
+
+    def _membership(self) -> dict[int, str]:
+        """node -> ``host:pid`` of the supervisor that runs it (multi-node), from the
+        workers' hellos; a node none of whose workers ever said hello is matched by
+        elimination when exactly one supervisor is unaccounted for."""
+        assert self.coordinator is not None
+        out = {node: node_key(h, p) for node, (h, p) in dict(self.coordinator.node_agents).items()}
+        mine = node_key(self.host, os.getpid())
+        spare = sorted((self.followers.connected() | {mine}) - set(out.values()))
+        missing = [n for n in range(self.cfg.nnodes) if n not in out]
+        if len(missing) == 1 and len(spare) == 1:
+            out[missing[0]] = spare[0]
+        self.my_node = next((n for n, k in out.items() if k == mine), self.my_node)
+        return out
+
+    def _node_of(self, rank: int, slots: list[int]) -> int:
+        assert self.coordinator is not None
+        node = (self.coordinator.infos.get(rank) or {}).get("node")
+        return int(node) if node is not None else slots[rank] // self.cfg.nproc_per_node
+
+    def _send_plan(self) -> bool:
+        """Leader: tell every follower the next attempt (or that its node is out)."""
+        assert self.coordinator is not None
+        members = self._membership()
+        unknown = [n for n in self.nodes if n not in members]
+        if unknown:
+            print(f"commflow launch: no supervisor is known for node(s) {unknown}; cannot restart", file=sys.stderr)
+            return False
+        inc = self.incidents[-1] if self.incidents else {}
+        summary = {k: inc.get(k) for k in ("kind", "ranks", "slots", "where", "excluded_nodes", "attempt",
+                                           "world_before", "world_after", "detect_s", "resumed_from_step")}
+        summary["class"] = (inc.get("evidence") or {}).get("class")
+        plan = {"attempt": self.attempt, "nodes": list(self.nodes), "slots": self._world_slots(),
+                "members": {members[n]: n for n in self.nodes},
+                "excluded": {k: n for n, k in members.items() if n not in self.nodes},
+                "incident": summary}
+        self.coordinator.post({"plan": plan})
+        if self.my_node is not None and self.my_node not in self.nodes and not self._left:
+            self._left = True
+            append_node_event(self.out, {"event": "excluded", "node": self.my_node, "host": self.host,
+                                         "attempt": self.attempt, "incident": summary, "nodes_after": self.nodes,
+                                         "note": "workers left out; this supervisor stays as the control plane "
+                                                 "(rendezvous store, coordinator)"})
+            print(f"commflow launch: this node ({self.my_node}, {self.host}) is left out; it keeps serving the "
+                  f"rendezvous and the coordinator for nodes {self.nodes}", file=sys.stderr)
+        return True
 
     def _handle(self, v: Verdict, failures: dict, t_stop: float, slots: list[int]) -> int | None:
         cfg = self.cfg
@@ -415,9 +642,18 @@ class Supervisor:
             exclude_slots = []
         n = cfg.nproc_per_node
         shape_slots: list[int] = []
-        if cfg.nnodes > 1:
-            gone_nodes = sorted({s // n for s in exclude_slots})
-            self.nodes = [nd for nd in self.nodes if nd not in gone_nodes]
+        node_fields: dict[str, Any] = {}
+        if self.multi:
+            self._membership()  # node ids of every supervisor, this one's too
+            culprit_nodes = [] if software else sorted({self._node_of(r, slots) for r in exclude_ranks})
+            nodes_before = list(self.nodes)
+            self.nodes, shape_nodes = plan_nodes(self.nodes, culprit_nodes, n, cfg.world_multiple)
+            shape_slots = node_slots(shape_nodes, n)
+            hosts = {(w.get("node"), w.get("host")) for w in v.evidence.get("where") or []}
+            node_fields = {"excluded_nodes": culprit_nodes, "excluded_nodes_for_shape": shape_nodes,
+                           "nodes_before": nodes_before, "nodes_after": list(self.nodes),
+                           "action": (f"left out node(s) {culprit_nodes} ({sorted(h for _, h in hosts if h)}); "
+                                      f"restart on nodes {self.nodes}")}
         else:
             self.local_slots = [s for s in self.local_slots if s not in exclude_slots]
             # Keep the world a multiple of --world-multiple (tensor/sequence parallel
@@ -433,6 +669,7 @@ class Supervisor:
             "slots": [slots[r] for r in v.ranks if 0 <= r < len(slots)],
             "excluded_slots": exclude_slots,
             "excluded_for_shape": shape_slots,
+            **node_fields,
             "where": v.evidence.get("where"),
             "evidence": {k: val for k, val in v.evidence.items() if k not in ("where",)},
             "detect_s": round(v.detect_s, 3),
@@ -441,7 +678,8 @@ class Supervisor:
             "attempt": self.attempt,
             "world_before": len(slots),
             "world_after": world_after,
-            "gpus_after": [self.gpus[s] for s in self.local_slots] if self.gpus is not None else None,
+            "gpus_after": ([self.gpus[s] for s in self.local_slots]
+                           if self.gpus is not None and not self.multi else None),
             "last_step": last_step,
             "resumed_from_step": resumed,
             "lost_steps": None if resumed is None or last_step < 0 else max(0, last_step - resumed),
@@ -464,6 +702,10 @@ class Supervisor:
             return 3
         if world_after < cfg.min_world:
             inc["evidence"]["stopped"] = f"world of {world_after} is below --min-world={cfg.min_world}"
+            self._write_incident(inc)
+            return 3
+        if self.multi and len(self.nodes) < cfg.min_nodes:
+            inc["evidence"]["stopped"] = f"{len(self.nodes)} node(s) left, below --nnodes MIN={cfg.min_nodes}"
             self._write_incident(inc)
             return 3
         self.attempt += 1
