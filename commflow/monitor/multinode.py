@@ -50,15 +50,17 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from .channel import parse_endpoint
 
-__all__ = ["Followers", "LeaderLink", "append_node_event", "descendants", "hold_rendezvous_store", "node_key",
+__all__ = ["Followers", "LeaderLink", "NodeRoles", "append_node_event", "descendants", "hold_rendezvous_store", "node_key",
            "node_slots", "parse_nnodes", "plan_nodes"]
 
 
@@ -301,3 +303,165 @@ def append_node_event(out: Path, record: dict) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+class NodeRoles:
+    """The multi-node half of :class:`~commflow.monitor.supervisor.Supervisor`: the
+    follower's loop and the leader's membership and plans. Mixed into the supervisor,
+    whose state these methods share (``cfg``, ``attempt``, ``nodes``, ``my_node``,
+    ``coordinator``, ``followers``) and whose attempt machinery they call
+    (``_launch``, ``_stop_local``, ``_stop_everywhere``, ``_wait_verdict``, ``_handle``).
+    """
+
+    cfg: Any
+    attempt: int
+    nodes: list[int]
+    my_node: int | None
+    host: str
+    out: Path
+    role: str
+    monitor_endpoint: str
+    coordinator: Any
+    followers: Followers
+    incidents: list[dict]
+    _verdict_event: threading.Event
+    _left: bool
+
+    def _follow(self) -> int:
+        """A node that does not lead: run the leader's plans until it says end or
+        excludes this node."""
+        cfg = self.cfg
+        self.role = "follower"
+        me = node_key(self.host, os.getpid())
+        link = LeaderLink(self.monitor_endpoint, {"host": self.host, "pid": os.getpid(),
+                                                  "nproc": cfg.nproc_per_node}, on_stop=self._remote_stop)
+        try:
+            link.connect(cfg.leader_timeout_s)
+        except OSError as e:
+            print(f"commflow launch: no leader answers at {self.monitor_endpoint} ({e})", file=sys.stderr)
+            return 1
+        append_node_event(self.out, {"event": "joined", "role": "follower", "host": self.host,
+                                     "pid": os.getpid(), "leader": self.monitor_endpoint})
+        slots = self._world_slots()  # first attempt: every node, slot = rank
+        try:
+            while True:
+                res = self._launch(slots)
+                link.send({"done": {"attempt": self.attempt, "ok": res.ok, "error": res.error,
+                                    "failures": {str(r): list(f) for r, f in res.failures.items()}}})
+                msg = link.next_decision(self.attempt, cfg.decision_timeout_s)
+                if msg is None:
+                    code = 0 if res.ok else 1
+                    append_node_event(self.out, {"event": "finished", "node": self.my_node, "code": code,
+                                                 "note": "no word from the leader"})
+                    return code
+                if "end" in msg:
+                    code = int(msg["end"].get("code", 1))
+                    append_node_event(self.out, {"event": "finished", "node": self.my_node, "code": code})
+                    return code
+                plan = msg["plan"]
+                if me in plan["members"]:
+                    self.my_node = int(plan["members"][me])
+                    self.attempt = int(plan["attempt"])
+                    self.nodes = [int(n) for n in plan["nodes"]]
+                    slots = [int(x) for x in plan["slots"]]
+                    append_node_event(self.out, {"event": "restart", "node": self.my_node, "attempt": self.attempt,
+                                                 "nodes": self.nodes, "incident": plan.get("incident")})
+                    continue
+                node = plan.get("excluded", {}).get(me)
+                inc = plan.get("incident") or {}
+                if node is None:  # the leader never learned which node this is
+                    append_node_event(self.out, {"event": "finished", "code": 1, "note": "not in the plan"})
+                    print(f"commflow launch: the leader's plan names no node for this supervisor ({me})",
+                          file=sys.stderr)
+                    return 1
+                append_node_event(self.out, {"event": "excluded", "node": node, "host": self.host,
+                                             "attempt": plan["attempt"], "incident": inc,
+                                             "nodes_after": plan["nodes"]})
+                print(f"commflow launch: node {node} ({self.host}) is left out after a {inc.get('kind')} "
+                      f"on ranks {inc.get('ranks')}; leaving the job", file=sys.stderr)
+                return 0
+        finally:
+            link.close()
+
+    def _remote_stop(self, attempt: int) -> None:
+        """Leader link thread: stop this node's workers of ``attempt``."""
+        if attempt == self.attempt:
+            self._stop_local(attempt)
+
+    def _attempt_remote(self) -> int | None:
+        """The leader's node was excluded: the attempt runs on the followers; wait for
+        their reports or a verdict."""
+        slots = self._world_slots()
+        members = self._membership()
+        keys = {members[n] for n in self.nodes if n in members}
+        if len(keys) < len(self.nodes):
+            print(f"commflow launch: no supervisor is known for some of nodes {self.nodes}", file=sys.stderr)
+            return 1
+        attempt, t_start = self.attempt, time.time()
+
+        def settled() -> bool:
+            reps = self.followers.reports.get(attempt, {})
+            return (self._verdict_event.is_set() or keys <= set(reps)
+                    or any(k in self.followers.gone and k not in reps for k in keys))
+
+        while not self.followers.wait(settled, 1.0):
+            pass
+        reps = self.followers.reports.get(attempt, {})
+        if not self._verdict_event.is_set() and keys <= set(reps) and all(reps[k]["ok"] for k in keys):
+            return 0
+        t_stop = time.time()
+        self._stop_everywhere()
+        verdict = self._wait_verdict({}, t_start)
+        return self._handle(verdict, self.followers.failures(attempt), t_stop, slots)
+
+    def _membership(self) -> dict[int, str]:
+        """node -> ``host:pid`` of the supervisor that runs it (multi-node), from the
+        workers' hellos; a node none of whose workers ever said hello is matched by
+        elimination when exactly one supervisor is unaccounted for."""
+        assert self.coordinator is not None
+        out = {node: node_key(h, p) for node, (h, p) in dict(self.coordinator.node_agents).items()}
+        mine = node_key(self.host, os.getpid())
+        spare = sorted((self.followers.connected() | {mine}) - set(out.values()))
+        missing = [n for n in range(self.cfg.nnodes) if n not in out]
+        if len(missing) == 1 and len(spare) == 1:
+            out[missing[0]] = spare[0]
+        self.my_node = next((n for n, k in out.items() if k == mine), self.my_node)
+        return out
+
+    def _lost_nodes(self, members: dict[int, str]) -> list[int]:
+        """Nodes still in the job whose follower supervisor has disconnected."""
+        mine = node_key(self.host, os.getpid())
+        live = self.followers.connected()
+        return sorted(n for n in self.nodes if n in members and members[n] != mine and members[n] not in live)
+
+    def _node_of(self, rank: int, slots: list[int]) -> int:
+        assert self.coordinator is not None
+        node = (self.coordinator.infos.get(rank) or {}).get("node")
+        return int(node) if node is not None else slots[rank] // self.cfg.nproc_per_node
+
+    def _send_plan(self) -> bool:
+        """Leader: tell every follower the next attempt (or that its node is out)."""
+        assert self.coordinator is not None
+        members = self._membership()
+        unknown = [n for n in self.nodes if n not in members]
+        if unknown:
+            print(f"commflow launch: no supervisor is known for node(s) {unknown}; cannot restart", file=sys.stderr)
+            return False
+        inc = self.incidents[-1] if self.incidents else {}
+        summary = {k: inc.get(k) for k in ("kind", "ranks", "slots", "where", "excluded_nodes", "attempt",
+                                           "world_before", "world_after", "detect_s", "resumed_from_step")}
+        summary["class"] = (inc.get("evidence") or {}).get("class")
+        plan = {"attempt": self.attempt, "nodes": list(self.nodes), "slots": self._world_slots(),
+                "members": {members[n]: n for n in self.nodes},
+                "excluded": {k: n for n, k in members.items() if n not in self.nodes},
+                "incident": summary}
+        self.coordinator.post({"plan": plan})
+        if self.my_node is not None and self.my_node not in self.nodes and not self._left:
+            self._left = True
+            append_node_event(self.out, {"event": "excluded", "node": self.my_node, "host": self.host,
+                                         "attempt": self.attempt, "incident": summary, "nodes_after": self.nodes,
+                                         "note": "workers left out; this supervisor stays as the control plane "
+                                                 "(rendezvous store, coordinator)"})
+            print(f"commflow launch: this node ({self.my_node}, {self.host}) is left out; it keeps serving the "
+                  f"rendezvous and the coordinator for nodes {self.nodes}", file=sys.stderr)
+        return True

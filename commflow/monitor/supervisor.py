@@ -53,11 +53,10 @@ from .detect import DetectConfig, Verdict
 from .inject import Fault, resolve_faults
 from .multinode import (
     Followers,
-    LeaderLink,
+    NodeRoles,
     append_node_event,
     descendants,
     hold_rendezvous_store,
-    node_key,
     node_slots,
     plan_nodes,
 )
@@ -178,8 +177,9 @@ def _latest_step(ckpt_dir: Path) -> int | None:
     return max(steps) if steps else None
 
 
-class Supervisor:
-    """Runs attempts until the job succeeds; see the module docstring."""
+class Supervisor(NodeRoles):
+    """Runs attempts until the job succeeds; see the module docstring (multi-node
+    roles: :class:`~commflow.monitor.multinode.NodeRoles`)."""
 
     def __init__(self, cfg: SupervisorConfig):
         if cfg.nproc_per_node < 1:
@@ -381,60 +381,6 @@ class Supervisor:
             coord.stop()
             self._store = None
 
-    def _follow(self) -> int:
-        """A node that does not lead: run the leader's plans until it says end or
-        excludes this node."""
-        cfg = self.cfg
-        self.role = "follower"
-        me = node_key(self.host, os.getpid())
-        link = LeaderLink(self.monitor_endpoint, {"host": self.host, "pid": os.getpid(),
-                                                  "nproc": cfg.nproc_per_node}, on_stop=self._remote_stop)
-        try:
-            link.connect(cfg.leader_timeout_s)
-        except OSError as e:
-            print(f"commflow launch: no leader answers at {self.monitor_endpoint} ({e})", file=sys.stderr)
-            return 1
-        append_node_event(self.out, {"event": "joined", "role": "follower", "host": self.host,
-                                     "pid": os.getpid(), "leader": self.monitor_endpoint})
-        try:
-            while True:
-                res = self._launch(self._world_slots())
-                link.send({"done": {"attempt": self.attempt, "ok": res.ok, "error": res.error,
-                                    "failures": {str(r): list(f) for r, f in res.failures.items()}}})
-                msg = link.next_decision(self.attempt, cfg.decision_timeout_s)
-                if msg is None:
-                    code = 0 if res.ok else 1
-                    append_node_event(self.out, {"event": "finished", "node": self.my_node, "code": code,
-                                                 "note": "no word from the leader"})
-                    return code
-                if "end" in msg:
-                    code = int(msg["end"].get("code", 1))
-                    append_node_event(self.out, {"event": "finished", "node": self.my_node, "code": code})
-                    return code
-                plan = msg["plan"]
-                if me in plan["members"]:
-                    self.my_node = int(plan["members"][me])
-                    self.attempt = int(plan["attempt"])
-                    self.nodes = [int(n) for n in plan["nodes"]]
-                    append_node_event(self.out, {"event": "restart", "node": self.my_node, "attempt": self.attempt,
-                                                 "nodes": self.nodes, "incident": plan.get("incident")})
-                    continue
-                node = plan.get("excluded", {}).get(me)
-                inc = plan.get("incident") or {}
-                append_node_event(self.out, {"event": "excluded", "node": node, "host": self.host,
-                                             "attempt": plan["attempt"], "incident": inc,
-                                             "nodes_after": plan["nodes"]})
-                print(f"commflow launch: node {node} ({self.host}) is left out after a {inc.get('kind')} "
-                      f"on ranks {inc.get('ranks')}; leaving the job", file=sys.stderr)
-                return 0 if node is not None else 1
-        finally:
-            link.close()
-
-    def _remote_stop(self, attempt: int) -> None:
-        """Leader link thread: stop this node's workers of ``attempt``."""
-        if attempt == self.attempt:
-            self._stop_local(attempt)
-
     # -- attempts -----------------------------------------------------------------------
 
     def _begin_attempt(self) -> None:
@@ -457,29 +403,6 @@ class Supervisor:
             self._stop_everywhere()  # one node failed: the others' workers go too
         verdict = self._wait_verdict(res.failures, res.t_start)
         return self._handle(verdict, res.failures, res.t_stop, slots)
-
-    def _attempt_remote(self) -> int | None:
-        """The leader's node was excluded: the attempt runs on the followers; wait for
-        their reports or a verdict."""
-        slots = self._world_slots()
-        members = self._membership()
-        keys = {members[n] for n in self.nodes if n in members}
-        attempt, t_start = self.attempt, time.time()
-
-        def settled() -> bool:
-            reps = self.followers.reports.get(attempt, {})
-            return (self._verdict_event.is_set() or keys <= set(reps)
-                    or any(k in self.followers.gone and k not in reps for k in keys))
-
-        while not self.followers.wait(settled, 1.0):
-            pass
-        reps = self.followers.reports.get(attempt, {})
-        if not self._verdict_event.is_set() and keys <= set(reps) and all(reps[k]["ok"] for k in keys):
-            return 0
-        t_stop = time.time()
-        self._stop_everywhere()
-        verdict = self._wait_verdict({}, t_start)
-        return self._handle(verdict, self.followers.failures(attempt), t_stop, slots)
 
     def _launch(self, slots: list[int]) -> _Outcome:
         """One ``elastic_launch`` of this node's workers for the current attempt."""
@@ -578,52 +501,6 @@ class Supervisor:
 
     # -- decisions ----------------------------------------------------------------------
 
-    def _membership(self) -> dict[int, str]:
-        """node -> ``host:pid`` of the supervisor that runs it (multi-node), from the
-        workers' hellos; a node none of whose workers ever said hello is matched by
-        elimination when exactly one supervisor is unaccounted for."""
-        assert self.coordinator is not None
-        out = {node: node_key(h, p) for node, (h, p) in dict(self.coordinator.node_agents).items()}
-        mine = node_key(self.host, os.getpid())
-        spare = sorted((self.followers.connected() | {mine}) - set(out.values()))
-        missing = [n for n in range(self.cfg.nnodes) if n not in out]
-        if len(missing) == 1 and len(spare) == 1:
-            out[missing[0]] = spare[0]
-        self.my_node = next((n for n, k in out.items() if k == mine), self.my_node)
-        return out
-
-    def _node_of(self, rank: int, slots: list[int]) -> int:
-        assert self.coordinator is not None
-        node = (self.coordinator.infos.get(rank) or {}).get("node")
-        return int(node) if node is not None else slots[rank] // self.cfg.nproc_per_node
-
-    def _send_plan(self) -> bool:
-        """Leader: tell every follower the next attempt (or that its node is out)."""
-        assert self.coordinator is not None
-        members = self._membership()
-        unknown = [n for n in self.nodes if n not in members]
-        if unknown:
-            print(f"commflow launch: no supervisor is known for node(s) {unknown}; cannot restart", file=sys.stderr)
-            return False
-        inc = self.incidents[-1] if self.incidents else {}
-        summary = {k: inc.get(k) for k in ("kind", "ranks", "slots", "where", "excluded_nodes", "attempt",
-                                           "world_before", "world_after", "detect_s", "resumed_from_step")}
-        summary["class"] = (inc.get("evidence") or {}).get("class")
-        plan = {"attempt": self.attempt, "nodes": list(self.nodes), "slots": self._world_slots(),
-                "members": {members[n]: n for n in self.nodes},
-                "excluded": {k: n for n, k in members.items() if n not in self.nodes},
-                "incident": summary}
-        self.coordinator.post({"plan": plan})
-        if self.my_node is not None and self.my_node not in self.nodes and not self._left:
-            self._left = True
-            append_node_event(self.out, {"event": "excluded", "node": self.my_node, "host": self.host,
-                                         "attempt": self.attempt, "incident": summary, "nodes_after": self.nodes,
-                                         "note": "workers left out; this supervisor stays as the control plane "
-                                                 "(rendezvous store, coordinator)"})
-            print(f"commflow launch: this node ({self.my_node}, {self.host}) is left out; it keeps serving the "
-                  f"rendezvous and the coordinator for nodes {self.nodes}", file=sys.stderr)
-        return True
-
     def _handle(self, v: Verdict, failures: dict, t_stop: float, slots: list[int]) -> int | None:
         cfg = self.cfg
         coord = self.coordinator
@@ -644,14 +521,17 @@ class Supervisor:
         shape_slots: list[int] = []
         node_fields: dict[str, Any] = {}
         if self.multi:
-            self._membership()  # node ids of every supervisor, this one's too
+            # Node ids of every supervisor (this one's too); a node whose supervisor
+            # went away cannot take part in the next rendezvous either.
+            lost = self._lost_nodes(self._membership())
             culprit_nodes = [] if software else sorted({self._node_of(r, slots) for r in exclude_ranks})
             nodes_before = list(self.nodes)
-            self.nodes, shape_nodes = plan_nodes(self.nodes, culprit_nodes, n, cfg.world_multiple)
+            self.nodes, shape_nodes = plan_nodes(self.nodes, sorted(set(culprit_nodes) | set(lost)), n,
+                                                 cfg.world_multiple)
             shape_slots = node_slots(shape_nodes, n)
             hosts = {(w.get("node"), w.get("host")) for w in v.evidence.get("where") or []}
             node_fields = {"excluded_nodes": culprit_nodes, "excluded_nodes_for_shape": shape_nodes,
-                           "nodes_before": nodes_before, "nodes_after": list(self.nodes),
+                           "lost_nodes": lost, "nodes_before": nodes_before, "nodes_after": list(self.nodes),
                            "action": (f"left out node(s) {culprit_nodes} ({sorted(h for _, h in hosts if h)}); "
                                       f"restart on nodes {self.nodes}")}
         else:

@@ -76,16 +76,12 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
     raise RuntimeError(f"nothing listens on {port} after {timeout_s} s")
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multinode")
-    shared = root / "shared"  # the job's own output: checkpoints on a "shared filesystem"
+def _run_nodes(root, nodes: int, launch_args: list[str], job_args: list[str]) -> dict[str, int]:
+    """``commflow launch`` once per "node" on localhost (n0 first: it leads); the exit
+    code of each. Output in ROOT/nI.log, supervisor records in ROOT/nI/."""
     port = _free_port_pair()
-    common = ["--nproc-per-node", "1", "--nnodes", "1:3", "--rdzv-endpoint", f"127.0.0.1:{port}",
-              "--checkpoint-dir", str(shared / "checkpoints"), "--resume-arg=--resume", "--quiet-workers",
-              "--inject", "crash:rank=2,at=13", "--inject", "hang:rank=0,at=24", "--",
-              "python", "-m", "commflow.monitor.demo", "--steps", str(STEPS), "--ckpt-every", str(CKPT),
-              "--out", str(shared), "--compute-ms", "20"]
+    common = ["--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}", "--quiet-workers", *launch_args,
+              "--", "python", "-m", "commflow.monitor.demo", *job_args]
     procs: dict[str, subprocess.Popen] = {}
     with contextlib.ExitStack() as files:
 
@@ -97,14 +93,25 @@ def job(tmp_path_factory):
         try:
             start("n0")  # first: it binds the coordinator port and leads
             _wait_port(port + 1, procs["n0"], 60)
-            start("n1")
-            start("n2")
-            codes = {name: p.wait(timeout=240) for name, p in procs.items()}
+            for i in range(1, nodes):
+                start(f"n{i}")
+            return {name: p.wait(timeout=240) for name, p in procs.items()}
         finally:
             for p in procs.values():
                 if p.poll() is None:
                     p.kill()
                     p.wait()
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multinode")
+    shared = root / "shared"  # the job's own output: checkpoints on a "shared filesystem"
+    codes = _run_nodes(
+        root, 3,
+        ["--nnodes", "1:3", "--checkpoint-dir", str(shared / "checkpoints"), "--resume-arg=--resume",
+         "--inject", "crash:rank=2,at=13", "--inject", "hang:rank=0,at=24"],
+        ["--steps", str(STEPS), "--ckpt-every", str(CKPT), "--out", str(shared), "--compute-ms", "20"])
     return root, shared, codes
 
 
@@ -134,23 +141,33 @@ def test_incidents_name_the_node_and_the_world_shrinks_by_nodes(job):
     for inc in (crash, hang):
         assert inc["restart_s"] is not None and inc["restart_s"] > 0
     # Ground truth: each fault fired once, on its slot, logged by the node it ran on.
+    left, stayed = _followers_by_fate(root)
     fired = {name: [(e["kind"], e["slot"], e["iteration"]) for e in read_jsonl(root / name / "injected.jsonl")
                     if e["kind"] in ("crash", "hang")]
-             for name in ("n0", "n2")}
-    assert fired == {"n0": [("hang", 0, 24)], "n2": [("crash", 2, 13)]}
-    assert not (root / "n1" / "injected.jsonl").exists()
+             for name in ("n0", left)}
+    assert fired == {"n0": [("hang", 0, 24)], left: [("crash", 2, 13)]}
+    assert not (root / stayed / "injected.jsonl").exists()
+
+
+def _followers_by_fate(root) -> tuple[str, str]:
+    """(the follower that was left out, the one that stayed). Which of n1 / n2 became
+    node 2 is the rendezvous' choice (it ranks nodes by supervisor pid)."""
+    left = [n for n in ("n1", "n2") if any(e["event"] == "excluded" for e in read_jsonl(root / n / "nodes.jsonl"))]
+    assert len(left) == 1, left
+    return left[0], ({"n1", "n2"} - set(left)).pop()
 
 
 def test_each_supervisor_records_what_it_did(job):
     root, _, _ = job
+    left, stayed = _followers_by_fate(root)
     events = {name: read_jsonl(root / name / "nodes.jsonl") for name in ("n0", "n1", "n2")}
-    n2 = events["n2"]
-    assert [e["event"] for e in n2] == ["joined", "excluded"]
-    assert n2[-1]["node"] == 2 and n2[-1]["incident"]["kind"] == "crash" and n2[-1]["nodes_after"] == [0, 1]
-    n1 = events["n1"]
-    assert [(e["event"], e.get("attempt"), e.get("nodes")) for e in n1] == [
+    gone = events[left]
+    assert [e["event"] for e in gone] == ["joined", "excluded"]
+    assert gone[-1]["node"] == 2 and gone[-1]["incident"]["kind"] == "crash" and gone[-1]["nodes_after"] == [0, 1]
+    survivor = events[stayed]
+    assert [(e["event"], e.get("attempt"), e.get("nodes")) for e in survivor] == [
         ("joined", None, None), ("restart", 1, [0, 1]), ("restart", 2, [1]), ("finished", None, None)]
-    assert n1[-1]["code"] == 0 and n1[-1]["node"] == 1
+    assert survivor[-1]["code"] == 0 and survivor[-1]["node"] == 1
     n0 = events["n0"]
     assert [e["event"] for e in n0] == ["leader", "excluded", "finished"]
     assert n0[1]["node"] == 0 and "control plane" in n0[1]["note"] and n0[-1]["code"] == 0
@@ -167,6 +184,22 @@ def test_training_resumed_on_the_remaining_nodes_and_matches_an_uninterrupted_ru
     ref = reference_params(STEPS)
     got = torch.tensor(final["params"])
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+
+
+def test_fixed_node_count_stops_every_node_and_names_the_node(tmp_path):
+    """``--nnodes 2`` is a fixed size (torchrun's reading): a hang on the follower's
+    worker stops the job on both nodes (exit 3) with an incident naming node 1. The
+    hung worker never notices its peer is gone -- only the leader's ``stop`` to the
+    follower's supervisor can end it, so both exiting proves that path."""
+    codes = _run_nodes(tmp_path, 2, ["--nnodes", "2", "--inject", "hang:rank=1,at=4"],
+                       ["--steps", "40", "--ckpt-every", "10", "--out", str(tmp_path / "shared"), "--compute-ms", "20"])
+    assert codes == {"n0": 3, "n1": 3}, {n: _log_tail(tmp_path, n) for n in codes}
+    (inc,) = read_jsonl(tmp_path / "n0" / "incidents.jsonl")
+    assert inc["kind"] == "hang" and inc["slots"] == [1] and inc["excluded_nodes"] == [1]
+    assert [w["node"] for w in inc["where"]] == [1] and inc["nodes_after"] == [0]
+    assert "below --nnodes MIN=2" in inc["evidence"]["stopped"]
+    assert [(e["event"], e.get("code")) for e in read_jsonl(tmp_path / "n1" / "nodes.jsonl")] == [
+        ("joined", None), ("finished", 3)]
 
 
 # -- the pieces, without processes ----------------------------------------------------
