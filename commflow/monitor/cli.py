@@ -103,8 +103,10 @@ def report(
         table.add_column(col, overflow="fold")
     for i, rec in enumerate(incidents):
         where = rec.get("where") or []
+        multi = "excluded_nodes" in rec  # multi-node jobs leave out whole nodes
         culprit = ", ".join(
-            f"rank {w['rank']} (slot {w.get('slot')}, {w.get('host')}" + (f", gpu {w['gpu']}" if w.get("gpu") else "") + ")"
+            f"rank {w['rank']} (slot {w.get('slot')}, {w.get('host')}" + (f", gpu {w['gpu']}" if w.get("gpu") else "")
+            + (f", node {w.get('node')}" if multi else "") + ")"
             for w in where
         ) or ", ".join(f"rank {r}" for r in rec.get("ranks", [])) or "-"
         ev = rec.get("evidence") or {}
