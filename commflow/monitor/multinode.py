@@ -355,7 +355,8 @@ class NodeRoles:
                                                  "note": "no word from the leader"})
                     return code
                 if "end" in msg:
-                    code = int(msg["end"].get("code", 1))
+                    code = msg["end"].get("code")
+                    code = int(code) if isinstance(code, int) else 1
                     append_node_event(self.out, {"event": "finished", "node": self.my_node, "code": code})
                     return code
                 plan = msg["plan"]

@@ -372,6 +372,7 @@ class Supervisor(NodeRoles):
             if self._pending is not None:
                 self._write_incident(self._pending)
             if self.multi:
+                code = code if isinstance(code, int) else 1  # None: interrupted mid-restart
                 coord.post({"end": {"code": code}})
                 # Followers exit on "end"; keep the coordinator and the rendezvous store
                 # up until they have (their elastic agents still close the rendezvous).

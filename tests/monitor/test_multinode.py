@@ -92,7 +92,7 @@ def _run_nodes(root, nodes: int, launch_args: list[str], job_args: list[str]) ->
 
         try:
             start("n0")  # first: it binds the coordinator port and leads
-            _wait_port(port + 1, procs["n0"], 60)
+            _wait_port(port + 1, procs["n0"], 120)
             for i in range(1, nodes):
                 start(f"n{i}")
             return {name: p.wait(timeout=240) for name, p in procs.items()}
