@@ -42,6 +42,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--profile-iters", type=int, default=3)
     p.add_argument("--top", type=int, default=25, help="kernels kept per method and phase")
+    p.add_argument("--autotune", choices=["off", "limited", "full"], default="limited",
+                   help="Triton autotuning of new keys (fla's and commflow's kernels), as in benchmarks lasp2")
 
 
 def _kernel_table(prof, calls: int, top: int) -> list[dict]:
@@ -61,20 +63,35 @@ def _kernel_table(prof, calls: int, top: int) -> list[dict]:
 
 
 def _worker(cfg: dict) -> dict:
+    from commflow.sp import linear_triton
+
+    with linear_triton.autotune_mode(cfg["autotune"]):
+        return _profile(cfg)
+
+
+def _profile(cfg: dict) -> dict:
     from commflow.sp.linear_kernels import select_kernels
 
     from .lasp2 import _inputs, _linear_method, _step_fn
 
+    t0 = time.perf_counter()
     info = init_distributed()
     rank, world, dev = info.rank, info.world_size, info.device
     cuda = dev.type == "cuda"
     kernels = select_kernels(dev, backend=cfg["backend"])
+    if kernels.name == "fla":  # commflow's Triton self-checks, agreed by every rank before the first call
+        from commflow.sp import linear_triton
+
+        with linear_triton.autotune_mode("off"):
+            linear_triton.prime(dev, torch.bfloat16, cfg["head_dim"], cfg["head_dim"], 64)
     leaves, g_gamma, do = _inputs(1, cfg["seq"] // world, cfg["heads"], cfg["head_dim"], cfg["decay"],
                                   torch.bfloat16 if cuda else torch.float32, dev, seed=1234 + rank)
     out = {"rank": rank, "backend": kernels.name, "methods": {}}
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     for method in cfg["methods"]:
         for phase in ("fwd", "fwd+bwd"):
+            if rank == 0:
+                print(f"[{time.perf_counter() - t0:7.1f}s] {method}/{phase}", flush=True)
             run = _step_fn(_linear_method(method, kernels), leaves, g_gamma, do, backward=phase == "fwd+bwd")
             for _ in range(cfg["warmup"]):
                 run()
@@ -127,7 +144,7 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--seq {args.seq} must be divisible by --nproc {nproc}")
     cfg = {"seq": args.seq, "heads": args.heads, "head_dim": args.head_dim, "decay": args.decay,
            "methods": methods, "backend": args.backend, "warmup": args.warmup, "iters": args.iters,
-           "profile_iters": args.profile_iters, "top": args.top}
+           "profile_iters": args.profile_iters, "top": args.top, "autotune": args.autotune}
     env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
     per_rank = spawn(_worker, nproc, cfg, backend=None if cuda else "gloo", init=False, timeout_s=900, env=env)
     for r in per_rank:

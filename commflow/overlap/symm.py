@@ -34,6 +34,10 @@ copies of the buffer alternate: a peer can only write into copy ``i % 2`` of ste
 ``i + 2`` after the barrier of step ``i + 1``, which this rank reaches after it
 finished reading step ``i``. The all-reduce's reduced block alternates the same way
 between groups, guarded by the pull stream's barrier (see :func:`matmul_all_reduce`).
+The two copies are the two fixed halves of the workspace, and the step counter runs on
+across calls: a call with other shapes than the last one must not lay its copy 0 over
+the last call's copy 1, which a slower peer may still be reading (the GPU test
+"symm back-to-back" alternates shapes to catch exactly that).
 
 Workspaces are per (process group, op) and grow on demand: growing is collective (all
 ranks pass the same shapes, so they grow at the same call) and synchronises once.
@@ -157,6 +161,12 @@ class _Workspace:
         self.handle = symm_mem.rendezvous(self.tensor, self.group_name)
         self.nbytes = nbytes
 
+    def next_copy(self, dtype: torch.dtype) -> int:
+        """Element offset (in ``dtype``) of the half of the buffer the next step uses; advances the step."""
+        base = (self.counter & 1) * (self.nbytes // 2 // dtype.itemsize)
+        self.counter += 1
+        return base
+
     def view(self, rank: int, shape: tuple[int, ...], dtype: torch.dtype, offset: int) -> torch.Tensor:
         """``shape`` of ``dtype`` at element ``offset`` of ``rank``'s buffer (cached)."""
         key = (rank, shape, dtype, offset)
@@ -208,20 +218,19 @@ def _reduce_scatter_groups(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, ws:
     For each group ``i`` of ``sizes[i]`` rows per destination: the GEMM of each peer's
     rows (``row_of(d, i)`` is the first row of destination ``d`` in group ``i``), pushed
     into slot ``rank`` of that peer's buffer; this rank's own rows straight into its own
-    slot; then, on the communication stream, a barrier and ``after_sum(i, slots)`` with
-    ``slots`` the ``[R, rows, N]`` partials of this rank's block (all landed).
+    slot; then, on the communication stream, a barrier and ``after_sum(i, slots, base)`` with
+    ``slots`` the ``[R, rows, N]`` partials of this rank's block (all landed) and ``base``
+    the element offset of the buffer copy the group used.
     Returns the tensors the caller must keep alive until its stream has waited.
     """
     world, rank = g.world_size, g.rank
     n, dtype, dev = w.shape[1], x2d.dtype, x2d.device
-    region = world * max(sizes) * n  # one copy of the slots
     main, comm = _streams(dev)
     keep: list = []
     summed: list[torch.cuda.Event] = []
     passed: list[torch.cuda.Event] = []
     for i, rows in enumerate(sizes):
-        base = (ws.counter & 1) * region
-        ws.counter += 1
+        base = ws.next_copy(dtype)
         mine = base + rank * rows * n  # where this rank's partials go, in every rank's buffer
         if direct and i >= 2:
             # The GEMM writes into the peers' copy of two groups ago: wait until every
@@ -246,7 +255,7 @@ def _reduce_scatter_groups(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, ws:
         with _on(comm):
             ws.barrier()  # every partial of this group has landed here
             passed.append(comm.record_event())
-            after_sum(i, ws.view(rank, (world, rows, n), dtype, base))
+            after_sum(i, ws.view(rank, (world, rows, n), dtype, base), base)
             summed.append(comm.record_event())
     return keep
 
@@ -269,7 +278,7 @@ def matmul_reduce_scatter(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, size
     out = torch.empty(mr, n, dtype=dtype, device=dev)
     starts = _offsets(sizes)
 
-    def after_sum(i: int, slots: torch.Tensor) -> None:
+    def after_sum(i: int, slots: torch.Tensor, base: int) -> None:
         # One pass over the R partials, accumulated in fp32, rounded once.
         torch.sum(slots, dim=0, out=out[starts[i]:starts[i] + sizes[i]])
 
@@ -301,15 +310,15 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
     starts = _offsets(sizes)
     block = max(sizes) * n
     ws = _workspace(g, "ar", dev)
-    ws.ensure((2 * world + 2) * block * dtype.itemsize)
+    ws.ensure(2 * (world + 1) * block * dtype.itemsize)  # per copy: R slots, then the reduced block
     main, comm = _streams(dev)
     pull = pull_stream(dev)
     out = torch.empty(m, n, dtype=dtype, device=dev)
     pulled_barrier: list[torch.cuda.Event] = []
 
-    def after_sum(i: int, slots: torch.Tensor) -> None:  # on the push stream
+    def after_sum(i: int, slots: torch.Tensor, base: int) -> None:  # on the push stream
         rows, g0 = sizes[i], world * starts[i]
-        red = 2 * world * block + (i % 2) * block  # this rank's reduced block, pulled by the peers
+        red = base + world * block  # this rank's reduced block in this copy, pulled by the peers
         if i >= 2:
             comm.wait_event(pulled_barrier[i - 1])
         torch.sum(slots, dim=0, out=ws.view(rank, (rows, n), dtype, red))
@@ -347,8 +356,7 @@ def all_gather_matmul(xs: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tu
     shard = ms * k
     ws = _workspace(g, "ag", dev)
     ws.ensure(2 * shard * dtype.itemsize)
-    base = (ws.counter & 1) * shard
-    ws.counter += 1
+    base = ws.next_copy(dtype)
     main, comm = _streams(dev)
     out = torch.empty(world * ms, n, dtype=dtype, device=dev)
     full = torch.empty(world * ms, k, dtype=dtype, device=dev)

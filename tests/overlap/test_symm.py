@@ -41,6 +41,9 @@ class _Workspace:
 
     def __init__(self, buffers: dict, rank: int, barrier: threading.Barrier):
         self.buffers, self.rank, self.bar, self.counter, self.nbytes = buffers, rank, barrier, 0, 0
+        self.touched: list[tuple[int, int, int, int]] = []  # (step, buffer's rank, first byte, end byte)
+
+    next_copy = symm._Workspace.next_copy  # the real copy selection, on the emulated buffer
 
     def ensure(self, nbytes: int) -> None:
         if nbytes <= self.nbytes:
@@ -53,6 +56,8 @@ class _Workspace:
     def view(self, rank, shape, dtype, offset):
         flat = self.buffers[rank].view(dtype)
         assert offset + math.prod(shape) <= flat.numel(), (offset, shape, flat.numel())
+        size = dtype.itemsize
+        self.touched.append((self.counter - 1, rank, offset * size, (offset + math.prod(shape)) * size))
         return flat[offset:offset + math.prod(shape)].view(shape)
 
     def barrier(self, channel: int = 0) -> None:
@@ -63,10 +68,10 @@ class _Workspace:
 def ranks(monkeypatch):
     """``run(world, fn)``: ``fn(g)`` on ``world`` emulated ranks, their results in rank order."""
 
-    def run(world, fn):
+    def run(world, fn, spaces=None):
         buffers: dict = {}
         barrier = threading.Barrier(world, timeout=60)
-        spaces: dict = {}
+        spaces = {} if spaces is None else spaces
 
         def workspace(g, op, device):
             return spaces.setdefault((g.rank, op), _Workspace(buffers.setdefault(op, {}), g.rank, barrier))
@@ -154,3 +159,39 @@ def test_growing_workspace_keeps_results(ranks):
 
     for errs in ranks(world, fn):
         assert all(e <= TOL for e in errs), errs
+
+
+def test_consecutive_steps_use_disjoint_bytes_whatever_the_shapes(ranks):
+    """A peer may still read step s's copy while this rank writes step s + 1's: the two
+    must not share a byte, also when calls alternate shapes (the first symmetric-memory
+    layout put a call's copy 0 over the last call's copy 1 when the rows shrank or grew)."""
+    world = 2
+    g0 = torch.Generator().manual_seed(3)
+    X, W = torch.randn(96, 8, generator=g0, dtype=torch.float64), torch.randn(8, 6, generator=g0, dtype=torch.float64)
+    XC, WC = torch.randn(48, 8, generator=g0, dtype=torch.float64), torch.randn(8, 12, generator=g0, dtype=torch.float64)
+
+    def fn(g):
+        errs = []
+        for rows, sizes in ((96, None), (32, (4, 4, 8)), (96, (24, 24)), (64, None), (96, None)):
+            x, w = (t.float() for t in ref.row_parallel_shards(X[:rows], W, world, g.rank))
+            errs.append(_rel(symm.matmul_reduce_scatter(x, w, g, sizes), (X[:rows] @ W).chunk(world)[g.rank]))
+            errs.append(_rel(symm.matmul_all_reduce(x, w, g, sizes), X[:rows] @ W))
+        for rows in (48, 16, 48, 24):
+            xs, w = (t.float() for t in ref.column_parallel_shards(XC[:rows], WC, world, g.rank))
+            errs.append(_rel(symm.all_gather_matmul(xs, w, g)[0],
+                             ref.all_gather_matmul_reference(XC[:rows], WC, world, g.rank)))
+        return errs
+
+    spaces: dict = {}
+    for errs in ranks(world, fn, spaces):
+        assert all(e <= TOL for e in errs), errs
+    for op in ("rs", "ar", "ag"):
+        touched = [t for (_, o), ws in spaces.items() if o == op for t in ws.touched]
+        assert touched, op
+        by_step: dict = {}
+        for step, buf, a, b in touched:
+            by_step.setdefault((step, buf), []).append((a, b))
+        for (step, buf), ranges in by_step.items():
+            for a, b in ranges:
+                for c, d in by_step.get((step + 1, buf), []):
+                    assert b <= c or d <= a, f"{op}: steps {step} and {step + 1} share bytes of rank {buf}'s buffer"
