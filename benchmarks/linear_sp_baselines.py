@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from commflow.sp.lasp2 import check_lasp2_inputs
-from commflow.sp.linear_kernels import LinearKernels, select_kernels
+from commflow.sp.linear_kernels import LinearKernels, select_kernels, seq_cumsum
 
 __all__ = ["lasp1_attention", "ring_kv_attention"]
 
@@ -165,7 +165,7 @@ def _block_decay(g_block: torch.Tensor | None, sdt) -> tuple[torch.Tensor | None
     """For a block's gate ``[B, S, H]``: the weights ``exp(G_end - G_s)`` and the total log decay."""
     if g_block is None:
         return None, None
-    G = torch.cumsum(g_block.to(sdt), 1)
+    G = seq_cumsum(g_block.to(sdt), 1)
     return torch.exp(G[:, -1:] - G), G[:, -1]
 
 
@@ -249,7 +249,7 @@ class _RingKV(torch.autograd.Function):
                 contrib = [torch.einsum("bshv,bhkv->bshk", vj, m) * (1.0 if w is None else w[..., None]),
                            torch.einsum("bshk,bhkv->bshv", kd, m)]
                 if gated:  # d/dg_u of S_j = sum over s < u: an exclusive prefix sum
-                    contrib.append(torch.cumsum(a, 1) - a)
+                    contrib.append(seq_cumsum(a, 1) - a)
                 if j + 1 < rank:
                     cross[j + 1: rank] += a.sum(1)  # <M, S_j> for every Gamma_i between j and us
                 if log_gamma_j is not None:

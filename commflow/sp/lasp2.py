@@ -40,7 +40,7 @@ import torch.distributed as dist
 from commflow.dist import all_gather_tensor
 
 from .layout import LAYOUTS
-from .linear_kernels import LinearKernels, _compute_dtype, decay_mode, select_kernels
+from .linear_kernels import LinearKernels, _compute_dtype, decay_mode, select_kernels, seq_cumsum
 
 __all__ = ["check_lasp2_inputs", "chunk_owners", "lasp2_attention", "rank_scan"]
 
@@ -144,7 +144,7 @@ def _local_log_decay(q, g, g_gamma) -> torch.Tensor | None:
     """``G`` ``[B, S, H]`` fp32 (fp64 for fp64 inputs): inclusive cumulative log decay over the shard."""
     cdt = _compute_dtype(q)
     if g is not None:
-        return torch.cumsum(g.to(cdt), dim=1)
+        return seq_cumsum(g.to(cdt), dim=1)
     if g_gamma is not None:
         steps = torch.arange(1, q.shape[1] + 1, device=q.device, dtype=cdt)
         return (steps[:, None] * g_gamma.to(cdt)[None, :])[None]

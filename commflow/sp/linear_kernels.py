@@ -129,10 +129,23 @@ class LinearKernels:
         return dq, dk, dv, dg, dh0
 
 
+def seq_cumsum(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``torch.cumsum(x, dim)`` run along the innermost dim.
+
+    Why: on CUDA, a scan along an outer dim of a ``[B, S, H]`` tensor parallelises over
+    ``B H`` only (``H`` threads walking ``S`` steps each: 23 ms for ``S`` = 64K, ``H`` = 16 on
+    an H100, measured by ``benchmarks lasp2_profile``), while the innermost-dim scan
+    parallelises over ``S`` too (tens of microseconds). Same additions, same order.
+    """
+    if dim in (-1, x.dim() - 1):
+        return torch.cumsum(x, dim)
+    return torch.cumsum(x.movedim(dim, -1).contiguous(), -1).movedim(-1, dim)
+
+
 def fold_log_weights(totals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """From per-chunk log decays ``[B, NT, H]``: the log weights of a fold at each chunk,
     from the shard start (exclusive prefix sum) and to the shard end (exclusive suffix sum)."""
-    inclusive = torch.cumsum(totals, 1)
+    inclusive = seq_cumsum(totals, 1)
     start = inclusive - totals
     tail = inclusive[:, -1:] - inclusive
     return start.contiguous(), tail.contiguous()
