@@ -104,9 +104,38 @@ def _trial(flat: dict, out: Path, warmup: int) -> dict:
 
 
 def _worker(opts: dict) -> list[dict]:
+    import contextlib
+    import faulthandler
+    import sys
+
+    # A silent GPU run is a lost run: every rank dumps its stacks to stderr if a trial
+    # runs longer than this (the first 4xH100 attempt printed nothing in 235 s).
+    faulthandler.dump_traceback_later(opts["stack_every_s"], repeat=True, file=sys.stderr)
+    tune = contextlib.nullcontext()
+    if opts["device"] == "cuda":
+        from commflow.sp import linear_triton
+
+        # fla's and commflow's Triton autotuners would otherwise time every configuration
+        # (up to 48 compiles per kernel and shape) inside the first training steps.
+        tune = linear_triton.autotune_mode(opts["autotune"])
+    try:
+        with tune:
+            return _trials(opts)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _trials(opts: dict) -> list[dict]:
     from commflow.train.config import PRESETS, TrainConfig, resolve_model
 
     info = init_distributed(device=opts["device"], timeout_s=opts["timeout_s"])
+    if info.device.type == "cuda":
+        from commflow.sp import linear_triton
+        from commflow.sp.linear_kernels import fla_available
+
+        if fla_available():  # commflow's kernel self-checks, agreed by every rank up front
+            with linear_triton.autotune_mode("off"):
+                linear_triton.prime(info.device, getattr(torch, opts["dtype"]), 128, 128, 64)
     world, device = info.world_size, info.device
     capacity = _gpu_capacity_gib(device)
     rows: list[dict] = []
@@ -140,6 +169,8 @@ def _worker(opts: dict) -> list[dict]:
             if t_pred is not None and t_pred > opts["long_step_s"]:
                 base["steps"] = opts["warmup"] + 1  # one timed step where a step is long
             t0 = time.perf_counter()
+            if info.rank == 0:
+                print(f"# {pattern} seq {seq}: {base['steps']} steps ...", flush=True)
             row.update(_trial(base, tmp / f"{pattern}_{seq}", opts["warmup"]))
             row["wall_s"] = time.perf_counter() - t0
             if row["status"] == "ok":
@@ -197,6 +228,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-step-s", type=float, default=10.0,
                    help="time a single step at lengths predicted to take longer than this per step")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--autotune", choices=["off", "limited", "full"], default="limited",
+                   help="Triton autotuning of new kernel keys on GPU (limited: at most 8 configurations each)")
+    p.add_argument("--stack-every-s", type=float, default=120.0,
+                   help="every rank dumps its stacks to stderr this often while the run goes on")
     p.add_argument("--softmax-sp", default="allgather", choices=["allgather", "ulysses", "ring"])
     p.add_argument("--dp-mode", default="fsdp", choices=["ddp", "fsdp"])
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
@@ -217,6 +252,7 @@ def run(args: argparse.Namespace) -> dict:
         "softmax_sp": args.softmax_sp, "dp_mode": args.dp_mode, "dtype": args.dtype,
         "activation_checkpoint": not args.no_activation_checkpoint, "vocab": args.vocab,
         "peak_tflops": args.peak_tflops, "timeout_s": args.timeout_s,
+        "autotune": args.autotune, "stack_every_s": args.stack_every_s,
     }
     env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
     rows = spawn(_worker, args.nproc, opts, backend=None, init=False, timeout_s=3600, env=env)[0]
