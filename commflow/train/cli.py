@@ -36,15 +36,16 @@ def under_torchrun() -> bool:
 
 def _worker(cfg: TrainConfig) -> dict[str, Any]:
     """One rank's whole job: train, then tear the process group down before exiting."""
-    import torch.distributed as dist
-
+    from ..dist import shutdown
     from .loop import train
 
     try:
-        return train(cfg)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        summary = train(cfg)
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown(clean=True)
+    return summary
 
 
 def launch(cfg: TrainConfig) -> dict[str, Any]:
