@@ -55,8 +55,11 @@ def environment() -> dict[str, Any]:
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    # The device machine copies the tree without .git; the runner passes the commit in.
-    env["git_commit"] = env["git_commit"] or os.environ.get("COMMFLOW_GIT_COMMIT")
+    # The device machine's copy of the tree may hold a stale .git (it recorded the
+    # session's first commit for runs of later ones), so a commit passed in wins.
+    passed = os.environ.get("COMMFLOW_GIT_COMMIT")
+    if passed:
+        env["git_commit_detected"], env["git_commit"] = env["git_commit"], passed
     return env
 
 
