@@ -77,7 +77,11 @@ def _time(fn, dev, reps=3, iters=8, warmup=2) -> dict:
         e.synchronize()
         wall.append(s.elapsed_time(e) / reps)
     host_us = statistics.median(host)
-    cycles = int(1.8e9 * (host_us * reps * 2e-6 + 5e-4))
+    # Every rank sleeps as long as the slowest host needs: with per-rank sleeps, a schedule
+    # that synchronises the ranks (barrier, NCCL) would count a peer's longer sleep as its
+    # own device time (the first 4xH100 probe's "dev" exceeded its wall time that way).
+    host_max = _max([host_us], dev)[0]
+    cycles = int(1.8e9 * (host_max * reps * 2e-6 + 5e-4))
     for _ in range(iters):
         _align(dev)
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -152,6 +156,20 @@ def _host_costs(dev, info) -> dict:
         out[name] = (time.perf_counter() - t0) / 200 * 1e6
         torch.cuda.synchronize(dev)
     return {**dict(zip(out, _max(list(out.values()), dev))), **rates}
+
+
+def _host_profile(fn, calls: int = 20, top: int = 20) -> list[dict]:
+    """CPU time per call of each op ``fn`` issues (torch.profiler, CPU activity only):
+    where a schedule's host microseconds go, op by op."""
+    for _ in range(3):
+        fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    rows = [{"name": e.key[:100], "self_cpu_us_per_call": e.self_cpu_time_total / calls,
+             "count_per_call": e.count / calls} for e in prof.key_averages()]
+    rows.sort(key=lambda r: -r["self_cpu_us_per_call"])
+    return rows[:top]
 
 
 def _nccl_group(world: int, max_ctas: int | None):
@@ -281,7 +299,7 @@ def _worker(args_dict: dict) -> dict:
     info = init_distributed(device="cuda")
     dev, R, rank = info.device, info.world_size, info.rank
     t_start = time.perf_counter()
-    res = {"world_size": R, "host_costs": {}, "rows": [], "errors": []}
+    res = {"world_size": R, "host_costs": {}, "host_profiles": {}, "rows": [], "errors": []}
     try:
         res["host_costs"] = _host_costs(dev, info)
     except Exception as e:  # noqa: BLE001
@@ -324,6 +342,8 @@ def _worker(args_dict: dict) -> dict:
                         diff = ((got.float() - ref).abs().max() / ref.abs().max()).item()
                         row["rel_diff"][name] = _max([diff], dev)[0]
                     row["times"][name] = _time(fn, dev, reps=args.reps, iters=args.iters)
+                    if name in ("symm", "symm_g1", "seq") and m <= 4096 and f"{op}/{name}" not in res["host_profiles"]:
+                        res["host_profiles"][f"{op}/{name}"] = {"shape": shape, "M": m, "ops": _host_profile(fn)}
                 except Exception as e:  # noqa: BLE001
                     row["errors"][name] = f"{type(e).__name__}: {e}"[:300]
                     res["errors"].append(f"{op} {shape} {m} {name}: {traceback.format_exc()[-1500:]}")
@@ -369,6 +389,10 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "overlap_probe.json"), "w") as f:
             json.dump(results, f, indent=1)
         print(f"[{world}] host costs (us): {json.dumps(res.get('host_costs'))}", flush=True)
+        for key, prof in res.get("host_profiles", {}).items():
+            print(f"[{world}] host profile {key} ({prof['shape']} M={prof['M']}): " + ", ".join(
+                f"{o['name']} {o['self_cpu_us_per_call']:.0f}us x{o['count_per_call']:.0f}" for o in prof["ops"][:10]),
+                flush=True)
         for err in res.get("errors", []):
             print(f"[{world}] ERROR {err[:400]}", flush=True)
         if "failed" in res:

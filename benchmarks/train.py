@@ -23,6 +23,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -34,6 +35,8 @@ import torch.distributed as dist
 from commflow.dist import init_distributed, spawn
 
 from .registry import register
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LINEAR_CHUNK = 64
 """Chunk length of the linear-attention kernels (fla's), for the FLOP count."""
@@ -254,7 +257,10 @@ def run(args: argparse.Namespace) -> dict:
         "peak_tflops": args.peak_tflops, "timeout_s": args.timeout_s,
         "autotune": args.autotune, "stack_every_s": args.stack_every_s,
     }
-    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+           # Compiled kernels on disk in the tree (git-ignored): a later call, or a later
+           # device session that carries runs/triton-cache, skips the compiles.
+           "TRITON_CACHE_DIR": os.environ.get("TRITON_CACHE_DIR", str(ROOT / "runs" / "triton-cache"))}
     rows = spawn(_worker, args.nproc, opts, backend=None, init=False, timeout_s=3600, env=env)[0]
     longest = {}
     for pattern in opts["patterns"]:
