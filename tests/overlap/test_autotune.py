@@ -1,5 +1,9 @@
 """autotune: the model's overlap decision is checked against the clock once per shape, the
-slowest rank's times decide for everyone, and a slower overlap is overturned."""
+slowest rank's times decide for everyone, a slower overlap is overturned, and a single row
+group is tried beside the model's split.
+
+The fake timings are ``(sequential, the model's split, one group)`` per rank; in this
+overlap-friendly calibration the model splits into several groups, so three paths are timed."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ def _overlap_friendly(world: int):
                    source="test: overlap-friendly")
 
 
-def _autotuned(fake: dict[int, tuple[float, float]] | None) -> dict:
+def _autotuned(fake: dict[int, tuple[float, ...]] | None) -> dict:
     r, world = dist.get_rank(), dist.get_world_size()
     set_calibration(_overlap_friendly(world), device_type="cpu")
     at.set_autotune(True)
@@ -44,6 +48,7 @@ def _autotuned(fake: dict[int, tuple[float, float]] | None) -> dict:
         (choice,) = at._CHOICES.values()
         expected = ref.matmul_reduce_scatter_reference(X, W, world, r)
         return {"timed": sum(calls), "decision": choice.decision, "reason": choice.reason,
+                "groups": len(choice.chunk_sizes),
                 "measured": (choice.measured_sequential_ms, choice.measured_overlap_ms),
                 "ok": bool(torch.allclose(y1, expected, atol=1e-4) and torch.equal(y1, y2))}
     finally:
@@ -55,19 +60,28 @@ def _autotuned(fake: dict[int, tuple[float, float]] | None) -> dict:
 
 def test_overlap_slower_on_one_rank_is_overturned_for_all(dist_pool):
     # Rank 0 measures overlap faster, rank 1 slower: the slowest rank's numbers decide.
-    out = dist_pool(2).run(_autotuned, {0: (1.0, 0.5), 1: (1.0, 1.5)})
+    out = dist_pool(2).run(_autotuned, {0: (1.0, 0.5, 0.6), 1: (1.0, 1.5, 1.6)})
     for res in out:
-        assert res["ok"] and res["timed"] == 2
+        assert res["ok"] and res["timed"] == 3
         assert res["decision"] == "sequential" and res["measured"] == (1.0, 1.5)
         assert "plain path chosen" in res["reason"] and "model said: overlap" in res["reason"]
 
 
 def test_overlap_measured_faster_is_kept(dist_pool):
-    out = dist_pool(2).run(_autotuned, {0: (1.0, 0.6), 1: (0.9, 0.7)})
+    out = dist_pool(2).run(_autotuned, {0: (1.0, 0.6, 0.95), 1: (0.9, 0.7, 0.8)})
     for res in out:
-        assert res["ok"] and res["timed"] == 2
+        assert res["ok"] and res["timed"] == 3
         assert res["decision"] == "overlap" and res["measured"] == (1.0, 0.7)
+        assert res["groups"] > 1  # the model's split won
         assert "overlap kept" in res["reason"]
+
+
+def test_single_group_measured_faster_than_the_models_split_is_chosen(dist_pool):
+    out = dist_pool(2).run(_autotuned, {0: (1.0, 0.9, 0.6), 1: (1.0, 0.95, 0.7)})
+    for res in out:
+        assert res["ok"] and res["timed"] == 3
+        assert res["decision"] == "overlap" and res["groups"] == 1 and res["measured"] == (1.0, 0.7)
+        assert "1 group(s) 0.700 ms" in res["reason"]
 
 
 def test_real_timings_agree_across_ranks(dist_pool):
