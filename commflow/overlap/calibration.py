@@ -164,6 +164,10 @@ def _h100(world_size: int) -> Calibration:
         chunk_overhead_us=10.0,
         gemm_slowdown=1.15,
         comm_slowdown=1.10,
+        # Host time per launch *inside* the copy-engine schedules on the 4xH100 host: a
+        # call's host time over its launches, 21 us (2 GPUs) to 35 us (4 GPUs, all-reduce);
+        # a bare mm launch alone is 12 us (benchmarks/results/overlap_*_20261126-s2*.json).
+        launch_us=25.0,
         source="defaults: measured.md, 4x H100 (contention and chunk overhead guessed)",
     )
 
@@ -376,6 +380,28 @@ def _launch_us(device: torch.device) -> float:
     return t
 
 
+def _schedule_launch_us(g, device: torch.device, dtype: torch.dtype, calls: int = 20) -> float:
+    """Host microseconds per launch of a small copy-engine GEMM + reduce-scatter (one row
+    group), i.e. the call's host time over :func:`plan.symm_launches`. Collective: every
+    rank of ``g`` calls it."""
+    from . import symm
+    from .plan import symm_launches
+
+    r = g.world_size
+    x = torch.randn(64 * r, 64, device=device).to(dtype)
+    w = torch.randn(64, 64, device=device).to(dtype)
+    for _ in range(3):
+        symm.matmul_reduce_scatter(x, w, g)
+    torch.cuda.synchronize(device)
+    dist.barrier(group=g.group)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        symm.matmul_reduce_scatter(x, w, g)
+    host_us = (time.perf_counter() - t0) * 1e6 / calls
+    torch.cuda.synchronize(device)
+    return host_us / symm_launches("matmul_reduce_scatter", r, 1)
+
+
 def _copy_engine(cal: Calibration, g, device: torch.device, dtype: torch.dtype, kw: dict) -> Calibration:
     """Copy-engine rate and latency (every rank pulls from the next one at once, as the
     schedules do), the symmetric-memory barrier, and the host cost per launch. Kept at
@@ -386,6 +412,15 @@ def _copy_engine(cal: Calibration, g, device: torch.device, dtype: torch.dtype, 
     cal = replace(cal, launch_us=launch)
     if not symm.available(g, device):
         return replace(cal, measurements={**cal.measurements, "copy_engine": "not measured: no symmetric memory"})
+    try:
+        # What a launch costs inside a real schedule (streams, events, peer copies, the
+        # barrier) is more than a bare GEMM launch: time the host side of small calls.
+        per_launch = _schedule_launch_us(g, device, dtype)
+        per_launch = _max_over_ranks([per_launch], kw["group"], device)[0]
+        cal = replace(cal, launch_us=max(launch, per_launch),
+                      measurements={**cal.measurements, "launch_us": {"bare_mm": launch, "in_schedule": per_launch}})
+    except Exception as e:  # noqa: BLE001 - keep the bare launch cost, say why
+        cal = replace(cal, measurements={**cal.measurements, "launch_us": f"schedule timing failed: {e}"})
     try:
         ws = symm._workspace(g, "calibrate", device)
         big, small = 64 << 20, 64 << 10

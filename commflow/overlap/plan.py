@@ -263,14 +263,18 @@ def _symm_us(cal: Calibration, op: str, m: int, n: int, k: int, b: int, sizes: t
     stream, each starting when both its input and the stream are ready; and no faster
     than the host launches its operations. ``sizes`` are rows per destination (or per
     pulled piece of a shard) of each group."""
-    r = cal.world_size
-
-    groups = len(sizes)
-    if op == "all_gather_matmul":  # launches: copy-in, barrier, per piece a pull, event, wait, GEMM
-        launches = 6 + 4 * (r - 1) * groups
-    else:  # per group: a GEMM, a wait and a push per peer, own GEMM, wait, barrier, sum, event
-        launches = 4 + groups * (3 * (r - 1) + 4 + (r + 1 if op == "matmul_all_reduce" else 0))
+    launches = symm_launches(op, cal.world_size, len(sizes))
     return max(_symm_gpu_us(cal, op, m, n, k, b, sizes), launches * cal.launch_us)
+
+
+def symm_launches(op: str, world_size: int, groups: int) -> int:
+    """GPU operations one copy-engine schedule call launches from the host (the unit of
+    ``Calibration.launch_us``)."""
+    r = world_size
+    if op == "all_gather_matmul":  # copy-in, barrier, per piece a pull, event, wait, GEMM
+        return 6 + 4 * (r - 1) * groups
+    # per group: a GEMM, a wait and a push per peer, own GEMM, wait, barrier, sum, event
+    return 4 + groups * (3 * (r - 1) + 4 + (r + 1 if op == "matmul_all_reduce" else 0))
 
 
 def _symm_gpu_us(cal: Calibration, op: str, m: int, n: int, k: int, b: int, sizes: tuple[int, ...]) -> float:
