@@ -20,9 +20,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from commflow.dist import init_distributed, spawn
+from commflow.dist import init_distributed, shutdown, spawn
 
 from .registry import register
+from .timing import time_ms
 
 __all__ = ["run"]
 
@@ -93,24 +94,8 @@ def _profile(cfg: dict) -> dict:
             if rank == 0:
                 print(f"[{time.perf_counter() - t0:7.1f}s] {method}/{phase}", flush=True)
             run = _step_fn(_linear_method(method, kernels), leaves, g_gamma, do, backward=phase == "fwd+bwd")
-            for _ in range(cfg["warmup"]):
-                run()
-            times = []
-            for _ in range(cfg["iters"]):
-                dist.barrier()
-                if cuda:
-                    torch.cuda.synchronize()
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    run()
-                    b.record()
-                    b.synchronize()
-                    times.append(a.elapsed_time(b))
-                else:
-                    t0 = time.perf_counter()
-                    run()
-                    times.append((time.perf_counter() - t0) * 1e3)
-            entry = {"ms_median": sorted(times)[len(times) // 2], "ms_min": min(times)}
+            t = time_ms(run, warmup=cfg["warmup"], iters=cfg["iters"], device=dev, barrier=True)
+            entry = {"ms_median": t["median_ms"], "ms_min": t["min_ms"]}
             dist.barrier()
             if rank in (0, world - 1) and cfg["profile_iters"] > 0:
                 with torch.profiler.profile(activities=activities) as prof:
@@ -126,7 +111,7 @@ def _profile(cfg: dict) -> dict:
                     torch.cuda.synchronize()
             out["methods"][f"{method}/{phase}"] = entry
             dist.barrier()
-    dist.destroy_process_group()
+    shutdown(clean=True)
     return out
 
 

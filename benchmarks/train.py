@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from commflow.dist import init_distributed, spawn
+from commflow.dist import init_distributed, shutdown, spawn
 
 from .registry import register
 
@@ -138,7 +138,8 @@ def _trials(opts: dict) -> list[dict]:
 
         if fla_available():  # commflow's kernel self-checks, agreed by every rank up front
             with linear_triton.autotune_mode("off"):
-                linear_triton.prime(info.device, getattr(torch, opts["dtype"]), 128, 128, 64)
+                hd = PRESETS[opts["preset"]].shape.head_dim
+                linear_triton.prime(info.device, getattr(torch, opts["dtype"]), hd, hd, 64)
     world, device = info.world_size, info.device
     capacity = _gpu_capacity_gib(device)
     rows: list[dict] = []
@@ -192,7 +193,7 @@ def _trials(opts: dict) -> list[dict]:
             seq = nxt[0] if nxt else seq * 2
         else:
             rows.append({"pattern": pattern, "seq_len": seq, "status": "skipped: above --search-max"})
-    dist.destroy_process_group()
+    shutdown(clean=True)
     return rows
 
 

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--steps={args.steps} and --ckpt-every={args.ckpt_every} must be >= 1")
 
     from commflow import monitor
-    from commflow.dist import init_distributed
+    from commflow.dist import init_distributed, shutdown
 
     info = init_distributed("gloo", device="cpu")
     rank, world = info.rank, info.world_size
@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         flat = torch.cat([q.detach().flatten() for q in model.module.parameters()])
         (out / "final.json").write_text(json.dumps({"steps": args.steps, "world": world, "attempt": attempt,
                                                     "params": flat.tolist()}))
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown(clean=True)
     return 0
 
 
