@@ -42,12 +42,35 @@ from commflow.dist import all_gather_tensor
 from .layout import LAYOUTS
 from .linear_kernels import LinearKernels, _compute_dtype, decay_mode, select_kernels, seq_cumsum
 
-__all__ = ["check_lasp2_inputs", "chunk_owners", "lasp2_attention", "rank_scan"]
+__all__ = ["check_lasp2_inputs", "chunk_owners", "lasp2_attention", "prime_kernels", "rank_scan"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class _LocalWorld:
+    """Stand-in for a process group while priming kernels (:func:`prime_kernels`): rank
+    ``rank`` of ``size`` ranks whose all-gather copies this rank's payload into every slot,
+    so the whole multi-rank code path runs with no communication."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = rank, size
+
+
+class _Done:
+    def wait(self) -> None:
+        return None
+
+
+def _all_gather_async(out: torch.Tensor, t: torch.Tensor, group):
+    if isinstance(group, _LocalWorld):
+        out.view(group.size, -1).copy_(t.reshape(1, -1).expand(group.size, -1))
+        return _Done()
+    return all_gather_tensor(out, t, group=group, async_op=True)
+
+
 def _rank_world(group) -> tuple[int, int]:
+    if isinstance(group, _LocalWorld):
+        return group.rank, group.size
     if not dist.is_available() or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
@@ -203,7 +226,7 @@ class _Lasp2Causal(torch.autograd.Function):
             if dec.mode == "g":
                 payload = torch.cat([payload, gs.to(sdt).sum(1).reshape(-1)])
             gathered = payload.new_empty(world * payload.numel())
-            work = all_gather_tensor(gathered, payload, group=group, async_op=True)
+            work = _all_gather_async(gathered, payload, group)
             if overlap:  # the local output runs under the all-gather; S_in's share is added after
                 o = kernels.output(qs, ks, vs, dec, h, scale)
             else:
@@ -237,7 +260,7 @@ class _Lasp2Causal(torch.autograd.Function):
         else:
             d_own = d_own.to(s_in.dtype)
             gathered = d_own.new_empty(world * d_own.numel())
-            work = all_gather_tensor(gathered, d_own.reshape(-1), group=ctx.group, async_op=True)
+            work = _all_gather_async(gathered, d_own.reshape(-1), ctx.group)
             # Overlapped with the all-gather: the states with the incoming state (fp32 for the backward).
             h, _ = kernels.states(ks, vs, dec, s_in, False, states_in_fp32=True)
             work.wait()
@@ -365,3 +388,50 @@ def lasp2_attention(
         g = g.contiguous()
     return _Lasp2Causal.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, g_gamma, scale, group, kernels,
                               layout, forward_overlap)
+
+
+def prime_kernels(
+    *, batch: int, heads: int, head_dim: int, world: int, dtype: torch.dtype, device: torch.device | str,
+    decay: str = "g", layout: str = "contiguous", forward_overlap: bool = False,
+    kernels: LinearKernels | str | None = None,
+) -> None:
+    """Compile and load now every kernel that a LASP-2 forward and backward with these
+    settings launches, on a short local sequence and with no communication.
+
+    Why: a Triton kernel is loaded into the CUDA context at its first launch, and under
+    CUDA's lazy loading that load can wait for the kernels already running on the device
+    (CUDA programming guide, "Lazy Loading": concurrent execution). If one of them is a
+    collective waiting for a peer that is itself stuck loading a kernel, no rank moves:
+    the trainer's first LLLS step on 4 H100s hung this way in fla's ``chunk_fwd_h``, every
+    rank inside Triton's ``_init_handles`` for minutes. Call this on every rank before the
+    first step, with nothing else in flight, and the first step only launches loaded kernels.
+
+    ``batch``, ``heads``, ``head_dim``, ``dtype`` (of q, k, v), ``decay`` (``"none"``,
+    ``"gamma"`` or ``"g"``), ``layout``, ``forward_overlap`` and ``world`` (the SP group size)
+    as the training step will use them: Triton specialises kernels on such properties.
+    """
+    if decay not in ("none", "gamma", "g"):
+        raise ValueError(f"decay: got {decay!r}; the rule is one of 'none', 'gamma', 'g'")
+    if world < 1:
+        raise ValueError(f"world: got {world}; the rule is world >= 1")
+    device = torch.device(device)
+    seq = 2 * 64 * _segments(layout, world)  # two chunks per segment
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dt).requires_grad_()
+
+    q, k, v = (rand(batch, seq, heads, head_dim) for _ in range(3))
+    g = g_gamma = None
+    if decay == "g":
+        g = torch.nn.functional.logsigmoid(rand(batch, seq, heads, dt=torch.float32)).detach().requires_grad_()
+    elif decay == "gamma":
+        g_gamma = torch.log1p(-torch.exp2(-5.0 - torch.arange(heads, device=device, dtype=torch.float32)))
+    # The multi-rank path (rank 1 of `world`, every prefix state present) when there are
+    # peers; the one-rank path otherwise.
+    group = _LocalWorld(min(1, world - 1), world)
+    o = lasp2_attention(q, k, v, g=g, g_gamma=g_gamma, group=group, layout=layout, kernels=kernels,
+                        forward_overlap=forward_overlap, check_decay_sign=False)
+    o.float().square().sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -22,6 +22,7 @@ __all__ = [
     "linear_attention",
     "local_linear_attention",
     "local_softmax_attention",
+    "prime_linear_kernels",
     "softmax_attention",
 ]
 
@@ -111,3 +112,23 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Se
     # skip LASP-2's sign check (a host sync per layer).
     return _sp_function("lasp2_attention")(q, k, v, g=g, g_gamma=g_gamma, group=plan.group, causal=True,
                                            layout=plan.layout, check_decay_sign=False)
+
+
+_DECAY_MODES = {"none": "none", "constant": "gamma", "gated": "g"}
+
+
+def prime_linear_kernels(plan: SequenceParallel, *, batch: int, heads: int, head_dim: int, linear_decay: str,
+                         dtype: torch.dtype, device: torch.device) -> None:
+    """Load the linear layers' GPU kernels before the first step (no communication).
+
+    A Triton kernel loaded for the first time while a collective is in flight can hang
+    every rank (see :func:`commflow.sp.lasp2.prime_kernels`); the trainer calls this once
+    on every rank before training. A no-op off CUDA and for the reference plan.
+    """
+    if plan.reference or device.type != "cuda":
+        return
+    from commflow.sp.lasp2 import prime_kernels
+
+    world = dist.get_world_size(plan.group) if plan.group is not None else 1
+    prime_kernels(batch=batch, heads=heads, head_dim=head_dim, world=world, dtype=dtype, device=device,
+                  decay=_DECAY_MODES[linear_decay], layout=plan.layout)

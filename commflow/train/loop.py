@@ -41,7 +41,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from .. import monitor
 from ..dist import init_distributed
 from ..sp.layout import positions as shard_positions
-from .attention import SequenceParallel
+from .attention import SequenceParallel, prime_linear_kernels
 from .checkpoint import latest_checkpoint, load_checkpoint, read_train_state, save_checkpoint
 from .commtime import CommTimer
 from .config import PRESETS, TrainConfig, mesh_shape, resolve_layout, validate
@@ -228,6 +228,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tokens_per_step = cfg.data.batch * cfg.data.seq_len
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.model.dtype == "bfloat16"
                 else contextlib.nullcontext())
+    if "L" in model_cfg.pattern:
+        # Every Triton kernel of the linear layers loaded now, while nothing is in flight:
+        # a first load beside a pending collective can hang all ranks (lasp2.prime_kernels).
+        prime_linear_kernels(plan, batch=local_batch, heads=model_cfg.n_heads, head_dim=model_cfg.head_dim,
+                             linear_decay=model_cfg.linear_decay,
+                             dtype=torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32,
+                             device=device)
 
     def examples(first: int) -> list[int]:
         return list(range(first + first_example, first + first_example + local_batch))

@@ -1,0 +1,63 @@
+"""lasp2.prime_kernels: the multi-rank code path of a LASP-2 step, run locally.
+
+On GPU its point is loading every Triton kernel before a collective is in flight; here
+we check that it drives the same kernel calls (with the incoming-state fold and the
+outgoing gradient) that a rank of a real group does, and no communication at all.
+"""
+
+import pytest
+import torch
+
+from commflow.sp.lasp2 import prime_kernels
+from commflow.sp.linear_kernels import TorchChunkKernels
+
+
+class _Recording(TorchChunkKernels):
+    def __init__(self):
+        super().__init__(chunk_size=64)
+        self.calls = []
+
+    def states(self, k, v, decay, initial_state, output_final_state, states_in_fp32=False):
+        self.calls.append(("states", initial_state is not None, output_final_state))
+        return super().states(k, v, decay, initial_state, output_final_state, states_in_fp32)
+
+    def output(self, q, k, v, decay, h, scale, fold=None):
+        self.calls.append(("output", fold is not None))
+        return super().output(q, k, v, decay, h, scale, fold=fold)
+
+    def grads(self, q, k, v, decay, h, dh, do, scale, fold=None):
+        self.calls.append(("grads", fold is not None, decay.mode))
+        return super().grads(q, k, v, decay, h, dh, do, scale, fold=fold)
+
+
+@pytest.mark.parametrize("decay", ["none", "gamma", "g"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_multi_rank_path_without_communication(decay, layout, monkeypatch):
+    import commflow.sp.lasp2 as lasp2
+
+    def no_collective(*a, **k):
+        raise AssertionError("prime_kernels must not communicate")
+
+    monkeypatch.setattr(lasp2, "all_gather_tensor", no_collective)
+    kern = _Recording()
+    prime_kernels(batch=2, heads=2, head_dim=16, world=4, dtype=torch.float32, device="cpu", decay=decay,
+                  layout=layout, kernels=kern)
+    assert ("states", False, True) in kern.calls  # forward: local states, final state out
+    assert ("output", True) in kern.calls  # S_in folded into the output kernel
+    assert ("states", True, False) in kern.calls  # backward: states recomputed from S_in
+    assert ("grads", True, decay) in kern.calls  # dS_out folded into the gradients
+
+
+def test_one_rank_path():
+    kern = _Recording()
+    prime_kernels(batch=1, heads=2, head_dim=16, world=1, dtype=torch.float32, device="cpu", decay="g", kernels=kern)
+    assert ("output", False) in kern.calls and ("grads", False, "g") in kern.calls
+    assert not any(c[0] == "output" and c[1] for c in kern.calls)
+
+
+@pytest.mark.parametrize("kwargs, rule", [({"decay": "gated"}, "decay"), ({"world": 0}, "world")])
+def test_bad_arguments(kwargs, rule):
+    args = {"batch": 1, "heads": 2, "head_dim": 16, "world": 2, "dtype": torch.float32, "device": "cpu"}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=rule):
+        prime_kernels(**args)
