@@ -106,6 +106,26 @@ def _trial(flat: dict, out: Path, warmup: int) -> dict:
     return box[0]
 
 
+def _log_kernel_loads() -> None:
+    """Print every Triton kernel load (rank, time, thread, kernel): a first load beside an
+    in-flight collective can hang all ranks (commflow.sp.lasp2.prime_kernels), and this
+    log says which kernel loaded where."""
+    import sys
+    import threading
+
+    try:
+        from triton import knobs
+    except ImportError:
+        return
+    t0, rank = time.perf_counter(), os.environ.get("RANK", "?")
+
+    def hook(module, function, name, metadata_group, hash, **_):
+        print(f"[kernel load] rank {rank} t={time.perf_counter() - t0:.1f}s thread={threading.current_thread().name} "
+              f"{name} {str(hash)[:12]}", file=sys.stderr, flush=True)
+
+    knobs.runtime.kernel_load_start_hook = hook
+
+
 def _worker(opts: dict) -> list[dict]:
     import contextlib
     import faulthandler
@@ -114,6 +134,8 @@ def _worker(opts: dict) -> list[dict]:
     # A silent GPU run is a lost run: every rank dumps its stacks to stderr if a trial
     # runs longer than this (the first 4xH100 attempt printed nothing in 235 s).
     faulthandler.dump_traceback_later(opts["stack_every_s"], repeat=True, file=sys.stderr)
+    if opts["device"] == "cuda":
+        _log_kernel_loads()
     tune = contextlib.nullcontext()
     if opts["device"] == "cuda":
         from commflow.sp import linear_triton
