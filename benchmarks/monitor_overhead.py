@@ -27,6 +27,12 @@ import time
 from .registry import register
 
 
+CPU_TRAIN_ARGS = "preset=tiny,seq_len=64,batch=8"
+CUDA_TRAIN_ARGS = "preset=350m,pattern=S,seq_len=32768,batch=1,dp=1,device=cuda,dtype=bfloat16,mqar_vocab=32768"
+"""One 32K sequence per step on sequence parallelism over every GPU (the trainer's default
+global batch of 32 sequences of 32K does not fit: 77 GiB and out of memory on an H100)."""
+
+
 def _arguments(p: argparse.ArgumentParser) -> None:
     import torch
 
@@ -40,8 +46,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10, help="steps per block")
     p.add_argument("--blocks", type=int, default=6, help="blocks per variant (alternating)")
     p.add_argument("--calls", type=int, default=2000, help="tiny all-reduces for the per-call cost")
-    p.add_argument("--train-args", default="preset=tiny,seq_len=64,batch=8",
-                   help="workload=train: TrainConfig fields, comma separated key=value")
+    p.add_argument("--train-args", default=None,
+                   help="workload=train: TrainConfig fields, comma separated key=value (default: "
+                        f"{CPU_TRAIN_ARGS!r} on CPU, {CUDA_TRAIN_ARGS!r} on CUDA)")
 
 
 def _step_fn(model, opt, x, cuda: bool):
@@ -129,7 +136,8 @@ def _train_worker(args: argparse.Namespace, endpoint: str) -> dict:
     from commflow.train.config import TrainConfig
     from commflow.train.loop import train
 
-    flat = dict(kv.split("=", 1) for kv in args.train_args.split(",") if kv)
+    spec = args.train_args or (CUDA_TRAIN_ARGS + f",sp={args.nproc}" if args.device == "cuda" else CPU_TRAIN_ARGS)
+    flat = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
     flat = {k: (int(v) if v.isdigit() else v) for k, v in flat.items()}
     flat.setdefault("steps", args.steps * 2)
     out = {}

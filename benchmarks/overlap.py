@@ -55,7 +55,8 @@ SHAPES = {  # name: (K, N) of the row-parallel GEMM, global
 }
 SMALL_M_SHAPE = "llama3-70b-attn-out"
 OPS = {"rs": "matmul_reduce_scatter", "ar": "matmul_all_reduce", "ag": "all_gather_matmul"}
-VARIANTS = ("gemm", "comm", "sequential", "torch_fused", "auto", "auto_backend", "overlap", "overlap_backend")
+VARIANTS = ("gemm", "comm", "sequential", "torch_fused", "auto", "auto_backend", "overlap", "overlap_backend",
+            "overlap_graphed")
 GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 TINY = 64
 
@@ -76,6 +77,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help=f"divide every dim by {TINY} (CPU smoke run)")
     p.add_argument("--no-calibrate", action="store_true", help="use the saved/default calibration")
     p.add_argument("--timeout-s", type=float, default=900.0)
+    p.add_argument("--graphs", action="store_true",
+                   help="let the autotune time CUDA-graph replays of the copy-engine schedules too "
+                        "(COMMFLOW_OVERLAP_GRAPHS=1); the overlap_graphed variant runs either way")
 
 
 def _rows_plan(args) -> list[dict]:
@@ -118,15 +122,38 @@ def _torch_fused(op: str, group_name: str):
     return None
 
 
+def _graphed_call(op: str, x: torch.Tensor, w: torch.Tensor, dims: tuple[int, int, int]):
+    """``op`` forced to overlap on the copy-engine transport, replayed as a CUDA graph."""
+    from dataclasses import replace
+
+    from commflow.overlap import ops
+    from commflow.overlap.functional import resolve_plan
+    from commflow.overlap.validate import check_group
+
+    g = check_group(None, x.device)
+    p = resolve_plan(OPS[op], *dims, g, x, "overlap", None, "fp32")
+    if p.transport != "symm":
+        raise RuntimeError("the copy-engine transport is unavailable here (see symm.unavailable_reason)")
+    p = replace(p, graphed=True)
+    if op == "rs":
+        return lambda: ops.matmul_reduce_scatter_forward(x, w, g, 0, p)
+    if op == "ar":
+        return lambda: ops.matmul_all_reduce_forward(x, w, g, p)
+    return lambda: ops.all_gather_matmul_forward(x, w, g, 0, p, False)[0]
+
+
 def sample_ms(fns: list, *, iters: int, calls: int, device: torch.device) -> list[tuple[float, float]]:
     """(median ms per call, median host us per call) of each fn, measured in alternation.
 
-    Every round times every fn once, starting at a different fn each round, so drift
-    (clocks, other load) hits all variants alike. One sample: the ranks line up (a tiny
+    Every round times every fn once, in an order shuffled per round (the same on every
+    rank: seeded by the round), so drift (clocks, other load) and the after-effects of the
+    variant timed just before (a rotation always put ``auto`` right after torch's fused op
+    in 4 of 5 rounds) hit all variants alike. One sample: the ranks line up (a tiny
     all-reduce and a sync), then ``calls`` calls back to back between two CUDA events;
     the host's launch cost is inside where the GPU would outrun it, as in a training
     step of small layers. Host us: CPU time to issue the ``calls`` calls, per call.
     """
+    import random
     import statistics
 
     import torch.distributed as dist
@@ -136,8 +163,9 @@ def sample_ms(fns: list, *, iters: int, calls: int, device: torch.device) -> lis
     times: list[list[float]] = [[] for _ in fns]
     host: list[list[float]] = [[] for _ in fns]
     for it in range(iters):
-        for j in range(len(fns)):
-            i = (it + j) % len(fns)
+        order = list(range(len(fns)))
+        random.Random(it).shuffle(order)
+        for i in order:
             if dist.is_initialized():
                 dist.all_reduce(flag)
             if cuda:
@@ -223,6 +251,13 @@ def _measure_row(row: dict, variants: list[str], info, dtype, args, calibration)
                                   "reason": p.reason}
         except ValueError as e:
             out["errors"][name] = f"plan: {e}"
+    if dev.type == "cuda" and "overlap_graphed" in variants:
+        # The forced schedule replayed as a CUDA graph (commflow.overlap.graphs), beside
+        # "overlap" (the same schedule launched op by op).
+        try:
+            calls["overlap_graphed"] = _graphed_call(op, x, w, dims)
+        except Exception as e:  # noqa: BLE001 - recorded, the row goes on
+            out["errors"]["overlap_graphed"] = f"{type(e).__name__}: {e}"[:500]
     if dev.type == "cuda" and op in ("rs", "ag"):
         try:
             group_name = dist.group.WORLD.group_name
@@ -261,7 +296,7 @@ def _measure_row(row: dict, variants: list[str], info, dtype, args, calibration)
             out["plans"][name].update(decision=choice.decision, n_chunks=choice.n_chunks,
                                       chunk_sizes=list(choice.chunk_sizes), reason=choice.reason,
                                       measured_sequential_ms=choice.measured_sequential_ms,
-                                      measured_overlap_ms=choice.measured_overlap_ms)
+                                      measured_overlap_ms=choice.measured_overlap_ms, graphed=choice.graphed)
     times = out["times_ms"]
     if "gemm" in times and "comm" in times:
         tg, tc = times["gemm"], times["comm"]
@@ -275,6 +310,8 @@ def _measure_row(row: dict, variants: list[str], info, dtype, args, calibration)
 
 def _worker(rows: list[dict], variants: list[str], args_dict: dict, partial_path: str) -> dict:
     os.environ.update(GPU_ENV)
+    if args_dict.get("graphs"):
+        os.environ["COMMFLOW_OVERLAP_GRAPHS"] = "1"
     import torch.distributed as dist
 
     from commflow.dist import init_distributed
@@ -383,7 +420,7 @@ def run(args: argparse.Namespace) -> dict:
 # --- report: JSON -> markdown table + plot ---------------------------------------------
 
 LABELS = {"sequential": "seq", "torch_fused": "torch fused", "auto": "ours auto", "auto_backend": "ours auto (bk)",
-          "overlap": "ours forced", "overlap_backend": "ours forced (bk)"}
+          "overlap": "ours forced", "overlap_backend": "ours forced (bk)", "overlap_graphed": "ours forced (graph)"}
 
 
 def _fmt(v, spec=".3f") -> str:
@@ -410,7 +447,7 @@ def report(path: str | Path, md_out: str | Path | None = None, img_dir: str | Pa
         "Times in ms (median, slowest rank). Speed-up over sequential in brackets; "
         "eta = (t_gemm + t_comm - t) / min(t_gemm, t_comm). `bk` = backend reduction (NCCL's "
         "reduce-scatter/all-reduce per chunk) instead of the fp32 all-to-all reduction. "
-        "Plan: the auto path's decision (`seq` or `ovl/<chunks>`).",
+        "Plan: the auto path's decision (`seq`, `ovl/<chunks>`, or `ovl/<chunks>/graph` for a CUDA-graph replay).",
         "",
     ]
     for world_entry in res.get("worlds", []):
@@ -434,7 +471,8 @@ def report(path: str | Path, md_out: str | Path | None = None, img_dir: str | Pa
                         cell += f" ({sp[v]:.2f}x)"
                     cells.append(cell)
                 p = r.get("plans", {}).get("auto", {})
-                decision = "seq" if p.get("decision") == "sequential" else f"ovl/{p.get('n_chunks')}" if p else "–"
+                decision = ("seq" if p.get("decision") == "sequential"
+                            else f"ovl/{p.get('n_chunks')}{'/graph' if p.get('graphed') else ''}" if p else "–")
                 errs = "; ".join(f"{k}: {v[:80]}" for k, v in r.get("errors", {}).items())
                 if "row_error" in r:
                     errs = r["row_error"][:120]

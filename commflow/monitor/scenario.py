@@ -311,7 +311,11 @@ def run_lanes(lanes: list[list[Scenario]]) -> list[list[ScenarioResult]]:
     def lane(i: int) -> None:
         try:
             for sc in lanes[i]:
+                t0 = time.time()
                 out[i].append(run_scenario(sc))
+                # One line per finished scenario: a long GPU run cut short still says how far it got.
+                print(f"# scenario done in {time.time() - t0:.1f} s: {len(sc.faults)} fault spec(s), "
+                      f"{sc.iterations} iterations, device {sc.device}", flush=True)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             errors.append(e)
 

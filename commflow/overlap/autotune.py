@@ -89,14 +89,18 @@ def measured_choice(p: OverlapPlan, run: Callable[[OverlapPlan], object], g: Gro
     """``p`` confirmed or overturned by timing ``run(plan)`` (cached per shape).
 
     Timed in one alternation: the plain path, the model's split and, where that has
-    several row groups, a single group (every group costs launches and a barrier on the
+    several row groups, a single group, and where CUDA graphs are enabled (graphs.py) each
+    of those replayed as a graph (every group costs launches and a barrier on the
     host; on the 4xH100 host one group ran GEMM + all-reduce at 1.26x sequential where the
     model's two ran at 1.05x, benchmarks/results/overlap_probe_4xH100_20261126-s2.json).
     The fastest overlapped candidate is kept if it beats the plain path by the margin.
     """
     if p.t_overlap_ms is None or p.t_sequential_ms / p.t_overlap_ms < WORTH_MEASURING:
         return p
-    key = (group_key, p.op, p.m, p.n, p.k, p.dtype, p.reduction, p.best_split, p.calibration)
+    from .graphs import graphs_enabled
+
+    graphs = p.transport == "symm" and graphs_enabled(device)
+    key = (group_key, p.op, p.m, p.n, p.k, p.dtype, p.reduction, p.best_split, p.calibration, graphs)
     hit = _CHOICES.get(key)
     if hit is not None:
         return hit
@@ -106,6 +110,8 @@ def measured_choice(p: OverlapPlan, run: Callable[[OverlapPlan], object], g: Gro
     if len(p.best_split) > 1:
         splits.append((sum(p.best_split),))
     candidates = [replace(p, decision="overlap", n_chunks=len(s), chunk_sizes=s) for s in splits]
+    if graphs:  # the same schedules replayed as CUDA graphs (graphs.py): one launch instead of tens
+        candidates += [replace(c, graphed=True) for c in candidates]
     sequential = replace(p, decision="sequential", n_chunks=1, chunk_sizes=())
     paths = [sequential, *candidates]
     with torch.no_grad():
@@ -119,7 +125,8 @@ def measured_choice(p: OverlapPlan, run: Callable[[OverlapPlan], object], g: Gro
     best = min(range(len(candidates)), key=lambda i: t_cands[i])
     t_ovl = t_cands[best]
     keep = t_ovl <= t_seq * (1.0 - MEASURED_MARGIN)
-    others = "; ".join(f"{len(s)} group(s) {t:.3f} ms" for s, t in zip(splits, t_cands))
+    others = "; ".join(f"{c.n_chunks} group(s){' graphed' if c.graphed else ''} {t:.3f} ms"
+                       for c, t in zip(candidates, t_cands))
     verdict = (f"measured overlap {t_ovl:.3f} ms vs sequential {t_seq:.3f} ms "
                f"({t_seq / t_ovl:.2f}x; {others}): {'overlap kept' if keep else 'plain path chosen'}; "
                f"model said: {p.reason}")

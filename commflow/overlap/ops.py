@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 from commflow.dist import all_gather_tensor, reduce_scatter_tensor
 
-from . import symm
+from . import graphs, symm
 from .pipeline import communicate_then_consume, is_async, produce_then_communicate
 from .plan import OverlapPlan
 from .validate import GroupInfo
@@ -96,12 +96,19 @@ def matmul_reduce_scatter_forward(
     out_moved = torch.Size([moved[0] // r_world, *moved[1:]])
     if r_world == 1:
         return restore_rows_first(torch.mm(x2d, w), out_moved, scatter_dim)
-    out = torch.empty(m // r_world, n, dtype=x.dtype, device=x.device)
     if not plan.overlap:
+        out = torch.empty(m // r_world, n, dtype=x.dtype, device=x.device)
         reduce_scatter_tensor(out, torch.mm(x2d, w), group=g.group)
         return restore_rows_first(out, out_moved, scatter_dim)
     if plan.transport == "symm":
-        return restore_rows_first(symm.matmul_reduce_scatter(x2d, w, g, plan.chunk_sizes), out_moved, scatter_dim)
+        sizes = plan.chunk_sizes
+        if plan.graphed:
+            y = graphs.graphed_call("rs", lambda a, b: symm.matmul_reduce_scatter(a, b, g, sizes), (x2d.contiguous(),),
+                                    (w,), symm.workspace(g, "rs", x.device), sizes)
+        else:
+            y = symm.matmul_reduce_scatter(x2d, w, g, sizes)
+        return restore_rows_first(y, out_moved, scatter_dim)
+    out = torch.empty(m // r_world, n, dtype=x.dtype, device=x.device)
     cols = _bounds(plan.chunk_sizes)
     asynchronous = is_async(x.device)
     fp32 = plan.reduction == "fp32"
@@ -139,7 +146,13 @@ def matmul_all_reduce_forward(x: torch.Tensor, w: torch.Tensor, g: GroupInfo, pl
         dist.all_reduce(out, group=g.group)
         return out.view(torch_shape)
     if plan.transport == "symm":
-        return symm.matmul_all_reduce(x2d, w, g, plan.chunk_sizes).view(torch_shape)
+        sizes = plan.chunk_sizes
+        if plan.graphed:
+            y = graphs.graphed_call("ar", lambda a, b: symm.matmul_all_reduce(a, b, g, sizes), (x2d.contiguous(),),
+                                    (w,), symm.workspace(g, "ar", x.device), sizes)
+        else:
+            y = symm.matmul_all_reduce(x2d, w, g, sizes)
+        return y.view(torch_shape)
     rows = _bounds(plan.chunk_sizes)
     asynchronous = is_async(x.device)
     fp32 = plan.reduction == "fp32"
@@ -181,7 +194,13 @@ def all_gather_matmul_forward(
         gathered = restore_rows_first(x_full, full_moved, gather_dim) if return_gathered else None
         return restore_rows_first(out, full_moved, gather_dim), gathered
     if plan.transport == "symm":
-        out, x_full = symm.all_gather_matmul(xs.contiguous(), w, g, plan.chunk_sizes, return_gathered)
+        sizes = plan.chunk_sizes
+        if plan.graphed:
+            out, x_full = graphs.graphed_call(
+                "ag", lambda a, b: symm.all_gather_matmul(a, b, g, sizes, return_gathered), (xs.contiguous(),), (w,),
+                symm.workspace(g, "ag", xs.device), (sizes, return_gathered))
+        else:
+            out, x_full = symm.all_gather_matmul(xs.contiguous(), w, g, sizes, return_gathered)
         gathered = restore_rows_first(x_full, full_moved, gather_dim) if return_gathered else None
         return restore_rows_first(out, full_moved, gather_dim), gathered
     rows = _bounds(plan.chunk_sizes)

@@ -102,6 +102,9 @@ class OverlapPlan:
     measured_sequential_ms: float | None = None
     """Set when the decision was checked against the clock (see autotune.py)."""
     measured_overlap_ms: float | None = None
+    graphed: bool = False
+    """The copy-engine schedule replays as a CUDA graph (:mod:`commflow.overlap.graphs`):
+    chosen only by the autotune, where graphs are enabled and measured faster."""
 
     @property
     def overlap(self) -> bool:
@@ -117,7 +120,8 @@ class OverlapPlan:
             f"{self.op} M={self.m} N={self.n} K={self.k} on {self.world_size} ranks ({self.dtype}, "
             f"reduction={self.reduction}, transport={self.transport})",
             f"  decision: {self.decision}"
-            + (f" with {self.n_chunks} chunks of {list(self.chunk_sizes)}" if self.overlap else ""),
+            + (f" with {self.n_chunks} chunks of {list(self.chunk_sizes)}" if self.overlap else "")
+            + (" (CUDA graph)" if self.graphed else ""),
             f"  predicted: gemm {self.t_gemm_ms:.3f} ms, comm {self.t_comm_ms:.3f} ms, "
             f"sequential {self.t_sequential_ms:.3f} ms"
             + (f", overlapped {self.t_overlap_ms:.3f} ms" if self.t_overlap_ms is not None else ""),

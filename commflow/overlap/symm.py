@@ -54,7 +54,8 @@ import torch.distributed as dist
 from .pipeline import cached_stream
 from .validate import GroupInfo
 
-__all__ = ["all_gather_matmul", "available", "matmul_all_reduce", "matmul_reduce_scatter", "workspace_bytes"]
+__all__ = ["all_gather_matmul", "available", "matmul_all_reduce", "matmul_reduce_scatter", "workspace",
+           "workspace_bytes"]
 
 _AVAILABLE: dict[tuple, bool] = {}
 
@@ -190,6 +191,11 @@ def _workspace(g: GroupInfo, op: str, device: torch.device) -> _Workspace:
     if ws is None or ws.pg is not pg:
         ws = _WORKSPACES[key] = _Workspace(pg, device)
     return ws
+
+
+def workspace(g: GroupInfo, op: str, device: torch.device) -> _Workspace:
+    """The workspace of ``op`` (``"rs"``, ``"ar"``, ``"ag"``) on this group and device."""
+    return _workspace(g, op, device)
 
 
 def workspace_bytes() -> dict[str, int]:

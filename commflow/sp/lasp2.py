@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 
 from commflow.dist import all_gather_tensor
 
@@ -427,11 +428,19 @@ def prime_kernels(
         g = torch.nn.functional.logsigmoid(rand(batch, seq, heads, dt=torch.float32)).detach().requires_grad_()
     elif decay == "gamma":
         g_gamma = torch.log1p(-torch.exp2(-5.0 - torch.arange(heads, device=device, dtype=torch.float32)))
-    # The multi-rank path (rank 1 of `world`, every prefix state present) when there are
-    # peers; the one-rank path otherwise.
-    group = _LocalWorld(min(1, world - 1), world)
-    o = lasp2_attention(q, k, v, g=g, g_gamma=g_gamma, group=group, layout=layout, kernels=kernels,
-                        forward_overlap=forward_overlap, check_decay_sign=False)
-    o.float().square().sum().backward()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # Triton keys its loaded kernels by the current device
+
+    def step(rank: int) -> torch.Tensor:
+        return lasp2_attention(q, k, v, g=g, g_gamma=g_gamma, group=_LocalWorld(rank, world), layout=layout,
+                               kernels=kernels, forward_overlap=forward_overlap, check_decay_sign=False)
+
+    # Every rank position (the first, a middle and the last differ in which states they
+    # receive), once plainly and once under activation checkpointing: there the forward
+    # runs again inside the backward, on autograd's device thread (Triton's kernel cache
+    # is per device, and the 4xH100 log showed a forward kernel loaded there mid-step).
+    for rank in sorted({0, min(1, world - 1), world - 1}):
+        step(rank).float().square().sum().backward()
+        torch.utils.checkpoint.checkpoint(step, rank, use_reentrant=False).float().square().sum().backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

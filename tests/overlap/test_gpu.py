@@ -148,6 +148,33 @@ def _gpu_checks(tmpdir: str) -> dict:
         note("symm back-to-back", _rel(a, exp_rs), _rel(b, exp_ag), _rel(c, exp_ar), _rel(d, exp_rs))
     out["symm workspaces"] = symm.workspace_bytes()
 
+    # The same schedules replayed as CUDA graphs (graphs.py): captured on the first call,
+    # replayed with fresh inputs after, odd and even step counts (one graph or two
+    # alternating), interleaved with eager calls on the same workspaces.
+    from dataclasses import replace as _replace
+
+    from commflow.overlap import ops
+    from commflow.overlap.functional import resolve_plan
+
+    for sizes in ((512, 512), (1024,), (384, 320, 320)):
+        p_rs = _replace(resolve_plan("matmul_reduce_scatter", m, n, k // world, g, x, "overlap", None, "fp32"),
+                        chunk_sizes=sizes, n_chunks=len(sizes), graphed=True)
+        p_ar = _replace(resolve_plan("matmul_all_reduce", m, n, k // world, g, x, "overlap", None, "fp32"),
+                        chunk_sizes=sizes, n_chunks=len(sizes), graphed=True)
+        p_ag = _replace(resolve_plan("all_gather_matmul", m, n // world, k, g, xs, "overlap", None, "fp32"),
+                        chunk_sizes=sizes, n_chunks=len(sizes), graphed=True)
+        for i in range(4):
+            scale = float(i + 1)  # fresh inputs every call: the replay must copy them in
+            note("graph rs", _rel(ops.matmul_reduce_scatter_forward(x * scale, w, g, 0, p_rs), exp_rs * scale))
+            note("graph ar", _rel(ops.matmul_all_reduce_forward(x * scale, w, g, p_ar), exp_ar * scale))
+            o, full = ops.all_gather_matmul_forward(xs * scale, wc, g, 0, p_ag, True)
+            note("graph ag", _rel(o, exp_ag * scale))
+            note("graph ag gathered", _rel(full, X * scale))
+            note("graph then eager rs", _rel(symm.matmul_reduce_scatter(x, w, g, sizes), exp_rs))
+    from commflow.overlap import graphs as _graphs
+
+    out["graphs captured"] = sum(v is not None for v in _graphs._GRAPHS.values())
+
     # Layers, bf16 sequence-parallel MLP against fp32 nn.Linear.
     torch.manual_seed(0)
     fc1, fc2 = nn.Linear(512, 1024 * world, device=dev), nn.Linear(1024 * world, 512, device=dev)
@@ -185,6 +212,7 @@ def check_gpu(world: int, tmpdir: str) -> None:
         assert not bad, bad
         assert rank_out["deterministic"]
         assert all(v for key, v in rank_out.items() if key.endswith("grads finite"))
+        assert rank_out["graphs captured"] > 0, "every CUDA graph capture fell back to eager"
     cal = res[0]["calibration"]
     assert 100 < cal["gemm_tflops"] < 2000, cal
     assert all(10 < c["busbw_gbps"] < 2000 for c in cal["comm"].values()), cal["comm"]

@@ -1,0 +1,142 @@
+"""CUDA graphs of the copy-engine schedules: one replay instead of tens of launches.
+
+Why: a copy-engine call (:mod:`commflow.overlap.symm`) issues 20-40 small host calls
+(GEMMs per destination block, copies, stream waits, barriers, sums, events). On the
+4xH100 host (Python 3.12, torch 2.11) one ``torch.mm`` launch alone costs ~30 us and a
+whole GEMM + reduce-scatter call 320-620 us of host time, which is its entire wall time
+up to M ~ 8192 (``benchmarks/overlap_probe.py``, docs/overlap_results.md): the GPU waits
+for the host. A CUDA graph replays the same kernels, copies and cross-stream events in
+one launch.
+
+What it costs: the input is copied into the graph's static buffer before each replay and
+the output copied out after (the graph's buffers are reused by the next replay), one pass
+over ``x`` and one over ``y``; and one capture per signature.
+
+Signature: the op, the workspace and the parity of its step counter (the two halves of
+the workspace alternate per step, see symm.py; a schedule of an odd number of steps
+alternates between two graphs), the input's shape/stride/dtype, and the *address* of the
+weight (not copied: a parameter keeps its storage across steps; a new address means a new
+capture). Graphs are kept in a small LRU cache.
+
+Every rank captures and replays at the same calls (same shapes, same parity sequence);
+a rank that captures where another replays is still correct, since a capture call runs
+the schedule eagerly too and both issue the same barriers in the same order.
+
+Off unless asked for: ``COMMFLOW_OVERLAP_GRAPHS=1`` or :func:`set_graphs` (the autotune
+then times graphed candidates beside the plain ones). A capture that fails falls back to
+the eager schedule for that signature, with one warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["MAX_GRAPHS", "clear", "graphed_call", "graphs_enabled", "set_graphs"]
+
+MAX_GRAPHS = 16
+"""Captured graphs kept (least recently used evicted): each holds its own memory pool."""
+
+_OVERRIDE: bool | None = None
+
+
+def set_graphs(enabled: bool | None) -> None:
+    """Allow graphed candidates (True), forbid them (False); None restores the environment's choice."""
+    global _OVERRIDE
+    from .functional import clear_caches
+
+    clear_caches()
+    _OVERRIDE = enabled
+
+
+def graphs_enabled(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    if _OVERRIDE is not None:
+        return _OVERRIDE
+    return os.environ.get("COMMFLOW_OVERLAP_GRAPHS", "0") not in ("0", "false", "False", "")
+
+
+class _Captured:
+    __slots__ = ("graph", "inputs", "output", "steps")
+
+    def __init__(self, graph, inputs: list[torch.Tensor], output, steps: int):
+        self.graph, self.inputs, self.output, self.steps = graph, inputs, output, steps
+
+
+_GRAPHS: OrderedDict[tuple, _Captured | None] = OrderedDict()
+
+
+def clear() -> None:
+    """Drop every captured graph (and its memory pool)."""
+    _GRAPHS.clear()
+
+
+def _signature(op: str, ws, inputs: tuple[torch.Tensor, ...], fixed: tuple[torch.Tensor, ...], extra) -> tuple:
+    return (op, id(ws), ws.counter & 1, extra,
+            tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs),
+            tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in fixed))
+
+
+def _copy_out(output):
+    if isinstance(output, tuple):
+        return tuple(None if t is None else t.clone() for t in output)
+    return output.clone()
+
+
+def _capture(fn: Callable, statics: list[torch.Tensor], fixed: tuple[torch.Tensor, ...]):
+    """(graph, its output tensors): ``fn`` on the static inputs, captured, not run."""
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the monitor's reporter thread and NCCL's watchdog keep querying
+    # events while this thread captures.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        output = fn(*statics, *fixed)
+    return graph, output
+
+
+def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed: tuple[torch.Tensor, ...], ws,
+                 extra=None):
+    """``fn(*inputs, *fixed)`` through a CUDA graph of it (captured on the first call).
+
+    ``inputs`` are copied into static buffers before each replay; ``fixed`` (the weight)
+    is used in place and its address is part of the signature. ``ws`` is the symmetric
+    workspace whose step counter ``fn`` advances. ``extra``: anything else the schedule
+    depends on (chunk sizes, flags). Returns what ``fn`` returns (tensors, or a tuple of
+    tensors and None), never aliasing the graph's buffers.
+    """
+    key = _signature(op, ws, inputs, fixed, extra)
+    if key in _GRAPHS:
+        hit = _GRAPHS[key]
+        _GRAPHS.move_to_end(key)
+        if hit is None:  # capture failed once for this signature: eager
+            return fn(*inputs, *fixed)
+        for static, t in zip(hit.inputs, inputs):
+            static.copy_(t)
+        hit.graph.replay()
+        ws.counter += hit.steps
+        return _copy_out(hit.output)
+    # First call: run it eagerly (this call's result; it also warms cuBLAS, the allocator
+    # and the workspace's size, none of which may happen inside a capture), then capture
+    # the same steps from the same counter parity for the next calls.
+    start = ws.counter
+    out = fn(*inputs, *fixed)
+    steps = ws.counter - start
+    after = ws.counter
+    ws.counter = start
+    try:
+        statics = [t.clone() for t in inputs]
+        graph, output = _capture(fn, statics, fixed)
+        _GRAPHS[key] = _Captured(graph, statics, output, steps)
+    except Exception as e:  # noqa: BLE001 - the eager schedule is always correct
+        warnings.warn(f"commflow.overlap: CUDA graph capture of {op} failed ({type(e).__name__}: {e}); "
+                      "this signature runs eagerly", RuntimeWarning, stacklevel=2)
+        _GRAPHS[key] = None
+    finally:
+        ws.counter = after
+    while len(_GRAPHS) > MAX_GRAPHS:
+        _GRAPHS.popitem(last=False)
+    return out

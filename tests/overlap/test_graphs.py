@@ -1,0 +1,148 @@
+"""commflow.overlap.graphs: the bookkeeping around CUDA-graph replays, on CPU.
+
+A CUDA graph cannot be captured here; a stand-in capture records the function and its
+static buffers, and "replays" it by running it again into the captured output. What is
+checked is what the real path must get right beside the graph itself: the workspace's
+step counter (the schedule's buffer halves alternate with its parity), the copy-in of
+new inputs, outputs that never alias the graph's buffers, capture failures, eviction.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from commflow.overlap import graphs
+
+
+class _Workspace:
+    def __init__(self):
+        self.counter = 0
+
+
+class _FakeGraph:
+    def __init__(self, fn, statics, fixed, output, ws):
+        self.fn, self.statics, self.fixed, self.output, self.ws = fn, statics, fixed, output, ws
+        self.replays = 0
+
+    def replay(self):
+        # A replay re-issues the captured steps without touching the Python counter.
+        before = self.ws.counter
+        fresh = self.fn(*self.statics, *self.fixed)
+        self.ws.counter = before
+        self.output.copy_(fresh)
+        self.replays += 1
+
+
+@pytest.fixture
+def fake_capture(monkeypatch):
+    ws = _Workspace()
+    made = []
+
+    def capture(fn, statics, fixed):
+        output = fn(*statics, *fixed)
+        g = _FakeGraph(fn, statics, fixed, output, ws)
+        made.append(g)
+        return g, output
+
+    monkeypatch.setattr(graphs, "_capture", capture)
+    graphs.clear()
+    yield ws, made
+    graphs.clear()
+
+
+def _schedule(ws, steps):
+    """A schedule of ``steps`` steps whose result depends on the buffer half of each step
+    (as symm.py's do): x @ w plus the parity of the first step's counter."""
+    def fn(x, w):
+        first = ws.counter & 1
+        ws.counter += steps
+        return x @ w + first
+    return fn
+
+
+def test_replays_follow_new_inputs_and_keep_the_counter(fake_capture):
+    ws, made = fake_capture
+    w = torch.randn(4, 3)
+    fn = _schedule(ws, 2)  # even: the parity at every call is the same, one graph
+    outs = []
+    for i in range(4):
+        x = torch.randn(5, 4)
+        y = graphs.graphed_call("rs", fn, (x,), (w,), ws)
+        torch.testing.assert_close(y, x @ w)  # parity 0 at every call
+        outs.append(y)
+    assert ws.counter == 8
+    assert len(made) == 1 and made[0].replays == 3
+    # Results never alias the graph's buffer (the next replay would overwrite them).
+    assert all(o.data_ptr() != made[0].output.data_ptr() for o in outs)
+    assert len({o.data_ptr() for o in outs}) == len(outs)
+
+
+def test_odd_schedules_alternate_between_two_graphs(fake_capture):
+    ws, made = fake_capture
+    w = torch.randn(4, 3)
+    fn = _schedule(ws, 1)
+    for i in range(6):
+        x = torch.randn(5, 4)
+        y = graphs.graphed_call("ag", fn, (x,), (w,), ws)
+        torch.testing.assert_close(y, x @ w + (i & 1))
+    assert ws.counter == 6
+    assert len(made) == 2 and sorted(g.replays for g in made) == [2, 2]
+
+
+def test_weight_address_and_extra_are_part_of_the_signature(fake_capture):
+    ws, made = fake_capture
+    fn = _schedule(ws, 2)
+    x = torch.randn(5, 4)
+    w1, w2 = torch.randn(4, 3), torch.randn(4, 3)
+    graphs.graphed_call("rs", fn, (x,), (w1,), ws, extra=(2, 2))
+    graphs.graphed_call("rs", fn, (x,), (w2,), ws, extra=(2, 2))
+    graphs.graphed_call("rs", fn, (x,), (w2,), ws, extra=(4,))
+    assert len(made) == 3
+    torch.testing.assert_close(graphs.graphed_call("rs", fn, (x,), (w2,), ws, extra=(4,)), x @ w2)
+
+
+def test_a_failed_capture_falls_back_to_eager_once_warned(monkeypatch):
+    ws = _Workspace()
+    calls = []
+
+    def broken(fn, statics, fixed):
+        calls.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "_capture", broken)
+    graphs.clear()
+    fn = _schedule(ws, 2)
+    w = torch.randn(4, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            x = torch.randn(5, 4)
+            torch.testing.assert_close(graphs.graphed_call("ar", fn, (x,), (w,), ws), x @ w)
+    assert len(calls) == 1 and ws.counter == 6
+    assert sum("capture of ar failed" in str(c.message) for c in caught) == 1
+    graphs.clear()
+
+
+def test_lru_keeps_at_most_max_graphs(fake_capture, monkeypatch):
+    ws, made = fake_capture
+    monkeypatch.setattr(graphs, "MAX_GRAPHS", 3)
+    fn = _schedule(ws, 2)
+    x = torch.randn(5, 4)
+    for _ in range(5):
+        graphs.graphed_call("rs", fn, (x,), (torch.randn(4, 3),), ws)
+    assert len(graphs._GRAPHS) == 3
+
+
+def test_enabled_only_on_cuda_and_when_asked(monkeypatch):
+    monkeypatch.delenv("COMMFLOW_OVERLAP_GRAPHS", raising=False)
+    assert not graphs.graphs_enabled(torch.device("cpu"))
+    assert not graphs.graphs_enabled(torch.device("cuda", 0))  # off by default
+    monkeypatch.setenv("COMMFLOW_OVERLAP_GRAPHS", "1")
+    assert graphs.graphs_enabled(torch.device("cuda", 0))
+    assert not graphs.graphs_enabled(torch.device("cpu"))
+    graphs.set_graphs(False)
+    try:
+        assert not graphs.graphs_enabled(torch.device("cuda", 0))
+    finally:
+        graphs.set_graphs(None)
