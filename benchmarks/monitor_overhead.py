@@ -26,7 +26,6 @@ import time
 
 from .registry import register
 
-
 CPU_TRAIN_ARGS = "preset=tiny,seq_len=64,batch=8"
 CUDA_TRAIN_ARGS = "preset=350m,pattern=S,seq_len=32768,batch=1,dp=1,device=cuda,dtype=bfloat16,mqar_vocab=32768"
 """One 32K sequence per step on sequence parallelism over every GPU (the trainer's default

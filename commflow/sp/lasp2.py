@@ -150,7 +150,20 @@ def rank_scan(states: torch.Tensor, log_gammas: torch.Tensor, index: int, *, rev
     Backward (``reverse=True``): ``dS_out(i) = sum_{j>i} (prod_{i<m<j} Gamma_m) D_j``. The log
     weights are differences of one inclusive cumsum ``c`` (``c_{i-1} - c_j`` and ``c_{j-1} - c_i``),
     sums of log decays <= 0: nothing overflows. Four kernels, whatever ``N``.
+
+    Autocast is off inside: under ``torch.autocast(bfloat16)`` (the trainer's) the einsum
+    would return the states in bf16 on every rank but the first (whose first chunk has
+    nothing before it: fp32 zeros), so the state chain lost precision and the ranks ran
+    different kernel specialisations (a fresh Triton load inside the step, the 4xH100 hang
+    of docs/train.md).
     """
+    with torch.autocast(states.device.type, enabled=False):
+        return _rank_scan(states.float() if states.dtype != torch.float64 else states,
+                          log_gammas.float() if log_gammas.dtype != torch.float64 else log_gammas,
+                          index, reverse=reverse)
+
+
+def _rank_scan(states: torch.Tensor, log_gammas: torch.Tensor, index: int, *, reverse: bool) -> torch.Tensor:
     if not reverse:
         if index == 0:
             return states.new_zeros(states.shape[1:])
@@ -309,6 +322,11 @@ def _outgoing_grad(gathered, log_gammas, world, rank, layout, B, n, H, K, Vd):
 class _Lasp2Bidirectional(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, group):
+        with torch.autocast(q.device.type, enabled=False):  # the d x d total stays in fp32 (fp64)
+            return _Lasp2Bidirectional._forward(ctx, q, k, v, scale, group)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, scale, group):
         _, world = _rank_world(group)
         cdt = _compute_dtype(q)
         total = torch.einsum("bshk,bshv->bhkv", k.to(cdt), v.to(cdt))
@@ -321,6 +339,11 @@ class _Lasp2Bidirectional(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        with torch.autocast(do.device.type, enabled=False):
+            return _Lasp2Bidirectional._backward(ctx, do)
+
+    @staticmethod
+    def _backward(ctx, do):
         q, k, v, total = ctx.saved_tensors
         cdt, scale = total.dtype, ctx.scale
         do_c = do.to(cdt)

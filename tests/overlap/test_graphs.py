@@ -66,7 +66,7 @@ def test_replays_follow_new_inputs_and_keep_the_counter(fake_capture):
     w = torch.randn(4, 3)
     fn = _schedule(ws, 2)  # even: the parity at every call is the same, one graph
     outs = []
-    for i in range(4):
+    for _ in range(4):
         x = torch.randn(5, 4)
         y = graphs.graphed_call("rs", fn, (x,), (w,), ws)
         torch.testing.assert_close(y, x @ w)  # parity 0 at every call

@@ -61,3 +61,45 @@ def test_bad_arguments(kwargs, rule):
     args.update(kwargs)
     with pytest.raises(ValueError, match=rule):
         prime_kernels(**args)
+
+
+class _DtypeRecording(TorchChunkKernels):
+    def __init__(self):
+        super().__init__(chunk_size=64)
+        self.dtypes = []
+
+    def states(self, k, v, decay, initial_state, output_final_state, states_in_fp32=False):
+        if initial_state is not None:
+            self.dtypes.append(("h0", initial_state.dtype))
+        return super().states(k, v, decay, initial_state, output_final_state, states_in_fp32)
+
+    def output(self, q, k, v, decay, h, scale, fold=None):
+        if fold is not None:
+            self.dtypes.append(("fold", fold.dtype))
+        return super().output(q, k, v, decay, h, scale, fold=fold)
+
+    def grads(self, q, k, v, decay, h, dh, do, scale, fold=None):
+        if fold is not None:
+            self.dtypes.append(("ds_out", fold.dtype))
+        return super().grads(q, k, v, decay, h, dh, do, scale, fold=fold)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_state_chain_stays_fp32_under_autocast(layout):
+    """Under bf16 autocast (the trainer's) the incoming states and outgoing gradients of
+    every rank position stay fp32: the rank scan's einsum used to come back in bf16 on
+    every rank but the first, losing precision and giving the ranks different kernels."""
+    import commflow.sp.lasp2 as lasp2
+
+    seen = {}
+    for rank in range(4):
+        kern = _DtypeRecording()
+        q, k, v = (torch.randn(1, 256, 2, 16, requires_grad=True) for _ in range(3))
+        g = torch.nn.functional.logsigmoid(torch.randn(1, 256, 2)).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o = lasp2.lasp2_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), g=g, group=lasp2._LocalWorld(rank, 4),
+                                      layout=layout, kernels=kern, check_decay_sign=False)
+        o.float().sum().backward()
+        seen[rank] = kern.dtypes
+        assert kern.dtypes and all(dt == torch.float32 for _, dt in kern.dtypes), (rank, kern.dtypes)
+    assert len({tuple(v) for v in seen.values()}) == 1  # every rank position runs the same kernels
