@@ -223,6 +223,14 @@ class _Lasp2Causal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, g_gamma, scale, group, kernels: LinearKernels, layout: str, overlap: bool):
+        # Autocast off inside: every dtype here is chosen explicitly (the state chain in
+        # fp32, the kernels in the inputs' dtype); a bf16 autocast region around the call
+        # would silently recast the torch kernels' and the scan's einsums.
+        with torch.autocast(q.device.type, enabled=False):
+            return _Lasp2Causal._forward(ctx, q, k, v, g, g_gamma, scale, group, kernels, layout, overlap)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, g, g_gamma, scale, group, kernels: LinearKernels, layout: str, overlap: bool):
         rank, world = _rank_world(group)
         n = _segments(layout, world)
         B, S, H, K = q.shape
@@ -259,6 +267,11 @@ class _Lasp2Causal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        with torch.autocast(do.device.type, enabled=False):
+            return _Lasp2Causal._backward(ctx, do)
+
+    @staticmethod
+    def _backward(ctx, do):
         q, k, v, g, g_gamma, s_in, log_gammas = ctx.saved_tensors
         kernels, scale, rank, world = ctx.kernels, ctx.scale, ctx.rank, ctx.world
         n = _segments(ctx.layout, world)

@@ -1,8 +1,13 @@
-"""lasp2.prime_kernels: the multi-rank code path of a LASP-2 step, run locally.
+"""lasp2.prime_kernels, and the sp kernels' dtypes under autocast.
 
-On GPU its point is loading every Triton kernel before a collective is in flight; here
-we check that it drives the same kernel calls (with the incoming-state fold and the
-outgoing gradient) that a rank of a real group does, and no communication at all.
+prime_kernels runs the multi-rank code path of a LASP-2 step locally. On GPU its point
+is loading every Triton kernel before a collective is in flight; here we check that it
+drives the same kernel calls (with the incoming-state fold and the outgoing gradient)
+that a rank of a real group does, and no communication at all.
+
+Autocast: the trainer runs under bf16 autocast; the sp kernels choose their own dtypes
+(fp32 state chains and accumulations), which autocast used to undo (the 4xH100 LLLS
+hang of docs/train.md came from it).
 """
 
 import pytest
@@ -103,3 +108,37 @@ def test_state_chain_stays_fp32_under_autocast(layout):
         seen[rank] = kern.dtypes
         assert kern.dtypes and all(dt == torch.float32 for _, dt in kern.dtypes), (rank, kern.dtypes)
     assert len({tuple(v) for v in seen.values()}) == 1  # every rank position runs the same kernels
+
+
+def test_torch_kernels_keep_fp32_accumulation_under_autocast():
+    """LASP-2 on the torch kernels inside a bf16 autocast region gives what it gives
+    outside one (the same bf16 inputs): autocast must not recast its fp32 einsums."""
+    import commflow.sp.lasp2 as lasp2
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 256, 2, 16).bfloat16().requires_grad_() for _ in range(3))
+    g = torch.nn.functional.logsigmoid(torch.randn(1, 256, 2)).requires_grad_()
+    grads = []
+    for autocast in (False, True):
+        for t in (q, k, v, g):
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            o = lasp2.lasp2_attention(q, k, v, g=g, group=lasp2._LocalWorld(2, 4), kernels="torch",
+                                      check_decay_sign=False)
+        o.float().sum().backward()
+        grads.append((o.detach().clone(), *(t.grad.clone() for t in (q, k, v, g))))
+    for plain, cast in zip(*grads):
+        assert plain.dtype == cast.dtype
+        torch.testing.assert_close(cast, plain, rtol=0, atol=0)
+
+
+def test_math_softmax_kernel_keeps_fp32_under_autocast():
+    from commflow.sp import kernels
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 64, 2, 16).bfloat16() for _ in range(3))
+    plain = kernels._math_forward(q, k, v, True, 0.25)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = kernels._math_forward(q, k, v, True, 0.25)
+    for a, b in zip(plain, cast):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
