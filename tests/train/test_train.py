@@ -208,3 +208,53 @@ def test_gpu_bf16_steps_run(tmp_path):
         losses = [loss for loss, _ in run]
         assert len(losses) == 12 and all(map(math.isfinite, losses))
         assert losses[-1] < losses[0]
+
+
+def _late_kernel_loads(flat: dict, out: str) -> list[str]:
+    """Worker: train ``flat`` and return every Triton kernel loaded after the trainer's
+    priming (on this rank), as "name on thread"."""
+    import threading
+
+    from triton import knobs
+
+    import commflow.train.loop as loop
+
+    state = {"primed": False, "late": []}
+    real_prime = loop.prime_linear_kernels
+
+    def prime(*args, **kwargs):
+        real_prime(*args, **kwargs)
+        state["primed"] = True
+
+    def hook(module, function, name, metadata_group, hash, *rest):
+        if state["primed"]:
+            state["late"].append(f"{name} on {threading.current_thread().name}")
+
+    loop.prime_linear_kernels = prime
+    knobs.runtime.kernel_load_start_hook = hook
+    try:
+        train(TrainConfig.from_flat(out=Path(out), **flat))
+    finally:
+        knobs.runtime.kernel_load_start_hook = None
+        loop.prime_linear_kernels = real_prime
+    return state["late"]
+
+
+@pytest.mark.gpu
+def test_gpu_no_kernel_loads_inside_steps(tmp_path):
+    """The first LLLS step on 4 H100s hung: a Triton kernel loaded mid-step beside an
+    in-flight collective (under bf16 autocast the state chain came back bf16 on ranks > 0,
+    a specialisation the others did not share). After the trainer's priming, no Triton
+    kernel may load inside a step, on any rank, with FSDP2 + activation checkpointing."""
+    pytest.importorskip("triton")
+    from commflow.dist import spawn
+
+    n = min(4, torch.cuda.device_count())
+    if n < 2:
+        pytest.skip("needs 2 GPUs")
+    flat = {**TINY, "device": "cuda", "dtype": "bfloat16", "sp": n, "dp": 1, "steps": 3, "warmup": 1,
+            "seq_len": 1024 * n, "batch": 1, "pattern": "LLLS", "layers": 4, "dp_mode": "fsdp",
+            "activation_checkpoint": True}
+    late = spawn(_late_kernel_loads, n, flat, str(tmp_path / "run"), backend=None, init=False, timeout_s=300,
+                 env={"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"})
+    assert all(not rank_late for rank_late in late), late
