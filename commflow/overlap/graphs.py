@@ -12,7 +12,8 @@ What it costs: the input is copied into the graph's static buffer before each re
 the output copied out after (the graph's buffers are reused by the next replay), one pass
 over ``x`` and one over ``y``; and one capture per signature.
 
-Signature: the op, the workspace and the parity of its step counter (the two halves of
+Signature: the op, the workspace (and its size: growing it replaces its buffer) and the
+parity of its step counter (the two halves of
 the workspace alternate per step, see symm.py; a schedule of an odd number of steps
 alternates between two graphs), the input's shape/stride/dtype, and the *address* of the
 weight (not copied: a parameter keeps its storage across steps; a new address means a new
@@ -76,8 +77,11 @@ def clear() -> None:
     _GRAPHS.clear()
 
 
-def _signature(op: str, ws, inputs: tuple[torch.Tensor, ...], fixed: tuple[torch.Tensor, ...], extra) -> tuple:
-    return (op, id(ws), ws.counter & 1, extra,
+def _signature(op: str, ws, parity: int, inputs: tuple[torch.Tensor, ...], fixed: tuple[torch.Tensor, ...],
+               extra) -> tuple:
+    # The workspace's size too: growing it replaces its buffer, and a graph captured
+    # before points at the freed one (it is never replayed again; the LRU drops it).
+    return (op, id(ws), getattr(ws, "nbytes", 0), parity, extra,
             tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs),
             tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in fixed))
 
@@ -108,7 +112,7 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
     depends on (chunk sizes, flags). Returns what ``fn`` returns (tensors, or a tuple of
     tensors and None), never aliasing the graph's buffers.
     """
-    key = _signature(op, ws, inputs, fixed, extra)
+    key = _signature(op, ws, ws.counter & 1, inputs, fixed, extra)
     if key in _GRAPHS:
         hit = _GRAPHS[key]
         _GRAPHS.move_to_end(key)
@@ -127,6 +131,7 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
     steps = ws.counter - start
     after = ws.counter
     ws.counter = start
+    key = _signature(op, ws, start & 1, inputs, fixed, extra)  # the eager call may have grown the workspace
     try:
         statics = [t.clone() for t in inputs]
         graph, output = _capture(fn, statics, fixed)

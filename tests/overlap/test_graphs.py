@@ -18,6 +18,7 @@ from commflow.overlap import graphs
 class _Workspace:
     def __init__(self):
         self.counter = 0
+        self.nbytes = 1 << 20
 
 
 class _FakeGraph:
@@ -146,3 +147,28 @@ def test_enabled_only_on_cuda_and_when_asked(monkeypatch):
         assert not graphs.graphs_enabled(torch.device("cuda", 0))
     finally:
         graphs.set_graphs(None)
+
+
+def test_a_grown_workspace_is_captured_again(fake_capture):
+    ws, made = fake_capture
+    fn = _schedule(ws, 2)
+    x, w = torch.randn(5, 4), torch.randn(4, 3)
+    graphs.graphed_call("rs", fn, (x,), (w,), ws)
+    graphs.graphed_call("rs", fn, (x,), (w,), ws)
+    ws.nbytes *= 2  # a bigger call elsewhere grew the buffer: the old graph points at freed memory
+    graphs.graphed_call("rs", fn, (x,), (w,), ws)
+    assert len(made) == 2 and made[0].replays == 1 and made[1].replays == 0
+
+
+def test_a_first_call_that_grows_the_workspace_is_keyed_by_the_new_size(fake_capture):
+    ws, made = fake_capture
+    inner = _schedule(ws, 2)
+
+    def fn(x, w):  # like symm.py's ensure(): the first call of a bigger shape grows the buffer
+        ws.nbytes = max(ws.nbytes, 1 << 22)
+        return inner(x, w)
+
+    x, w = torch.randn(5, 4), torch.randn(4, 3)
+    for _ in range(3):
+        torch.testing.assert_close(graphs.graphed_call("ar", fn, (x,), (w,), ws), x @ w)
+    assert len(made) == 1 and made[0].replays == 2
