@@ -188,8 +188,8 @@ def _worker(rank: int, sc: Scenario, store_port: int, endpoint: str, faults: lis
                     dist.barrier()
             for w in works:
                 w.wait()
-            if nvrx and (it + 1) % sc.nvrx_every == 0:
-                _nvrx_report(nvrx, it, out)
+            if nvrx and (it + 1) % sc.nvrx_every == 0 and not _nvrx_report(nvrx, it, out):
+                nvrx = None
             out["iterations"] = it + 1
         if contend is not None:
             contend.stop()
@@ -249,6 +249,12 @@ class _Contender:
 
 def _nvrx(sc: Scenario, out: dict) -> Any:
     """nvidia-resiliency-ext's straggler Detector, or None (the reason goes to ``out``)."""
+    if sc.device != "cuda":
+        # NVRx 0.4's Detector.generate_report starts with torch.cuda.synchronize(): on a CPU
+        # torch every report raised, and the job died at its first report (found running the
+        # baseline on CPU with NVRx installed: our own slow-rank row then read "not detected").
+        out["nvrx_error"] = "nvidia-resiliency-ext's straggler reports need CUDA (generate_report synchronizes the GPU)"
+        return None
     try:
         import nvidia_resiliency_ext.straggler as straggler
 
@@ -260,7 +266,18 @@ def _nvrx(sc: Scenario, out: dict) -> Any:
         return None
 
 
-def _nvrx_report(detector: Any, it: int, out: dict) -> None:
+def _nvrx_report(detector: Any, it: int, out: dict) -> bool:
+    """Ask NVRx for a report; False (and the reason in ``out``) if it failed: the caller
+    stops asking, and the job, the thing being measured, goes on."""
+    try:
+        _nvrx_report_once(detector, it, out)
+        return True
+    except Exception as e:  # noqa: BLE001 - a baseline add-on must not end the job it observes
+        out["nvrx_error"] = f"{type(e).__name__}: {e}"[:300]
+        return False
+
+
+def _nvrx_report_once(detector: Any, it: int, out: dict) -> None:
     report = detector.generate_report()
     if report is None:  # only rank 0 gets the gathered report
         return
