@@ -61,7 +61,7 @@ from typing import Any
 from .channel import parse_endpoint
 
 __all__ = ["Followers", "LeaderLink", "NodeRoles", "append_node_event", "descendants", "hold_rendezvous_store", "node_key",
-           "node_slots", "parse_nnodes", "plan_nodes"]
+           "node_slots", "parent_pids", "parse_nnodes", "plan_nodes"]
 
 
 def parse_nnodes(text: str | int) -> tuple[int, int]:
@@ -104,9 +104,9 @@ def plan_nodes(nodes: Sequence[int], culprit_nodes: Sequence[int], nproc: int,
     return remaining, shape
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc): the elastic agent's workers and
-    whatever they started."""
+def parent_pids() -> dict[int, int]:
+    """``{pid: parent pid}`` of every process (Linux /proc); processes that vanish while
+    being read are skipped."""
     parent: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -117,8 +117,14 @@ def descendants(pid: int) -> list[int]:
             parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
+    return parent
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc): the elastic agent's workers and
+    whatever they started."""
     children = collections.defaultdict(list)
-    for child, ppid in parent.items():
+    for child, ppid in parent_pids().items():
         children[ppid].append(child)
     out, todo = [], [pid]
     while todo:

@@ -58,6 +58,7 @@ from .multinode import (
     descendants,
     hold_rendezvous_store,
     node_slots,
+    parent_pids,
     plan_nodes,
 )
 
@@ -145,19 +146,7 @@ def worker_command(cmd: list[str]) -> tuple[str, list[str]]:
 
 def _children(pid: int) -> list[int]:
     """Direct children of ``pid`` (Linux /proc; elastic starts workers in new sessions)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                stat = fh.read()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid:
-            out.append(int(entry))
-    return out
+    return [child for child, ppid in parent_pids().items() if ppid == pid]
 
 
 def _latest_step(ckpt_dir: Path) -> int | None:
