@@ -87,6 +87,16 @@ def _bounds(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
     return out
 
 
+def _symm(op: str, schedule, x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, plan: OverlapPlan, *extra):
+    """``schedule(x2d, w, g, plan.chunk_sizes, *extra)`` (a copy-engine schedule of symm.py),
+    replayed as a CUDA graph where the plan says so (graphs.py)."""
+    sizes = plan.chunk_sizes
+    if not plan.graphed:
+        return schedule(x2d, w, g, sizes, *extra)
+    return graphs.graphed_call(op, lambda a, b: schedule(a, b, g, sizes, *extra), (x2d.contiguous(),), (w,),
+                               symm.workspace(g, op, x2d.device), (sizes, *extra))
+
+
 def matmul_reduce_scatter_forward(
     x: torch.Tensor, w: torch.Tensor, g: GroupInfo, scatter_dim: int, plan: OverlapPlan
 ) -> torch.Tensor:
@@ -101,13 +111,7 @@ def matmul_reduce_scatter_forward(
         reduce_scatter_tensor(out, torch.mm(x2d, w), group=g.group)
         return restore_rows_first(out, out_moved, scatter_dim)
     if plan.transport == "symm":
-        sizes = plan.chunk_sizes
-        if plan.graphed:
-            y = graphs.graphed_call("rs", lambda a, b: symm.matmul_reduce_scatter(a, b, g, sizes), (x2d.contiguous(),),
-                                    (w,), symm.workspace(g, "rs", x.device), sizes)
-        else:
-            y = symm.matmul_reduce_scatter(x2d, w, g, sizes)
-        return restore_rows_first(y, out_moved, scatter_dim)
+        return restore_rows_first(_symm("rs", symm.matmul_reduce_scatter, x2d, w, g, plan), out_moved, scatter_dim)
     out = torch.empty(m // r_world, n, dtype=x.dtype, device=x.device)
     cols = _bounds(plan.chunk_sizes)
     asynchronous = is_async(x.device)
@@ -146,13 +150,7 @@ def matmul_all_reduce_forward(x: torch.Tensor, w: torch.Tensor, g: GroupInfo, pl
         dist.all_reduce(out, group=g.group)
         return out.view(torch_shape)
     if plan.transport == "symm":
-        sizes = plan.chunk_sizes
-        if plan.graphed:
-            y = graphs.graphed_call("ar", lambda a, b: symm.matmul_all_reduce(a, b, g, sizes), (x2d.contiguous(),),
-                                    (w,), symm.workspace(g, "ar", x.device), sizes)
-        else:
-            y = symm.matmul_all_reduce(x2d, w, g, sizes)
-        return y.view(torch_shape)
+        return _symm("ar", symm.matmul_all_reduce, x2d, w, g, plan).view(torch_shape)
     rows = _bounds(plan.chunk_sizes)
     asynchronous = is_async(x.device)
     fp32 = plan.reduction == "fp32"
@@ -194,13 +192,7 @@ def all_gather_matmul_forward(
         gathered = restore_rows_first(x_full, full_moved, gather_dim) if return_gathered else None
         return restore_rows_first(out, full_moved, gather_dim), gathered
     if plan.transport == "symm":
-        sizes = plan.chunk_sizes
-        if plan.graphed:
-            out, x_full = graphs.graphed_call(
-                "ag", lambda a, b: symm.all_gather_matmul(a, b, g, sizes, return_gathered), (xs.contiguous(),), (w,),
-                symm.workspace(g, "ag", xs.device), (sizes, return_gathered))
-        else:
-            out, x_full = symm.all_gather_matmul(xs.contiguous(), w, g, sizes, return_gathered)
+        out, x_full = _symm("ag", symm.all_gather_matmul, xs.contiguous(), w, g, plan, return_gathered)
         gathered = restore_rows_first(x_full, full_moved, gather_dim) if return_gathered else None
         return restore_rows_first(out, full_moved, gather_dim), gathered
     rows = _bounds(plan.chunk_sizes)
