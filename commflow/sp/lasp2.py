@@ -151,19 +151,10 @@ def rank_scan(states: torch.Tensor, log_gammas: torch.Tensor, index: int, *, rev
     weights are differences of one inclusive cumsum ``c`` (``c_{i-1} - c_j`` and ``c_{j-1} - c_i``),
     sums of log decays <= 0: nothing overflows. Four kernels, whatever ``N``.
 
-    Autocast is off inside: under ``torch.autocast(bfloat16)`` (the trainer's) the einsum
-    would return the states in bf16 on every rank but the first (whose first chunk has
-    nothing before it: fp32 zeros), so the state chain lost precision and the ranks ran
-    different kernel specialisations (a fresh Triton load inside the step, the 4xH100 hang
-    of docs/train.md).
+    Computes in the inputs' dtype: call it outside autocast, as LASP-2's autograd functions
+    do (under ``torch.autocast(bfloat16)`` the einsum returned bf16 states on every rank but
+    the first, whose zeros stay fp32: the 4xH100 hang of docs/train.md).
     """
-    with torch.autocast(states.device.type, enabled=False):
-        return _rank_scan(states.float() if states.dtype != torch.float64 else states,
-                          log_gammas.float() if log_gammas.dtype != torch.float64 else log_gammas,
-                          index, reverse=reverse)
-
-
-def _rank_scan(states: torch.Tensor, log_gammas: torch.Tensor, index: int, *, reverse: bool) -> torch.Tensor:
     if not reverse:
         if index == 0:
             return states.new_zeros(states.shape[1:])
