@@ -1,4 +1,4 @@
-"""Checks and small helpers shared by the softmax strategies (Ulysses, ring, all-gather).
+"""Checks and small helpers shared by the sp strategies (Ulysses, ring, all-gather, LASP-2).
 
 Every check here is local: it runs on every rank before the first collective, so
 bad input fails the same way everywhere instead of leaving peers waiting in a
@@ -8,6 +8,7 @@ collective. The one cross-rank check, :func:`check_shards_agree`, is opt-in
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -18,6 +19,7 @@ from .layout import LAYOUTS
 
 __all__ = [
     "GroupInfo",
+    "autocast_off",
     "check_head_chunks",
     "check_inputs",
     "check_shards_agree",
@@ -29,6 +31,23 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def autocast_off(fn):
+    """Run ``fn`` with autocast off on the device of its first tensor argument.
+
+    sp's kernels and autograd functions choose their dtypes themselves (fp32 state chains
+    and accumulations); a caller's bf16 autocast region (the trainer's) would recast their
+    einsums, which once ran LASP-2's state chain in bf16 on all ranks but the first.
+    """
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 class GroupInfo:

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend
 
+from ._common import autocast_off
+
 __all__ = [
     "BACKENDS",
     "KernelState",
@@ -107,20 +109,7 @@ def _sum_kv_groups(dx: torch.Tensor, hkv: int) -> torch.Tensor:
 # --- math --------------------------------------------------------------------------------
 
 
-def _autocast_off(fn):
-    """Run ``fn`` with autocast off: the math kernels pick their accumulation dtype (fp32)
-    themselves, and autocast would turn their einsums back into bf16 under a bf16 region."""
-    import functools
-
-    @functools.wraps(fn)
-    def run(q, *args):
-        with torch.autocast(q.device.type, enabled=False):
-            return fn(q, *args)
-
-    return run
-
-
-@_autocast_off
+@autocast_off
 def _math_forward(q, k, v, causal, scale):
     b, lq, hq, d = q.shape
     hkv = k.shape[2]
@@ -136,7 +125,7 @@ def _math_forward(q, k, v, causal, scale):
     return out.to(q.dtype), lse.reshape(b, hq, lq).to(acc).contiguous()
 
 
-@_autocast_off
+@autocast_off
 def _math_backward(dout, q, k, v, out, lse, causal, scale):
     b, lq, hq, d = q.shape
     hkv = k.shape[2]

@@ -40,6 +40,7 @@ import torch.utils.checkpoint
 
 from commflow.dist import all_gather_tensor
 
+from ._common import autocast_off
 from .layout import LAYOUTS
 from .linear_kernels import LinearKernels, _compute_dtype, decay_mode, select_kernels, seq_cumsum
 
@@ -213,15 +214,8 @@ class _Lasp2Causal(torch.autograd.Function):
     runs over all ``n W`` chunks in global order, so zigzag costs one all-gather too."""
 
     @staticmethod
+    @autocast_off  # every dtype here is explicit: fp32 state chain, kernels in the inputs' dtype
     def forward(ctx, q, k, v, g, g_gamma, scale, group, kernels: LinearKernels, layout: str, overlap: bool):
-        # Autocast off inside: every dtype here is chosen explicitly (the state chain in
-        # fp32, the kernels in the inputs' dtype); a bf16 autocast region around the call
-        # would silently recast the torch kernels' and the scan's einsums.
-        with torch.autocast(q.device.type, enabled=False):
-            return _Lasp2Causal._forward(ctx, q, k, v, g, g_gamma, scale, group, kernels, layout, overlap)
-
-    @staticmethod
-    def _forward(ctx, q, k, v, g, g_gamma, scale, group, kernels: LinearKernels, layout: str, overlap: bool):
         rank, world = _rank_world(group)
         n = _segments(layout, world)
         B, S, H, K = q.shape
@@ -257,12 +251,8 @@ class _Lasp2Causal(torch.autograd.Function):
         return o.reshape(B, S, H, Vd)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, do):
-        with torch.autocast(do.device.type, enabled=False):
-            return _Lasp2Causal._backward(ctx, do)
-
-    @staticmethod
-    def _backward(ctx, do):
         q, k, v, g, g_gamma, s_in, log_gammas = ctx.saved_tensors
         kernels, scale, rank, world = ctx.kernels, ctx.scale, ctx.rank, ctx.world
         n = _segments(ctx.layout, world)
@@ -325,12 +315,8 @@ def _outgoing_grad(gathered, log_gammas, world, rank, layout, B, n, H, K, Vd):
 
 class _Lasp2Bidirectional(torch.autograd.Function):
     @staticmethod
+    @autocast_off  # the d x d total stays in fp32 (fp64)
     def forward(ctx, q, k, v, scale, group):
-        with torch.autocast(q.device.type, enabled=False):  # the d x d total stays in fp32 (fp64)
-            return _Lasp2Bidirectional._forward(ctx, q, k, v, scale, group)
-
-    @staticmethod
-    def _forward(ctx, q, k, v, scale, group):
         _, world = _rank_world(group)
         cdt = _compute_dtype(q)
         total = torch.einsum("bshk,bshv->bhkv", k.to(cdt), v.to(cdt))
@@ -342,12 +328,8 @@ class _Lasp2Bidirectional(torch.autograd.Function):
         return o
 
     @staticmethod
+    @autocast_off
     def backward(ctx, do):
-        with torch.autocast(do.device.type, enabled=False):
-            return _Lasp2Bidirectional._backward(ctx, do)
-
-    @staticmethod
-    def _backward(ctx, do):
         q, k, v, total = ctx.saved_tensors
         cdt, scale = total.dtype, ctx.scale
         do_c = do.to(cdt)

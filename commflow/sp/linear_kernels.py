@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._common import autocast_off
+
 __all__ = [
     "Decay",
     "FlaChunkKernels",
@@ -507,24 +509,23 @@ def select_kernels(device: torch.device | str, *, backend: str | None = None, ch
 
 class _ChunkLinearAttention(torch.autograd.Function):
     @staticmethod
+    @autocast_off  # the kernels choose their dtypes (fp32 states)
     def forward(ctx, q, k, v, g, g_gamma, initial_state, scale, output_final_state, kernels):
-        # The kernels choose their dtypes (fp32 states); autocast would recast the torch ones' einsums.
-        with torch.autocast(q.device.type, enabled=False):
-            dec = kernels.prepare(g, g_gamma, q.shape[1])
-            h, ht = kernels.states(k, v, dec, initial_state, output_final_state)
-            o = kernels.output(q, k, v, dec, h, scale)
+        dec = kernels.prepare(g, g_gamma, q.shape[1])
+        h, ht = kernels.states(k, v, dec, initial_state, output_final_state)
+        o = kernels.output(q, k, v, dec, h, scale)
         ctx.save_for_backward(q, k, v, g, g_gamma, initial_state)
         ctx.scale, ctx.kernels = scale, kernels
         return o, ht
 
     @staticmethod
+    @autocast_off
     def backward(ctx, do, dht):
         q, k, v, g, g_gamma, initial_state = ctx.saved_tensors
         kernels = ctx.kernels
-        with torch.autocast(q.device.type, enabled=False):
-            dec = kernels.prepare(g, g_gamma, q.shape[1])
-            h, _ = kernels.states(k, v, dec, initial_state, False, states_in_fp32=True)
-            dq, dk, dv, dg, dh0 = kernels.backward(q, k, v, dec, h, do.contiguous(), initial_state, dht, ctx.scale)
+        dec = kernels.prepare(g, g_gamma, q.shape[1])
+        h, _ = kernels.states(k, v, dec, initial_state, False, states_in_fp32=True)
+        dq, dk, dv, dg, dh0 = kernels.backward(q, k, v, dec, h, do.contiguous(), initial_state, dht, ctx.scale)
         return dq, dk, dv, dg, None, dh0, None, None, None
 
 
