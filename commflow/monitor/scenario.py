@@ -69,6 +69,11 @@ class Scenario:
     nvrx_every: int | None = None
     """Also run nvidia-resiliency-ext's straggler Detector, reporting every N iterations."""
     heal_on_verdict: bool = True
+    failure_grace_s: float = 5.0
+    """After the first rank fails (exits non-zero or reports an error), how long to wait
+    for the others before ending the job. Survivors of a crash on NCCL stay blocked in
+    their collective until the 10-min watchdog; gloo raises at once. A real job would be
+    torn down and restarted here, so the scenario does the same."""
 
 
 @dataclass
@@ -376,6 +381,7 @@ def _finish(run: dict) -> ScenarioResult:
     drain_s = 0.0
     try:
         deadline = run["t0"] + sc.timeout_s
+        first_failure = None
         while len(outcome) < sc.world and time.time() < deadline:
             try:
                 got = q.get(timeout=0.2)
@@ -383,6 +389,11 @@ def _finish(run: dict) -> ScenarioResult:
             except Exception:  # noqa: BLE001 - queue.Empty
                 if all(not p.is_alive() for p in procs):
                     break
+            if first_failure is None and (any(o.get("error") for o in outcome.values())
+                                          or any(p.exitcode not in (None, 0) for p in procs)):
+                first_failure = time.time()
+            if first_failure is not None and time.time() - first_failure > sc.failure_grace_s:
+                break  # the survivors may never return (NCCL): end the job as a restart would
         # Let the coordinator drain the last reports, or settle a crash verdict.
         t_drain = time.time()
         failed = len(outcome) < sc.world or any(o.get("error") for o in outcome.values())

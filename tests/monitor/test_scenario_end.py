@@ -1,0 +1,24 @@
+"""A scenario ends a grace period after its first failed rank, as a restart would.
+
+On NCCL the survivors of a crashed rank block in their collective until the watchdog's
+10 minutes; a scenario that waited for them would take that long per crash. Here the
+survivor that never returns is rank 1, held in a 60 s hang while rank 0 crashes.
+"""
+
+from __future__ import annotations
+
+from commflow.monitor.coordinator import ProbeConfig
+from commflow.monitor.scenario import Scenario, run_scenario, score
+
+PROBE = ProbeConfig(nbytes=64 << 10, reps=3, timeout_s=0.2)
+
+
+def test_crash_ends_the_job_without_waiting_for_a_blocked_survivor():
+    sc = Scenario(iterations=40, compute_ms=5.0, probe=PROBE, timeout_s=120, failure_grace_s=3.0,
+                  heal_on_verdict=False, faults=["crash:rank=0,at=8", "hang:rank=1,at=8,hold=60s"])
+    r = run_scenario(sc)
+    assert r.wall_s < 30, f"scenario waited {r.wall_s:.1f} s for a rank held 60 s"
+    assert r.worker[0]["error"] == "exit code 1"
+    assert r.worker[1]["iterations"] is None  # killed while held, never reported
+    crash = [row for row in score(r)["faults"] if row["fault"].startswith("crash")]
+    assert crash and crash[0]["detected"] and crash[0]["localized"]
