@@ -21,6 +21,7 @@ plain and watched back to back (``--train-args "preset=small,seq_len=4096,..."``
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -44,6 +45,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=10, help="steps per block")
     p.add_argument("--blocks", type=int, default=6, help="blocks per variant (alternating)")
+    p.add_argument("--train-pairs", type=int, default=2,
+                   help="--workload train: plain/watched run pairs after a discarded warm-up run")
     p.add_argument("--calls", type=int, default=2000, help="tiny all-reduces for the per-call cost")
     p.add_argument("--train-args", default=None,
                    help="workload=train: TrainConfig fields, comma separated key=value (default: "
@@ -140,7 +143,10 @@ def _train_worker(args: argparse.Namespace, endpoint: str) -> dict:
     flat = {k: (int(v) if v.isdigit() else v) for k, v in flat.items()}
     flat.setdefault("steps", args.steps * 2)
     out = {}
-    for variant in ("plain", "watched", "plain", "watched"):
+    # A first plain run warms up what the process keeps between runs (CUDA context,
+    # kernels, allocator pools, NCCL) and is discarded; then plain/watched runs
+    # alternate, --train-pairs of them, so a drift favours neither.
+    for variant in ["warm-up"] + ["plain", "watched"] * args.train_pairs:
         cfg = TrainConfig.from_flat(**flat, out=tempfile.mkdtemp(prefix="cf-ovh-"), progress=False, ckpt_every=0,
                                     eval_batches=0)
         if variant == "watched":
@@ -149,8 +155,8 @@ def _train_worker(args: argparse.Namespace, endpoint: str) -> dict:
         if variant == "watched":
             monitor.unwatch()
         out.setdefault(variant, []).append(summary["step_time_s"])
-    return {"rank": 0, "plain_ms": statistics.median(out["plain"]) * 1e3,
-            "watched_ms": statistics.median(out["watched"]) * 1e3}
+    return {"rank": int(os.environ["RANK"]), "plain_ms": statistics.median(out["plain"]) * 1e3,
+            "watched_ms": statistics.median(out["watched"]) * 1e3, "runs": out}
 
 
 def _per_call_cost(calls: int) -> dict:

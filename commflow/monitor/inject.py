@@ -362,20 +362,32 @@ class Injector:
                 extra += self._jitter(f, iteration) * compute_s
         self._sleep(extra)
 
-    def compute_scale(self, iteration: int) -> float:
+    def compute_scale(self, iteration: int, *, slow: bool = True) -> float:
         """How much longer this rank's compute of ``iteration`` should take (slow x
-        jitter), for workloads that do the extra work themselves."""
+        jitter), for workloads that do the extra work themselves. ``slow=False``: the
+        jitter alone, for a workload that slows the rank another way (:meth:`slow_active`)."""
         scale = 1.0
         for i, f in enumerate(self.faults):
             if i not in self.mine or i in self._healed or not f.active(iteration):
                 continue
-            if f.kind == "slow":
+            if f.kind == "slow" and slow:
                 self._fire(i, f, iteration)
                 scale *= f.factor
             elif f.kind == "jitter":
                 self._fire(i, f, iteration)
                 scale *= 1.0 + self._jitter(f, iteration)
         return scale
+
+    def slow_active(self, iteration: int) -> bool:
+        """Whether a slow fault of this rank is active at ``iteration`` (logged when it
+        fires), for workloads that slow the rank by other means than its factor, such
+        as a competing kernel."""
+        hit = False
+        for i, f in enumerate(self.faults):
+            if f.kind == "slow" and i in self.mine and i not in self._healed and f.active(iteration):
+                self._fire(i, f, iteration)
+                hit = True
+        return hit
 
     def active_links(self, iteration: int) -> list[tuple[int, int]]:
         """(src, dst) global ranks of the slowlink faults active at ``iteration`` (on

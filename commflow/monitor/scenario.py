@@ -162,10 +162,14 @@ def _worker(rank: int, sc: Scenario, store_port: int, endpoint: str, faults: lis
 
         for it in range(sc.iterations):
             runtime.step(it)
-            scale = inj.compute_scale(it) if (cuda and inj is not None) else 1.0
-            if contend is not None:
-                contend.active = scale > 1.0
-                scale = 1.0
+            scale = 1.0
+            if cuda and inj is not None:
+                # Contend: the slow fault switches the competing stream on; jitter still
+                # scales every rank's own GEMMs (it used to switch the contender on too,
+                # on every rank, whenever jitter came out above 1).
+                scale = inj.compute_scale(it, slow=contend is None)
+                if contend is not None:
+                    contend.active = inj.slow_active(it)
             works = []
             for s, d in (inj.active_links(it) if (pairs and inj is not None) else []):
                 g = pairs[(min(s, d), max(s, d))]
@@ -397,8 +401,14 @@ def _finish(run: dict) -> ScenarioResult:
         # Let the coordinator drain the last reports, or settle a crash verdict.
         t_drain = time.time()
         failed = len(outcome) < sc.world or any(o.get("error") for o in outcome.values())
+        # Ranks that died without reporting (a crash, or NCCL's watchdog abort): wait until
+        # a verdict names each of them (or the settle time passes), not for the first
+        # verdict, which may be about another fault of the same job.
+        silent = {r for r, p in enumerate(procs) if r not in outcome and p.exitcode not in (None, 0)}
         while time.time() - t_drain < 10:
-            if failed and (coord.verdicts or time.time() - t_drain > sc.detect.crash_settle_s + 1.5):
+            named = {r for v in coord.verdicts for r in v.ranks}
+            settled = time.time() - t_drain > sc.detect.crash_settle_s + 1.5
+            if failed and ((coord.verdicts and silent <= named) or settled):
                 break
             if not failed and (coord.detector.next_close or 0) >= sc.iterations and coord._probe is None:
                 break

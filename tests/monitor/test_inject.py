@@ -96,3 +96,21 @@ def test_jitter_is_reproducible_from_the_seed():
     b = [Injector([f], slot=1, slots=[0, 1], seed=5)._jitter(f, it) for it in range(50)]
     c = [Injector([f], slot=1, slots=[0, 1], seed=6)._jitter(f, it) for it in range(50)]
     assert a == b and a != c and all(0 <= u <= 0.4 for u in a)
+
+
+def test_a_competing_kernel_follows_the_slow_fault_not_the_jitter():
+    """CUDA "contend" mode: the competing stream runs while the slow fault is active and
+    only then; the jitter keeps scaling the rank's own work. (Switching the contender on
+    whenever compute_scale() came out above 1 turned it on at random on every jittered
+    rank and hid the slow one: 1 of 2 slow GPUs found on 4 H100s.)"""
+    faults = [parse_fault("slow:rank=1,factor=3,at=5,until=8"), parse_fault("jitter:pct=20")]
+    events = []
+    slow = Injector(faults, slot=1, slots=[0, 1, 2], seed=3, report=events.append)
+    peer = Injector(faults, slot=0, slots=[0, 1, 2], seed=3)
+    assert [slow.slow_active(it) for it in range(10)] == [4 < it < 8 for it in range(10)]
+    assert not any(peer.slow_active(it) for it in range(10))
+    for it in range(10):
+        jitter = slow.compute_scale(it, slow=False)
+        assert 1.0 <= jitter <= 1.4  # 1 + U(0, 2 x pct)
+        assert slow.compute_scale(it) == pytest.approx(jitter * (3.0 if 4 < it < 8 else 1.0))
+    assert [e["iteration"] for e in events if e["kind"] == "slow"] == [5]

@@ -8,7 +8,7 @@ survivor that never returns is rank 1, held in a 60 s hang while rank 0 crashes.
 from __future__ import annotations
 
 from commflow.monitor.coordinator import ProbeConfig
-from commflow.monitor.scenario import Scenario, run_scenario, score
+from commflow.monitor.scenario import Scenario, run_scenario
 
 PROBE = ProbeConfig(nbytes=64 << 10, reps=3, timeout_s=0.2)
 
@@ -20,5 +20,7 @@ def test_crash_ends_the_job_without_waiting_for_a_blocked_survivor():
     assert r.wall_s < 30, f"scenario waited {r.wall_s:.1f} s for a rank held 60 s"
     assert r.worker[0]["error"] == "exit code 1"
     assert r.worker[1]["iterations"] is None  # killed while held, never reported
-    crash = [row for row in score(r)["faults"] if row["fault"].startswith("crash")]
-    assert crash and crash[0]["detected"] and crash[0]["localized"]
+    # The crash verdict still arrives although the job ended early (score() is not used:
+    # with both faults at one iteration it may pair the crash verdict with the hang).
+    assert any(v.kind == "crash" and v.ranks == [0] for v in r.verdicts), r.verdicts
+
