@@ -57,13 +57,13 @@ def write_markdown(lines: list[str], md_out: Path) -> str:
     return text
 
 
-def report_main(argv: list[str], name: str, help: str,
-                report: Callable[[str, str | None, str | None], str]) -> int:
-    """``python -m benchmarks.NAME report RESULT.json [--md PATH] [--img-dir DIR]``."""
+def report_main(argv: list[str], name: str, help: str, report: Callable[..., str], *, several: bool = False) -> int:
+    """``python -m benchmarks.NAME report RESULT.json [--md PATH] [--img-dir DIR]``;
+    ``several``: the report takes one or more result files (a list)."""
     p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}")
     sub = p.add_subparsers(dest="cmd", required=True)
     rp = sub.add_parser("report", help=help)
-    rp.add_argument("json")
+    rp.add_argument("json", nargs="+" if several else None)
     rp.add_argument("--md", default=None)
     rp.add_argument("--img-dir", default=None)
     a = p.parse_args(argv)

@@ -135,10 +135,12 @@ def test_lru_keeps_at_most_max_graphs(fake_capture, monkeypatch):
     assert len(graphs._GRAPHS) == 3
 
 
-def test_enabled_only_on_cuda_and_when_asked(monkeypatch):
+def test_enabled_on_cuda_unless_switched_off(monkeypatch):
     monkeypatch.delenv("COMMFLOW_OVERLAP_GRAPHS", raising=False)
     assert not graphs.graphs_enabled(torch.device("cpu"))
-    assert not graphs.graphs_enabled(torch.device("cuda", 0))  # off by default
+    assert graphs.graphs_enabled(torch.device("cuda", 0))  # on by default (measured faster on 4xH100)
+    monkeypatch.setenv("COMMFLOW_OVERLAP_GRAPHS", "0")
+    assert not graphs.graphs_enabled(torch.device("cuda", 0))
     monkeypatch.setenv("COMMFLOW_OVERLAP_GRAPHS", "1")
     assert graphs.graphs_enabled(torch.device("cuda", 0))
     assert not graphs.graphs_enabled(torch.device("cpu"))
