@@ -156,7 +156,8 @@ def run(args: argparse.Namespace) -> dict:
         period = statistics.median(x["period"] for x in r.iterations) if r.iterations else None
         periods.append(period)
         summ.update(kind=kind, setting=label, median_period_s=period, healthy_iterations=healthy_iterations(r),
-                    false_alarms=len(s["false_alarms"]), suspicions=len(r.suspicions), wall_s=r.wall_s)
+                    false_alarms=len(s["false_alarms"]), repeated_verdicts=len(s["repeats"]),
+                    suspicions=len(r.suspicions), wall_s=r.wall_s)
         if kind in ("hang", "linkdown") and period:
             summ["bound_s"] = max(3 * period, 2.0)
         healthy += summ["healthy_iterations"]

@@ -94,9 +94,8 @@ class Strategy:
 def _sdpa(q, k, v, causal, scale):
     """SDPA on ``[B, S, H, D]`` tensors (transposed views: the layout models pass)."""
     gqa = q.shape[2] != k.shape[2]
-    # Optional arguments only when set: torch CP replaces SDPA inside its context, and the
-    # probe's recipe, which passes, never sent scale=None (under test as the cause of the
-    # benchmark's failing torch CP check).
+    # Optional arguments only when set: the same call the torch CP probe's recipe makes
+    # (torch CP replaces SDPA inside its context).
     extra = {**({"enable_gqa": True} if gqa else {}), **({"scale": scale} if scale is not None else {})}
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
                                          **extra)

@@ -24,3 +24,21 @@ def test_crash_ends_the_job_without_waiting_for_a_blocked_survivor():
     # with both faults at one iteration it may pair the crash verdict with the hang).
     assert any(v.kind == "crash" and v.ranks == [0] for v in r.verdicts), r.verdicts
 
+
+
+def test_score_counts_a_repeated_verdict_on_a_running_fault_apart_from_false_alarms():
+    """Without heal (CUDA), a fault runs its whole length and may be named twice: the
+    second verdict is a repeat; a verdict naming another rank stays a false alarm."""
+    from commflow.monitor.detect import Verdict
+    from commflow.monitor.scenario import ScenarioResult, score
+
+    fired = [{"kind": "hang", "t": 10.0, "iteration": 40, "rank": 1, "fault": {"text": "hang:rank=1,at=40"}},
+             {"kind": "hang", "t": 30.0, "iteration": 95, "rank": 3, "fault": {"text": "hang:rank=3,at=95"}}]
+    verdicts = [Verdict(kind="hang", ranks=[r], t_detect=t) for r, t in
+                ((1, 11.5), (1, 13.0), (2, 14.0), (3, 31.5), (1, 32.0))]
+    r = ScenarioResult(verdicts=verdicts, injected=fired, faults=[], iterations=[], worker={}, wall_s=40.0)
+    s = score(r)
+    assert [row["localized"] for row in s["faults"]] == [True, True]
+    assert [(v["ranks"], v["t_detect"]) for v in s["repeats"]] == [([1], 13.0)]
+    # rank 2 never had a fault; rank 1's fault ended when rank 3's fired
+    assert sorted(v["ranks"][0] for v in s["false_alarms"]) == [1, 2]
