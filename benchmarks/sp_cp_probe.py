@@ -143,16 +143,68 @@ def _worker(cfg: dict) -> dict:
         want = [to_local(w).transpose(1, 2) for w in want_global]
         return {"patched": patched, "errors": _errors([out.detach(), *grads], want), "ops": _summary(log.ops)}
 
+    def bench_strategy():
+        # The benchmark's torch CP Strategy (its context factory and forward) on the
+        # inputs of bench_bshd: separates the strategy's machinery from the check's inputs.
+        from .sp_peers import build
+
+        name = f"torch_cp_{rotate}@normal"  # the rotate method of the loop below, at call time
+        strategy = build(name, {"heads": h, "kv_heads": h, "causal": True}, {"high": None, "normal": None}, world,
+                         dev, seq)
+        to_local = lambda t: shard(t.transpose(1, 2), layout="zigzag")  # [B, S/W, H, D], zigzag
+        loc = [to_local(t).contiguous().requires_grad_(True) for t in (q, k, v)]
+        with strategy.context():
+            out = strategy.forward(*loc)
+            out.backward(to_local(do))
+        want = [to_local(w) for w in want_global]
+        return {"strategy": name, "errors": _errors([out.detach(), *(t.grad for t in loc)], want)}
+
     for name, fn in (("torch_test", torch_test), ("bench_bshd", lambda: bench(False)),
-                     ("bench_bhsd", lambda: bench(True))):
+                     ("bench_bhsd", lambda: bench(True)), ("bench_strategy", bench_strategy)):
         for rotate in cfg["rotate"]:
             cp_attention.set_rotate_method(rotate)
             report["setups"][f"{name}/{rotate}"] = guarded(fn)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
+    report["setups"].update(_benchmark_check(info, h, d, seq, guarded))
     with contextlib.suppress(Exception):
         torch.distributed.barrier()
     return report
+
+
+def _benchmark_check(info, heads: int, head_dim: int, seq: int, guarded) -> dict:
+    """``sp_attention``'s own correctness check of torch CP, which fails (relative error
+    ~20) where the recipes above pass, run here as-is and with one difference changed:
+    the reference (commflow's naive attention -> SDPA). Same result for both groups and
+    both variants would leave the check's input handling (``_leaf``, ``shard`` inside the
+    context, the strategy's context factory) as the place to look."""
+    import torch.nn.functional as F
+
+    from . import sp_attention as spa
+
+    p = argparse.ArgumentParser()
+    spa._arguments(p)
+    a = p.parse_args(["--device", info.device.type, "--nproc", str(info.world_size), "--heads", str(heads),
+                      "--head-dim", str(head_dim), "--check-seq", str(seq), "--strategies", "torch_cp_allgather"])
+    cfg = spa._config(a)
+    groups = spa._groups(cfg, info.device)
+
+    def sdpa_reference(q, k, v, *, causal=False, scale=None):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=causal, **({"scale": scale} if scale is not None else {}))
+        return out.transpose(1, 2)
+
+    out = {}
+    for name in ("torch_cp_allgather", "torch_cp_allgather@normal", "ulysses"):
+        out[f"bench_check/{name}"] = guarded(lambda name=name: spa._check(name, cfg, info, groups))
+    naive = spa.attention_reference
+    spa.attention_reference = sdpa_reference
+    try:
+        out["bench_check_sdpa_reference/torch_cp_allgather@normal"] = guarded(
+            lambda: spa._check("torch_cp_allgather@normal", cfg, info, groups))
+    finally:
+        spa.attention_reference = naive
+    return out
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
