@@ -11,8 +11,10 @@ world of one (no peers, no network: only the wrapper's CPU time), best of 5 roun
 per step it bounds the overhead from below on any machine.
 
 Workloads: ``ddp`` (default) a stack of ``nn.TransformerEncoderLayer`` under DDP;
-``train`` one step of ``commflow train``'s model via its own ``train()`` loop, run
-plain and watched back to back (``--train-args "preset=small,seq_len=4096,..."``).
+``train`` ``commflow train``'s own ``train()`` loop, one run whose steps alternate
+between plain and watched (the tracer put in or taken out between steps, ABBA order,
+after ``TRAIN_WARMUP_STEPS``; ``--steps x --blocks`` steps of each; ``--train-args
+"preset=small,seq_len=4096,..."``).
 
     python -m benchmarks monitor_overhead --device cpu --nproc 4
     python -m benchmarks monitor_overhead --device cuda --nproc 4 --d-model 2048 --layers 8 --seq 2048
@@ -24,6 +26,7 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 
 from .registry import register
 
@@ -45,8 +48,6 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=10, help="steps per block")
     p.add_argument("--blocks", type=int, default=6, help="blocks per variant (alternating)")
-    p.add_argument("--train-pairs", type=int, default=2,
-                   help="--workload train: plain/watched run pairs after a discarded warm-up run")
     p.add_argument("--calls", type=int, default=2000, help="tiny all-reduces for the per-call cost")
     p.add_argument("--train-args", default=None,
                    help="workload=train: TrainConfig fields, comma separated key=value (default: "
@@ -131,32 +132,66 @@ def _ddp_worker(args: argparse.Namespace, endpoint: str) -> dict:
             "plain_call_us": plain_call * 1e6, "traced_call_us": traced_call * 1e6, "records": records}
 
 
-def _train_worker(args: argparse.Namespace, endpoint: str) -> dict:
+TRAIN_WARMUP_STEPS = 3
+"""Untimed first steps of the train workload (compile, autotune, allocator, NCCL)."""
+
+
+def watched_schedule(step: int, warmup: int) -> bool:
+    """Whether training step ``step`` (0-based) runs watched: plain during the warm-up,
+    then pairs in ABBA order (plain/watched, watched/plain, ...), so a drift over the
+    run, linear in steps, favours neither variant."""
+    if step < warmup:
+        return False
+    i = step - warmup
+    return (i % 2 == 1) != ((i // 2) % 2 == 1)
+
+
+def _train_worker(args: argparse.Namespace, endpoint: str) -> dict | None:
+    import json
     import tempfile
 
-    from commflow import monitor
+    import commflow.monitor as monitor
     from commflow.train.config import TrainConfig
     from commflow.train.loop import train
 
     spec = args.train_args or (CUDA_TRAIN_ARGS + f",sp={args.nproc}" if args.device == "cuda" else CPU_TRAIN_ARGS)
     flat = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
     flat = {k: (int(v) if v.isdigit() else v) for k, v in flat.items()}
-    flat.setdefault("steps", args.steps * 2)
-    out = {}
-    # A first plain run warms up what the process keeps between runs (CUDA context,
-    # kernels, allocator pools, NCCL) and is discarded; then plain/watched runs
-    # alternate, --train-pairs of them, so a drift favours neither.
-    for variant in ["warm-up"] + ["plain", "watched"] * args.train_pairs:
-        cfg = TrainConfig.from_flat(**flat, out=tempfile.mkdtemp(prefix="cf-ovh-"), progress=False, ckpt_every=0,
-                                    eval_batches=0)
-        if variant == "watched":
-            monitor.watch(endpoint)
-        summary = train(cfg)
-        if variant == "watched":
-            monitor.unwatch()
-        out.setdefault(variant, []).append(summary["step_time_s"])
-    return {"rank": int(os.environ["RANK"]), "plain_ms": statistics.median(out["plain"]) * 1e3,
-            "watched_ms": statistics.median(out["watched"]) * 1e3, "runs": out}
+    flat["steps"] = TRAIN_WARMUP_STEPS + 2 * args.steps * args.blocks
+    out_dir = Path(tempfile.mkdtemp(prefix="cf-ovh-"))
+    cfg = TrainConfig.from_flat(**flat, out=out_dir, progress=False, ckpt_every=0, eval_batches=0, log_every=1)
+    # One run; the trainer calls monitor.step() before each step's timer starts, and there
+    # the tracer is put in (watched) or taken out (plain): the same process, model, data
+    # and allocator state for both variants, step by step.
+    tracer = monitor.watch(endpoint)
+    real_step = monitor.step
+    watched: set[int] = set()
+
+    def alternating_step(step: int) -> int:
+        if watched_schedule(step, TRAIN_WARMUP_STEPS):
+            tracer.install()
+            watched.add(step + 1)  # metrics.jsonl numbers the step after it ran
+        else:
+            tracer.uninstall()
+        return real_step(step)
+
+    monitor.step = alternating_step
+    try:
+        train(cfg)
+    finally:
+        monitor.step = real_step
+        monitor.unwatch()
+    rank = int(os.environ["RANK"])
+    if rank != 0:  # only rank 0 writes metrics.jsonl; its step times are the synchronised ones
+        return None
+    times: dict[str, list[float]] = {"plain": [], "watched": []}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "step_time_s" in rec and rec["step"] > TRAIN_WARMUP_STEPS:
+            times["watched" if rec["step"] in watched else "plain"].append(rec["step_time_s"])
+    return {"rank": rank, "plain_ms": statistics.median(times["plain"]) * 1e3,
+            "watched_ms": statistics.median(times["watched"]) * 1e3, "steps": {k: len(v) for k, v in times.items()},
+            "step_ms": {k: [round(t * 1e3, 3) for t in v] for k, v in times.items()}}
 
 
 def _per_call_cost(calls: int) -> dict:
@@ -198,6 +233,7 @@ def run(args: argparse.Namespace) -> dict:
     with Coordinator() as coord:
         fn = _ddp_worker if args.workload == "ddp" else _train_worker
         per_rank = spawn(fn, args.nproc, args, coord.endpoint, backend=None, init=False, timeout_s=3600)
+        per_rank = [r for r in per_rank if r is not None]  # train workload: rank 0 only
         verdicts = [v.to_json() for v in coord.verdicts]
     worst = max(per_rank, key=lambda r: r["watched_ms"] / r["plain_ms"])
     out = {

@@ -189,3 +189,40 @@ def test_period_finder_anchor(seq, anchor):
     for s in seq:
         pf.observe(s)
     assert pf.anchor == anchor
+
+
+def _toggled() -> dict:
+    """Tracer taken out and put back between steps (the overhead benchmark's train
+    workload does this): only the calls of the watched steps are recorded, and every
+    record carries its own step."""
+    from commflow import monitor
+
+    tr = monitor.watch(infer_iterations=False)
+    try:
+        for step in range(6):
+            if step % 2:
+                tr.install()
+            else:
+                tr.uninstall()
+            monitor.step(step)
+            dist.all_reduce(torch.ones(4))
+        tr.install()
+        time.sleep(0.05)
+        tr.poll()
+        steps = [r.iteration for r in tr.records()]
+    finally:
+        monitor.unwatch()
+    return {"steps": steps, "restored": dist.all_reduce.__module__ == "torch.distributed.distributed_c10d"}
+
+
+def test_tracer_toggled_between_steps_records_only_watched_steps(dist_pool):
+    for res in dist_pool(2).run(_toggled):
+        assert res["steps"] == [1, 3, 5]
+        assert res["restored"]
+
+
+def test_overhead_schedule_is_abba_after_the_warmup():
+    from benchmarks.monitor_overhead import watched_schedule
+
+    got = [watched_schedule(s, 3) for s in range(11)]
+    assert got == [False] * 3 + [False, True, True, False, False, True, True, False]
