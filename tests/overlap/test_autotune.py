@@ -96,3 +96,12 @@ def test_autotune_defaults():
     at.set_autotune(False)
     assert not at.autotune_enabled(torch.device("cuda"))
     at.set_autotune(None)
+
+
+def test_a_graph_within_the_margin_is_preferred_to_a_faster_eager_schedule():
+    # (eager split, eager one group, graphed split, graphed one group)
+    graphed = [False, False, True, True]
+    assert at.pick_candidate(graphed, [0.60, 0.70, 0.61, 0.62]) == 2  # 1.7 % slower: the graph
+    assert at.pick_candidate(graphed, [0.60, 0.70, 0.64, 0.65]) == 0  # 6.7 % slower: the eager one
+    assert at.pick_candidate(graphed, [0.70, 0.60, 0.65, 0.55]) == 3  # a graph is fastest anyway
+    assert at.pick_candidate([False, False], [0.7, 0.6]) == 1  # no graphs (CPU, or graphs off)
