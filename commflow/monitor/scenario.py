@@ -542,9 +542,14 @@ def score(result: ScenarioResult, *, window_s: float = 30.0) -> dict:
             else:
                 row["localized"] = row["detected"] and v.ranks == [ev["rank"]]
         rows.append(row)
-    # A verdict that names a fault's culprit again while that fault still runs (no heal:
-    # on CUDA the fault lasts its whole length) repeats a true alarm; only the others are
-    # false.
+    # A verdict that names a fault's culprit again while that fault still runs (not yet
+    # healed: on CUDA a verdict does not heal, and the fault lasts its whole length)
+    # repeats a true alarm; only the others are false.
+    healed: dict[str, float] = {}
+    for e in result.injected:
+        if e["kind"] == "heal":
+            text = e["fault"].get("text")
+            healed[text] = min(healed.get(text, float("inf")), e["t"])
     repeats, false = [], []
     for j, v in enumerate(verdicts):
         if j in used:
@@ -552,7 +557,8 @@ def score(result: ScenarioResult, *, window_s: float = 30.0) -> dict:
         same = False
         for i, ev in enumerate(fired):
             t_next = fired[i + 1]["t"] if i + 1 < len(fired) else float("inf")
-            if not ev["t"] <= v.t_detect <= min(t_next, ev["t"] + window_s) or v.kind not in EXPECTED[ev["kind"]]:
+            t_end = min(t_next, ev["t"] + window_s, healed.get(ev["fault"].get("text"), float("inf")))
+            if not ev["t"] <= v.t_detect <= t_end or v.kind not in EXPECTED[ev["kind"]]:
                 continue
             if ev["kind"] in ("slowlink", "linkdown"):
                 same = v.link is not None and sorted(v.link) == sorted(ev["link_ranks"])

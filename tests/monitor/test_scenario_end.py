@@ -42,3 +42,8 @@ def test_score_counts_a_repeated_verdict_on_a_running_fault_apart_from_false_ala
     assert [(v["ranks"], v["t_detect"]) for v in s["repeats"]] == [([1], 13.0)]
     # rank 2 never had a fault; rank 1's fault ended when rank 3's fired
     assert sorted(v["ranks"][0] for v in s["false_alarms"]) == [1, 2]
+    # A healed fault (CPU trials) is over at its heal: naming the rank again is false.
+    heal = {"kind": "heal", "t": 12.0, "fault": {"text": "hang:rank=1,at=40"}}
+    r.injected = [*fired, heal]
+    s = score(r)
+    assert s["repeats"] == [] and sorted(v["ranks"][0] for v in s["false_alarms"]) == [1, 1, 2]
