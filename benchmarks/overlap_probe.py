@@ -108,7 +108,7 @@ def _host_costs(dev, info) -> dict:
     small = torch.empty(256 // info.world_size, 256, device=dev, dtype=torch.bfloat16)
     side = torch.cuda.Stream(device=dev)
     g = GroupInfo(group=None, rank=info.rank, world_size=info.world_size)
-    ws = symm._workspace(g, "probe", dev)
+    ws = symm.workspace(g, "probe", dev)
     ws.ensure(2**20)
     ops = {
         "mm": lambda: torch.mm(a, a),

@@ -422,7 +422,7 @@ def _copy_engine(cal: Calibration, g, device: torch.device, dtype: torch.dtype, 
     except Exception as e:  # noqa: BLE001 - keep the bare launch cost, say why
         cal = replace(cal, measurements={**cal.measurements, "launch_us": f"schedule timing failed: {e}"})
     try:
-        ws = symm._workspace(g, "calibrate", device)
+        ws = symm.workspace(g, "calibrate", device)
         big, small = 64 << 20, 64 << 10
         ws.ensure(big)
         peer = (g.rank + 1) % g.world_size

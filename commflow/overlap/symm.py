@@ -79,7 +79,7 @@ def available(g: GroupInfo, device: torch.device) -> bool:
         # signatures in the same order everywhere): set up a small workspace for real,
         # and agree over the group, so that no rank picks a transport its peers lack.
         try:
-            _workspace(g, "probe", device).ensure(1 << 20)
+            workspace(g, "probe", device).ensure(1 << 20)
             ok = 1
         except Exception as e:  # noqa: BLE001 - reported by unavailable_reason(); NCCL per chunk instead
             _WHY[key] = f"{type(e).__name__}: {e}"
@@ -184,18 +184,14 @@ class _Workspace:
 _WORKSPACES: dict[tuple, _Workspace] = {}
 
 
-def _workspace(g: GroupInfo, op: str, device: torch.device) -> _Workspace:
+def workspace(g: GroupInfo, op: str, device: torch.device) -> _Workspace:
+    """The workspace of ``op`` (``"rs"``, ``"ar"``, ``"ag"``, or a probe's) on this group and device."""
     pg = _process_group(g)
     key = (id(pg), op, device.index)
     ws = _WORKSPACES.get(key)
     if ws is None or ws.pg is not pg:
         ws = _WORKSPACES[key] = _Workspace(pg, device)
     return ws
-
-
-def workspace(g: GroupInfo, op: str, device: torch.device) -> _Workspace:
-    """The workspace of ``op`` (``"rs"``, ``"ar"``, ``"ag"``) on this group and device."""
-    return _workspace(g, op, device)
 
 
 def workspace_bytes() -> dict[str, int]:
@@ -279,7 +275,7 @@ def matmul_reduce_scatter(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, size
     m, n, dtype, dev = x2d.shape[0], w.shape[1], x2d.dtype, x2d.device
     mr = m // world
     sizes = sizes or (mr,)
-    ws = _workspace(g, "rs", dev)
+    ws = workspace(g, "rs", dev)
     ws.ensure(2 * world * max(sizes) * n * dtype.itemsize)
     out = torch.empty(mr, n, dtype=dtype, device=dev)
     starts = _offsets(sizes)
@@ -315,7 +311,7 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
     sizes = sizes or (m // world,)
     starts = _offsets(sizes)
     block = max(sizes) * n
-    ws = _workspace(g, "ar", dev)
+    ws = workspace(g, "ar", dev)
     ws.ensure(2 * (world + 1) * block * dtype.itemsize)  # per copy: R slots, then the reduced block
     main, comm = _streams(dev)
     pull = pull_stream(dev)
@@ -360,7 +356,7 @@ def all_gather_matmul(xs: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tu
     sizes = sizes or (ms,)
     starts = _offsets(sizes)
     shard = ms * k
-    ws = _workspace(g, "ag", dev)
+    ws = workspace(g, "ag", dev)
     ws.ensure(2 * shard * dtype.itemsize)
     base = ws.next_copy(dtype)
     main, comm = _streams(dev)

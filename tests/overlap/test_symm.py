@@ -79,7 +79,7 @@ def ranks(monkeypatch):
         monkeypatch.setattr(symm, "_streams", lambda device: (_Stream(), _Stream()))
         monkeypatch.setattr(symm, "pull_stream", lambda device: _Stream())
         monkeypatch.setattr(symm, "_on", lambda stream: contextlib.nullcontext())
-        monkeypatch.setattr(symm, "_workspace", workspace)
+        monkeypatch.setattr(symm, "workspace", workspace)
         results, errors = [None] * world, []
 
         def body(r):
