@@ -165,12 +165,10 @@ def _train_worker(args: argparse.Namespace, endpoint: str) -> dict | None:
     # and allocator state for both variants, step by step.
     tracer = monitor.watch(endpoint)
     real_step = monitor.step
-    watched: set[int] = set()
 
     def alternating_step(step: int) -> int:
         if watched_schedule(step, TRAIN_WARMUP_STEPS):
             tracer.install()
-            watched.add(step + 1)  # metrics.jsonl numbers the step after it ran
         else:
             tracer.uninstall()
         return real_step(step)
@@ -187,8 +185,9 @@ def _train_worker(args: argparse.Namespace, endpoint: str) -> dict | None:
     times: dict[str, list[float]] = {"plain": [], "watched": []}
     for line in (out_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        if "step_time_s" in rec and rec["step"] > TRAIN_WARMUP_STEPS:
-            times["watched" if rec["step"] in watched else "plain"].append(rec["step_time_s"])
+        if "step_time_s" in rec and rec["step"] > TRAIN_WARMUP_STEPS:  # metrics number a step after it ran
+            times["watched" if watched_schedule(rec["step"] - 1, TRAIN_WARMUP_STEPS) else "plain"].append(
+                rec["step_time_s"])
     return {"rank": rank, "plain_ms": statistics.median(times["plain"]) * 1e3,
             "watched_ms": statistics.median(times["watched"]) * 1e3, "steps": {k: len(v) for k, v in times.items()},
             "step_ms": {k: [round(t * 1e3, 3) for t in v] for k, v in times.items()}}

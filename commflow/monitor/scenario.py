@@ -501,6 +501,13 @@ def healthy_iterations(result: ScenarioResult, *, recover: int = 5) -> int:
     return sum(1 for row in result.iterations if not any(a <= row["iteration"] < b for a, b in windows))
 
 
+def _names_culprit(v: Verdict, ev: dict) -> bool:
+    """Whether verdict ``v`` names the injected fault ``ev``'s edge (either direction) or rank."""
+    if ev["kind"] in ("slowlink", "linkdown"):
+        return v.link is not None and sorted(v.link) == sorted(ev["link_ranks"])
+    return v.ranks == [ev["rank"]]
+
+
 def score(result: ScenarioResult, *, window_s: float = 30.0) -> dict:
     """Match each fired fault to the first verdict after it; count the rest as false alarms.
 
@@ -512,14 +519,16 @@ def score(result: ScenarioResult, *, window_s: float = 30.0) -> dict:
     fired = sorted((e for e in result.injected if e["kind"] not in ("jitter", "heal")), key=lambda e: e["t"])
     # One event per fault (a link fault fires on its source only).
     verdicts = sorted(result.verdicts, key=lambda v: v.t_detect)
+    # Each fault's window: from its firing to the next fault's, at most window_s.
+    ends = [min(fired[i + 1]["t"] if i + 1 < len(fired) else float("inf"), ev["t"] + window_s)
+            for i, ev in enumerate(fired)]
     used: set[int] = set()
     rows = []
     for i, ev in enumerate(fired):
-        t_next = fired[i + 1]["t"] if i + 1 < len(fired) else float("inf")
         f = ev["fault"]
         hit = None
         for j, v in enumerate(verdicts):
-            if j in used or v.t_detect < ev["t"] or v.t_detect > min(t_next, ev["t"] + window_s):
+            if j in used or v.t_detect < ev["t"] or v.t_detect > ends[i]:
                 continue
             hit = j
             break
@@ -535,12 +544,9 @@ def score(result: ScenarioResult, *, window_s: float = 30.0) -> dict:
             row["latency_s"] = v.t_detect - ev["t"]
             row["localize_s"] = (v.t_localized or v.t_detect) - v.t_detect
             row["detected"] = v.kind in EXPECTED[ev["kind"]]
+            row["localized"] = row["detected"] and _names_culprit(v, ev)
             if ev["kind"] in ("slowlink", "linkdown"):
-                want = ev["link_ranks"]
-                row["localized"] = row["detected"] and v.link is not None and sorted(v.link) == sorted(want)
-                row["direction_ok"] = v.link == want
-            else:
-                row["localized"] = row["detected"] and v.ranks == [ev["rank"]]
+                row["direction_ok"] = v.link == ev["link_ranks"]
         rows.append(row)
     # A verdict that names a fault's culprit again while that fault still runs (not yet
     # healed: on CUDA a verdict does not heal, and the fault lasts its whole length)
@@ -554,18 +560,8 @@ def score(result: ScenarioResult, *, window_s: float = 30.0) -> dict:
     for j, v in enumerate(verdicts):
         if j in used:
             continue
-        same = False
-        for i, ev in enumerate(fired):
-            t_next = fired[i + 1]["t"] if i + 1 < len(fired) else float("inf")
-            t_end = min(t_next, ev["t"] + window_s, healed.get(ev["fault"].get("text"), float("inf")))
-            if not ev["t"] <= v.t_detect <= t_end or v.kind not in EXPECTED[ev["kind"]]:
-                continue
-            if ev["kind"] in ("slowlink", "linkdown"):
-                same = v.link is not None and sorted(v.link) == sorted(ev["link_ranks"])
-            else:
-                same = v.ranks == [ev["rank"]]
-            if same:
-                break
+        same = any(ev["t"] <= v.t_detect <= min(ends[i], healed.get(ev["fault"].get("text"), float("inf")))
+                   and v.kind in EXPECTED[ev["kind"]] and _names_culprit(v, ev) for i, ev in enumerate(fired))
         (repeats if same else false).append(v.to_json())
     return {
         "faults": rows,
