@@ -5,8 +5,12 @@ setting, each fault lasting until its verdict heals it (or ``--max-fault-iters``
 
 * slow ranks at each ``--factors`` value (1.2x-5x): iterations and seconds from the
   fault's first iteration to the ``slow_rank`` verdict, and whether it named the rank;
-* slow links at each ``--delays-ms`` (CPU: a per-message delay on the edge; CUDA: the
-  edge's two GPUs exchange ``--congest-mib`` per iteration on a side NCCL group);
+* slow links at each ``--delays-ms``: a per-message delay on the edge (CPU: the source
+  holds the call; CUDA: a GPU sleep on the source's stream inside each collective or
+  send that crosses the edge, so the transfer itself starts late). CUDA with
+  ``--link-mode congest`` instead loads the edge for real: its two GPUs exchange each
+  ``--congest-mib`` per iteration on a side NCCL group (on an NVSwitch that does not
+  slow the job's collectives measurably: 0/2 found on 2 and 4 H100s);
 * hangs, dead links (CPU) and crashes: seconds to the verdict, against the bound
   max(3 x median step, 2 s);
 * false alarms over the healthy iterations of all these jobs.
@@ -34,7 +38,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--trials", type=int, default=10, help="faults per setting")
     p.add_argument("--factors", default="1.2,1.5,2,3,5", help="slow-rank compute factors")
-    p.add_argument("--delays-ms", default="2,5,20", help="CPU slow-link delays per message")
+    p.add_argument("--delays-ms", default="2,5,20", help="slow-link delays per message (link mode delay)")
+    p.add_argument("--link-mode", choices=["delay", "congest"], default="delay",
+                   help="CUDA slow-link emulation: a GPU-side delay on the edge, or real load on it")
     p.add_argument("--congest-mib", default="256,1024", help="CUDA slow-link load per iteration")
     p.add_argument("--kinds", default="slow,slowlink,hang,linkdown,crash")
     p.add_argument("--compute-ms", type=float, default=40.0, help="compute per iteration")
@@ -98,15 +104,15 @@ def run(args: argparse.Namespace) -> dict:
             settings.append(("slow", f"factor={f}", scenario(specs, its, seed)))
             seed += 1
     if "slowlink" in kinds:
-        values = args.congest_mib if cuda else args.delays_ms
+        congest = cuda and args.link_mode == "congest"
+        values = args.congest_mib if congest else args.delays_ms
         for v in (x.strip() for x in values.split(",")):
-            params = {} if cuda else {"delay": f"{v}ms"}
+            params = {"delay": "1ms"} if congest else {"delay": f"{v}ms"}  # congest: the load is the fault
             specs, its = trial_plan("slowlink", args.trials, world=w, seed=seed, start=40, gap=args.gap,
                                     length=args.max_fault_iters if not cuda else 40, **params)
-            if cuda:
-                specs = [s + ",delay=1ms" for s in specs]  # the delay is not used on CUDA: the load is
-            extra = {"congest_mib": int(v)} if cuda else {}
-            settings.append(("slowlink", f"{'congest_mib' if cuda else 'delay_ms'}={v}", scenario(specs, its, seed, **extra)))
+            extra = {"congest_mib": int(v), "link_mode": "congest"} if congest else {}
+            settings.append(("slowlink", f"{'congest_mib' if congest else 'delay_ms'}={v}",
+                             scenario(specs, its, seed, **extra)))
             seed += 1
     if "hang" in kinds:
         specs, its = trial_plan("hang", args.trials, world=w, seed=seed, start=40, gap=args.gap, length=1,

@@ -57,6 +57,8 @@ class Reporter(threading.Thread):
         tracer: the tracer to drain.
         hello: identity sent on connect (rank, slot, host, pid, gpu, ...).
         interval: seconds between reports (heartbeat period).
+        poll_interval: seconds between completion polls while calls are in flight
+            (CUDA events, gloo works without a future); each poll takes the GIL.
         on_command: called (in this thread) with each command from the coordinator.
     """
 
@@ -67,6 +69,7 @@ class Reporter(threading.Thread):
         hello: dict,
         *,
         interval: float = 0.1,
+        poll_interval: float = 0.01,
         on_command: Callable[[dict], None] | None = None,
         max_events_per_message: int = 4000,
     ):
@@ -75,6 +78,7 @@ class Reporter(threading.Thread):
         self.tracer = tracer
         self.hello = dict(hello)
         self.interval = interval
+        self.poll_interval = poll_interval
         self.on_command = on_command or (lambda cmd: None)
         self.max_events = max_events_per_message
         self.offset = 0.0  # coordinator clock - this clock
@@ -208,7 +212,7 @@ class Reporter(threading.Thread):
                     self._send({"bye": self._bye or {"ok": True, "error": None}})
                     self._close_sock()
                     return
-                wait = 0.01 if self.tracer.pending_poll else min(self.interval, 0.05)
+                wait = self.poll_interval if self.tracer.pending_poll else min(self.interval, 0.05)
                 for msg in self._read(wait):
                     self._dispatch(msg)
             except (OSError, ConnectionError, ValueError):

@@ -32,7 +32,9 @@ How each fault is emulated, and what it is a stand-in for:
   (so the rank counts as arrived), the call is delayed (or blocked) before the data
   moves, for every collective whose group holds both ends and for point-to-point
   sends ``src -> dst``; the probe sweep's sends on that edge are delayed (or never
-  posted). A collective cannot be slowed on one edge from Python, so this shows up as
+  posted). On CUDA the delay is a sleep kernel on the source's stream between the
+  collective's start event and the collective itself. A collective cannot be slowed on
+  one edge from Python, so this shows up as
   "everyone arrived, the transfer is slow" (communication slow / hang); the pairwise
   probe is what pins the edge, as it would be on real hardware.
 * ``jitter``: per iteration and rank a factor ``u ~ U(0, 2 pct)`` drawn from
@@ -426,6 +428,11 @@ class Injector:
                 # long and stays healthy (a flap); without it, never.
                 self._block(f.hold_s)
                 self._healed.add(i)
+            elif self.cuda:
+                # On a GPU the host runs ahead of the stream, so a host sleep would be
+                # absorbed; a sleep kernel on the caller's stream holds the transfer
+                # itself back (NCCL waits for that stream before it moves the bytes).
+                self._sleep(f.delay_s)
             else:
                 time.sleep(f.delay_s)
 

@@ -184,15 +184,22 @@ def analyze_matrix(
 
     An edge is bad when it never arrived or exceeds the median edge by more than
     ``max(kappa * sigma, rel * median, abs_floor_s)`` with sigma = 1.4826 MAD over
-    edges: far outside the spread of its peers *and* large in absolute terms.
+    edges: far outside the spread of its peers *and* large in absolute terms. With two
+    ranks (two edges) the reference is the faster edge and sigma is 0.
     """
     w = m.shape[0]
     off = ~np.eye(w, dtype=bool)
     vals = m[off & np.isfinite(m)]
     if vals.size == 0:
         return LinkFinding(where="none", evidence={"note": "no edge was measured"})
-    base = float(np.median(vals))
-    sigma = float(1.4826 * np.median(np.abs(vals - base)))
+    if vals.size >= 3:
+        base = float(np.median(vals))
+        sigma = float(1.4826 * np.median(np.abs(vals - base)))
+    else:
+        # Two ranks: the cable's two directions are all there is, and the median of two
+        # is their mean, which a slow direction drags up with it (a 20 ms edge beside a
+        # 1 ms one never passed). The faster direction is the reference instead.
+        base, sigma = float(np.min(vals)), 0.0
     limit = base + max(kappa * sigma, rel * base, abs_floor_s)
     bad = off & ~np.isnan(m) & ((m > limit) | np.isinf(m))
     cells = [(int(s), int(d)) for s, d in zip(*np.nonzero(bad))]

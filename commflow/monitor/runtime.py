@@ -54,6 +54,7 @@ def watch(
     slots: Sequence[int] | None = None,
     ring_size: int = 4096,
     interval: float = 0.1,
+    poll_interval: float = 0.01,
     infer_iterations: bool = True,
 ) -> Tracer:
     """Trace every torch.distributed collective and p2p call of this process.
@@ -69,6 +70,9 @@ def watch(
         slots: slot of each global rank (default: ``COMMFLOW_SLOTS`` or identity).
         ring_size: records kept locally.
         interval: reporter period, seconds.
+        poll_interval: how often the reporter checks in-flight calls for completion
+            (seconds); a completion's wall time is known to this resolution (its
+            duration on a GPU exactly, from CUDA events).
         infer_iterations: infer iterations from the call pattern until :func:`step`.
     """
     if "tracer" in _state:
@@ -109,7 +113,7 @@ def watch(
 
         slot = slots[rank] if rank < len(slots) else rank
         reporter = Reporter(endpoint, tracer, default_hello(rank, slot, world), interval=interval,
-                            on_command=lambda cmd: _command(cmd, tracer, injector))
+                            poll_interval=poll_interval, on_command=lambda cmd: _command(cmd, tracer, injector))
         reporter.start()
         _state["reporter"] = reporter
         atexit.register(_goodbye)

@@ -60,9 +60,12 @@ class Scenario:
     slow_mode: str = "work"
     """CUDA: a slow rank does ``factor`` x the GEMMs ("work") or runs a competing GEMM
     stream beside its own ("contend"). CPU always emulates with a sleep."""
+    link_mode: str = "delay"
+    """CUDA slowlink: "delay" holds the edge's transfers with a GPU sleep on the source's
+    stream (the injector's emulation, as on CPU); "congest" loads the link for real."""
     congest_mib: int = 512
-    """CUDA slowlink: bytes the link's two ends exchange per iteration on a side group,
-    loading that pair's NVLink while the job runs."""
+    """CUDA slowlink, link_mode "congest": bytes the link's two ends exchange per
+    iteration on a side group, loading that pair's NVLink while the job runs."""
     pg_timeout_s: float | None = None
     """The job's own collective timeout (PyTorch's watchdog/gloo timeout), for the
     baseline comparison; None = torch's default."""
@@ -74,6 +77,12 @@ class Scenario:
     for the others before ending the job. Survivors of a crash on NCCL stay blocked in
     their collective until the 10-min watchdog; gloo raises at once. A real job would be
     torn down and restarted here, so the scenario does the same."""
+
+    def __post_init__(self) -> None:
+        if self.slow_mode not in ("work", "contend"):
+            raise ValueError(f"slow_mode must be 'work' or 'contend', got {self.slow_mode!r}")
+        if self.link_mode not in ("delay", "congest"):
+            raise ValueError(f"link_mode must be 'delay' or 'congest', got {self.link_mode!r}")
 
 
 @dataclass
@@ -141,7 +150,7 @@ def _worker(rank: int, sc: Scenario, store_port: int, endpoint: str, faults: lis
         dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=sc.world, **timeout)
         pairs = {}
-        if cuda and any(f["kind"] == "slowlink" for f in faults):
+        if cuda and sc.link_mode == "congest" and any(f["kind"] == "slowlink" for f in faults):
             for a in range(sc.world):  # collective: every rank creates every pair group
                 for b in range(a + 1, sc.world):
                     pairs[(a, b)] = dist.new_group([a, b])
@@ -149,7 +158,7 @@ def _worker(rank: int, sc: Scenario, store_port: int, endpoint: str, faults: lis
         inj = tracer.injector
         if cuda and inj is not None:
             inj.emulate_compute = False  # the GEMMs below do the extra work
-            inj.emulate_links = False  # the pair groups below load the link
+            inj.emulate_links = not pairs  # congest: the pair groups below load the link
         numel = max(1, sc.nbytes // 4)
         x = torch.ones(numel, device=dev)
         gathered = torch.empty(numel * sc.world, device=dev)

@@ -90,6 +90,22 @@ def test_links_delay_their_source_only_and_probes_see_a_dead_link():
     assert down.probe_edge(0, 0) == 0.0 and down.probe_edge(1, 0) is None
 
 
+def test_on_cuda_a_slow_link_delays_the_stream_not_the_host(monkeypatch):
+    # The host runs ahead of a GPU stream, so a host sleep would vanish into the queue:
+    # the CUDA emulation is a sleep kernel (Injector._sleep) on the source's stream,
+    # for collectives with the destination and for sends to it; the probe keeps its delay.
+    src = Injector([parse_fault("slowlink:src=2,dst=0,delay=30ms")], slot=2, slots=[0, 1, 2, 3], cuda=True)
+    kernels: list[float] = []
+    monkeypatch.setattr(src, "_sleep", kernels.append)
+    t = time.perf_counter()
+    src.inside_collective(0, [0, 1, 2, 3])
+    src.before_send(0, 0)
+    src.before_send(0, 1)  # another edge: untouched
+    assert time.perf_counter() - t < 0.02
+    assert kernels == [pytest.approx(0.03), pytest.approx(0.03)]
+    assert src.probe_edge(0, 0) == pytest.approx(0.03)
+
+
 def test_jitter_is_reproducible_from_the_seed():
     f = parse_fault("jitter:pct=20")
     a = [Injector([f], slot=1, slots=[0, 1], seed=5)._jitter(f, it) for it in range(50)]

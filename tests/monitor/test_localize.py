@@ -62,6 +62,19 @@ def test_an_edge_that_never_delivered_is_a_dead_link():
     assert f.where == "link" and f.link == [0, 1] and f.dead
 
 
+def test_two_ranks_compare_the_cable_s_two_directions():
+    # The median of two edges is their mean: against it a 20 ms direction beside a 1 ms
+    # one was never bad. The faster direction is the reference with two ranks.
+    m = _matrix(world=2)
+    m[0, 1] = 0.021
+    f = analyze_matrix(m)
+    assert f.where == "link" and f.link == [0, 1] and not f.dead
+    assert analyze_matrix(_matrix(world=2, seed=5)).where == "none"
+    m = _matrix(world=2)
+    m[1, 0] = 0.0025  # 2.5x the other way but only 1.5 ms more: under the 2 ms floor
+    assert analyze_matrix(m).where == "none"
+
+
 def test_noise_alone_is_no_finding():
     assert analyze_matrix(_matrix(seed=3)).where == "none"
 
