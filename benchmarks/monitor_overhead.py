@@ -49,7 +49,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10, help="steps per block")
     p.add_argument("--blocks", type=int, default=6, help="blocks per variant (alternating)")
     p.add_argument("--calls", type=int, default=2000, help="tiny all-reduces for the per-call cost")
-    p.add_argument("--poll-s", type=float, default=0.01,
+    p.add_argument("--poll-s", type=float, default=0.05,
                    help="the reporter's completion-poll period while calls are in flight (watch(poll_interval=))")
     p.add_argument("--train-args", default=None,
                    help="workload=train: TrainConfig fields, comma separated key=value (default: "

@@ -69,7 +69,7 @@ class Reporter(threading.Thread):
         hello: dict,
         *,
         interval: float = 0.1,
-        poll_interval: float = 0.01,
+        poll_interval: float = 0.05,
         on_command: Callable[[dict], None] | None = None,
         max_events_per_message: int = 4000,
     ):

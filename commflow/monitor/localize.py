@@ -62,19 +62,18 @@ def tournament(world: int) -> list[list[tuple[int, int]]]:
     return rounds
 
 
-def _wait(work: object, timeout_s: float, sync: Callable[[], None] | None = None) -> float | None:
-    """Block on ``work.wait()`` in a helper thread for at most ``timeout_s``; return the
-    time it completed (perf_counter) or None. gloo's send/recv works report completion
-    only through wait(), and a timed-out wait would close the pair for good, so a late
-    work is simply left behind."""
+def _wait(work: object, timeout_s: float, finish: Callable[[object], None] | None = None) -> float | None:
+    """Block until ``work`` is done, in a helper thread, for at most ``timeout_s``; return
+    the time it completed (perf_counter) or None. ``finish(work)`` blocks until the bytes
+    have moved (default ``work.wait()``: gloo's send/recv works report completion only
+    through it). A timed-out wait would close a gloo pair for good, so a late work is
+    simply left behind."""
     done = threading.Event()
     t_done: list[float] = []
 
     def waiter() -> None:
         try:
-            work.wait()  # type: ignore[attr-defined]
-            if sync is not None:  # CUDA: wait() only orders streams; block on the copy
-                sync()
+            (finish or _wait_work)(work)
             t_done.append(time.perf_counter())
         except Exception:  # noqa: BLE001 - a broken pair counts as no delivery
             pass
@@ -83,6 +82,10 @@ def _wait(work: object, timeout_s: float, sync: Callable[[], None] | None = None
     threading.Thread(target=waiter, name="commflow-probe-wait", daemon=True).start()
     done.wait(timeout_s)
     return t_done[0] if t_done else None
+
+
+def _wait_work(work: object) -> None:
+    work.wait()  # type: ignore[attr-defined]
 
 
 def run_sweep(
@@ -97,7 +100,7 @@ def run_sweep(
     reps: int = 3,
     timeout_s: float = 2.0,
     on_round: Callable[[dict], None] | None = None,
-    sync: Callable[[], None] | None = None,
+    finish: Callable[[object], None] | None = None,
 ) -> dict[int, list[float | None]]:
     """Time every directed edge ``src -> rank``; return ``{src: [seconds or None]}``.
 
@@ -130,10 +133,10 @@ def run_sweep(
                         continue  # a dead link: the bytes never leave
                     if delay > 0:
                         time.sleep(delay)
-                    _wait(send(buf_out, receiver, rep), timeout_s, sync)
+                    _wait(send(buf_out, receiver, rep), timeout_s, finish)
                     continue
                 t0 = time.perf_counter()
-                t_done = _wait(recv(buf_in, sender, rep), timeout_s, sync)
+                t_done = _wait(recv(buf_in, sender, rep), timeout_s, finish)
                 got.setdefault(sender, []).append(None if t_done is None else t_done - t0)
             if on_round is not None:
                 on_round({k: list(v) for k, v in got.items()})
@@ -297,7 +300,8 @@ def sweep_in_thread(
 
     ``backend="gloo"`` sends CPU tensors over TCP (the host network: the NIC path
     between nodes); ``"nccl"`` sends CUDA tensors on ``device`` (NVLink / the GPU's
-    network path), timed with a stream sync in the waiting helper thread.
+    network path) on a stream of its own, never the job's, timed with a sync of that
+    stream in the waiting helper thread.
     """
     from datetime import timedelta
 
@@ -307,17 +311,37 @@ def sweep_in_thread(
     store = dist.TCPStore(store_addr[0], store_addr[1], is_master=False, timeout=timedelta(seconds=30))
     prefixed = dist.PrefixStore(prefix, store)
     numel = max(1, nbytes // 4)
-    sync = None
+    finish = None
+    send = lambda buf, dst, tag: pg.send([buf], dst, tag)  # noqa: E731
+    recv = lambda buf, src, tag: pg.recv([buf], src, tag)  # noqa: E731
     if backend == "nccl":
         torch.cuda.set_device(device or 0)
         dev = torch.device("cuda", device or 0)
         pg = dist.ProcessGroupNCCL(dist.PrefixStore("pg", prefixed), rank, world, dist.ProcessGroupNCCL.Options())
+        # The probe's own stream. On the default stream -- the job's -- each transfer
+        # would first wait for the job's queued work, and wait() would make the job's
+        # next kernels wait for the probe: with a job collective queued between them on
+        # one rank and not the other, that is a cycle (the 2-GPU slow-link runs hung).
+        stream = torch.cuda.Stream(dev)
 
-        def sync() -> None:
-            torch.cuda.set_device(dev)
-            torch.cuda.current_stream(dev).synchronize()
+        def on_stream(op):
+            def run(buf, peer, tag):
+                with torch.cuda.device(dev), torch.cuda.stream(stream):
+                    return op([buf], peer, tag)
+            return run
 
-        make_buffer = lambda: torch.ones(numel, device=dev)  # noqa: E731
+        send, recv = on_stream(pg.send), on_stream(pg.recv)
+
+        def finish(work) -> None:
+            # wait() orders the calling thread's current stream after NCCL's: make that
+            # the probe's stream (a helper thread starts on the default one), then block.
+            with torch.cuda.device(dev), torch.cuda.stream(stream):
+                work.wait()
+            stream.synchronize()
+
+        def make_buffer():
+            with torch.cuda.stream(stream):
+                return torch.ones(numel, device=dev)
     else:
         pg = dist.ProcessGroupGloo(dist.PrefixStore("pg", prefixed), rank, world, timedelta(seconds=60))
         make_buffer = lambda: torch.ones(numel)  # noqa: E731
@@ -334,15 +358,15 @@ def sweep_in_thread(
     return run_sweep(
         rank=rank,
         world=world,
-        send=lambda buf, dst, tag: pg.send([buf], dst, tag),
-        recv=lambda buf, src, tag: pg.recv([buf], src, tag),
+        send=send,
+        recv=recv,
         barrier=store_barrier,
         make_buffer=make_buffer,
         edge_delay=edge_delay,
         reps=reps,
         timeout_s=timeout_s,
         on_round=on_round,
-        sync=sync,
+        finish=finish,
     )
 
 

@@ -54,7 +54,7 @@ def watch(
     slots: Sequence[int] | None = None,
     ring_size: int = 4096,
     interval: float = 0.1,
-    poll_interval: float = 0.01,
+    poll_interval: float = 0.05,
     infer_iterations: bool = True,
 ) -> Tracer:
     """Trace every torch.distributed collective and p2p call of this process.
@@ -72,7 +72,9 @@ def watch(
         interval: reporter period, seconds.
         poll_interval: how often the reporter checks in-flight calls for completion
             (seconds); a completion's wall time is known to this resolution (its
-            duration on a GPU exactly, from CUDA events).
+            duration on a GPU exactly, from CUDA events). Each poll takes the GIL
+            from the training thread: at 0.01 s a 350M-model step on 2 H100s ran
+            1.5-2.3 % slower watched, at 0.05 s -0.4 % (benchmarks monitor_overhead).
         infer_iterations: infer iterations from the call pattern until :func:`step`.
     """
     if "tracer" in _state:

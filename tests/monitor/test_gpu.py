@@ -80,3 +80,51 @@ def test_nccl_probe_measures_every_edge():
     off = ~torch.eye(n, dtype=torch.bool).numpy()
     assert (m[off] > 0).all() and (m[off] < 1.0).all()  # 64 MiB over NVLink: well under a second
     assert analyze_matrix(m).where == "none"  # healthy machine: no finding
+
+
+def _probe_beside_the_job() -> dict:
+    import os
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from commflow.monitor.localize import sweep_in_thread
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(rank)
+    x = torch.ones(16 << 20, device="cuda")
+    result: dict = {}
+
+    def probe() -> None:
+        result["rows"] = sweep_in_thread(
+            store_addr=(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), prefix="gpu-probe-online",
+            rank=rank, world=world, nbytes=16 << 20, reps=3, timeout_s=5.0, edge_delay=None,
+            backend="nccl", device=rank)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    # The job keeps queueing collectives on its (default) stream, the ranks out of step
+    # with each other, the way the online probe meets a running job. A probe on the
+    # job's stream deadlocked here: its transfer waited for the job's queued collective
+    # on one rank while the job waited for the probe on the other.
+    deadline = time.time() + 60
+    while t.is_alive() and time.time() < deadline:
+        torch.cuda._sleep(2_000_000 * (rank + 1))
+        dist.all_reduce(x)
+    torch.cuda.synchronize()
+    t.join(timeout=max(0.0, deadline - time.time()))
+    return {"finished": not t.is_alive(), "rows": {str(k): v for k, v in result.get("rows", {}).items()}}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_the_online_probe_runs_beside_a_job_that_keeps_its_stream_busy():
+    from commflow.dist import spawn
+    from commflow.monitor.localize import matrix_from_rows
+
+    n = min(4, torch.cuda.device_count())
+    out = spawn(_probe_beside_the_job, n, backend="nccl", init=True, timeout_s=300)
+    assert all(r["finished"] for r in out)
+    m = matrix_from_rows({i: r["rows"] for i, r in enumerate(out)}, n)
+    off = ~torch.eye(n, dtype=torch.bool).numpy()
+    assert (m[off] > 0).all() and (m[off] < 5.0).all()  # every edge delivered within the timeout
