@@ -140,6 +140,9 @@ class CommRecord:
     """CUDA device index of the tensors (-1: CPU)."""
     ev_start: Any = field(default=None, repr=False)
     ev_end: Any = field(default=None, repr=False)
+    stream: int = 0
+    """The CUDA stream ``ev_end`` was recorded on (its handle): events of one stream
+    complete in the order they were recorded, which lets a poll stop early."""
 
     def wire(self) -> list:
         """Compact JSON form sent to the coordinator."""
@@ -327,13 +330,20 @@ class Tracer:
 
     def _poll_locked(self) -> None:
         now = time.time()
+        # A poll holds the GIL the training thread needs to launch kernels, and a job
+        # that runs ahead of its GPU has a step's worth of calls pending: query each
+        # stream only up to its first unfinished event (the rest finish after it).
+        busy: set[tuple[int, int]] = set()
         for rec in list(self.pending_poll.values()):
             try:
                 if rec.ev_end is not None and rec.work is None:
+                    if (rec.dev, rec.stream) in busy:
+                        continue
                     if rec.dev != getattr(self._tls, "poll_dev", -2):  # query in the device's context
                         torch.cuda.set_device(rec.dev)
                         self._tls.poll_dev = rec.dev
                     if not rec.ev_end.query():
+                        busy.add((rec.dev, rec.stream))
                         continue
                     dur = rec.ev_start.elapsed_time(rec.ev_end) / 1e3
                     self._cuda_events.extend((rec.ev_start, rec.ev_end))
@@ -411,6 +421,7 @@ class Tracer:
             if work is None:
                 rec.ev_end = self._event()
                 rec.ev_end.record()
+                rec.stream = torch.cuda.current_stream().cuda_stream
             else:
                 rec.work = work
             self.pending_poll[rec.idx] = rec

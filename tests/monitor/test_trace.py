@@ -226,3 +226,39 @@ def test_overhead_schedule_is_abba_after_the_warmup():
 
     got = [watched_schedule(s, 3) for s in range(11)]
     assert got == [False] * 3 + [False, True, True, False, False, True, True, False]
+
+
+class _FakeEvent:
+    """Stands in for a CUDA event: done or not, and how often it was asked."""
+
+    def __init__(self, done: bool):
+        self.done, self.queries = done, 0
+
+    def query(self) -> bool:
+        self.queries += 1
+        return self.done
+
+    def elapsed_time(self, end) -> float:
+        return 1.0
+
+
+def test_a_poll_stops_at_each_stream_s_first_unfinished_event(monkeypatch):
+    # Events of one stream finish in order: after an unfinished one the poll skips the
+    # rest of that stream (a poll holds the GIL the training thread launches with), and
+    # still completes what has finished on another stream.
+    from commflow.monitor.trace import CommRecord, Tracer
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: None)
+    tr = Tracer(rank=0)
+    plan = [(7, True), (7, False), (7, True), (9, True), (9, False)]
+    recs = []
+    for i, (stream, done) in enumerate(plan):
+        rec = CommRecord(i, "g", i, "all_reduce", -1, 8, 0, time.time(), dev=0, stream=stream)
+        rec.ev_start, rec.ev_end = _FakeEvent(True), _FakeEvent(done)
+        tr.pending_poll[i] = rec
+        recs.append(rec)
+    ends = [r.ev_end for r in recs]
+    tr.poll()
+    assert [e.queries for e in ends] == [1, 1, 0, 1, 1]
+    assert [r.t_done is not None for r in recs] == [True, False, False, True, False]
+    assert recs[0].dur == pytest.approx(1e-3) and list(tr.pending_poll) == [1, 2, 4]
