@@ -51,6 +51,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calls", type=int, default=2000, help="tiny all-reduces for the per-call cost")
     p.add_argument("--poll-s", type=float, default=0.05,
                    help="the reporter's completion-poll period while calls are in flight (watch(poll_interval=))")
+    p.add_argument("--report-s", type=float, default=0.1, help="the reporter's report period (watch(interval=))")
     p.add_argument("--train-args", default=None,
                    help="workload=train: TrainConfig fields, comma separated key=value (default: "
                         f"{CPU_TRAIN_ARGS!r} on CPU, {CUDA_TRAIN_ARGS!r} on CUDA)")
@@ -93,7 +94,7 @@ def _ddp_worker(args: argparse.Namespace, endpoint: str) -> dict:
     x = torch.randn(args.batch, args.seq, args.d_model, device=dev, dtype=dtype)
     plain = nn.parallel.DistributedDataParallel(build())  # built before watch(): no hook, untraced
     plain_step = _step_fn(plain, torch.optim.SGD(plain.parameters(), lr=1e-4), x, cuda)
-    tracer = monitor.watch(endpoint, poll_interval=args.poll_s)
+    tracer = monitor.watch(endpoint, interval=args.report_s, poll_interval=args.poll_s)
     watched = nn.parallel.DistributedDataParallel(build())
     watched_step = _step_fn(watched, torch.optim.SGD(watched.parameters(), lr=1e-4), x, cuda)
     for _ in range(3):  # warm-up both (the comm hook is installed on the first forward)
@@ -165,7 +166,7 @@ def _train_worker(args: argparse.Namespace, endpoint: str) -> dict | None:
     # One run; the trainer calls monitor.step() before each step's timer starts, and there
     # the tracer is put in (watched) or taken out (plain): the same process, model, data
     # and allocator state for both variants, step by step.
-    tracer = monitor.watch(endpoint, poll_interval=args.poll_s)
+    tracer = monitor.watch(endpoint, interval=args.report_s, poll_interval=args.poll_s)
     real_step = monitor.step
 
     def alternating_step(step: int) -> int:
