@@ -99,6 +99,10 @@ def _probe_beside_the_job() -> dict:
     from commflow.monitor.localize import sweep_in_thread
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    if os.environ.get("COMMFLOW_TEST_DUMP_S"):  # where it stands, if it hangs
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["COMMFLOW_TEST_DUMP_S"]), exit=False)
     torch.cuda.set_device(rank)
     x = torch.ones(16 << 20, device="cuda")
     result: dict = {}
