@@ -119,17 +119,20 @@ def _probe_beside_the_job() -> dict:
     # with each other, the way the online probe meets a running job. A probe on the
     # job's stream deadlocked here: its transfer waited for the job's queued collective
     # on one rank while the job waited for the probe on the other.
-    # The host stays a few iterations ahead, as a training loop's syncs keep it (a loop
-    # that fills the launch queue starves every other stream's launches).
+    # Every 8 iterations the ranks agree whether to go on (some probe still running and
+    # time left), so they issue the same number of collectives; that agreement's read
+    # is the sync that keeps the host a few iterations ahead.
     deadline = time.time() + 30
-    marks: list = []
-    while t.is_alive() and time.time() < deadline:
+    it = 0
+    while True:
         torch.cuda._sleep(2_000_000 * (rank + 1))
         dist.all_reduce(x)
-        marks.append(torch.cuda.Event())
-        marks[-1].record()
-        if len(marks) > 4:
-            marks.pop(0).synchronize()
+        it += 1
+        if it % 8 == 0:
+            go = torch.tensor([float(t.is_alive() and time.time() < deadline)], device="cuda")
+            dist.all_reduce(go, op=dist.ReduceOp.MAX)
+            if go.item() == 0.0:
+                break
     torch.cuda.synchronize()
     t.join(timeout=max(0.0, deadline - time.time()))
     return {"finished": not t.is_alive(), "rows": {str(k): v for k, v in result.get("rows", {}).items()}}
