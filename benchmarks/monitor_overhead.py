@@ -191,8 +191,11 @@ def _train_worker(args: argparse.Namespace, endpoint: str) -> dict | None:
         if "step_time_s" in rec and rec["step"] > TRAIN_WARMUP_STEPS:  # metrics number a step after it ran
             times["watched" if watched_schedule(rec["step"] - 1, TRAIN_WARMUP_STEPS) else "plain"].append(
                 rec["step_time_s"])
+    watched_steps = sum(watched_schedule(s, TRAIN_WARMUP_STEPS) for s in range(flat["steps"]))
     return {"rank": rank, "plain_ms": statistics.median(times["plain"]) * 1e3,
             "watched_ms": statistics.median(times["watched"]) * 1e3, "steps": {k: len(v) for k, v in times.items()},
+            # calls traced per watched step: x the per-call cost = the wrapper's share
+            "traced_calls_per_step": tracer.calls / max(1, watched_steps),
             "step_ms": {k: [round(t * 1e3, 3) for t in v] for k, v in times.items()}}
 
 
