@@ -143,24 +143,37 @@ def _worker(cfg: dict) -> dict:
         want = [to_local(w).transpose(1, 2) for w in want_global]
         return {"patched": patched, "errors": _errors([out.detach(), *grads], want), "ops": _summary(log.ops)}
 
-    def bench_strategy():
+    def bench_strategy(probe_mesh: bool = False):
         # The benchmark's torch CP Strategy (its context factory and forward) on the
         # inputs of bench_bshd: separates the strategy's machinery from the check's inputs.
-        from .sp_peers import build
+        # Session 5 (2 GPUs): this fails where bench_bshd passes, rank 0 nearly right and
+        # rank 1 far off -- what SDPA on the local shard alone (not patched) would give.
+        # So it records whether SDPA is patched inside the context and which ops ran, and
+        # ``probe_mesh`` hands the Strategy this probe's mesh instead of its own.
+        from . import sp_peers
 
         name = f"torch_cp_{rotate}@normal"  # the rotate method of the loop below, at call time
-        strategy = build(name, {"heads": h, "kv_heads": h, "causal": True}, {"high": None, "normal": None}, world,
-                         dev, seq)
+        if probe_mesh:
+            sp_peers._MESHES[(world, id(None))] = mesh
+        else:
+            sp_peers._MESHES.pop((world, id(None)), None)
+        strategy = sp_peers.build(name, {"heads": h, "kv_heads": h, "causal": True}, {"high": None, "normal": None},
+                                  world, dev, seq)
         to_local = lambda t: shard(t.transpose(1, 2), layout="zigzag")  # [B, S/W, H, D], zigzag
         loc = [to_local(t).contiguous().requires_grad_(True) for t in (q, k, v)]
+        log = _OpLog()
         with strategy.context():
-            out = strategy.forward(*loc)
-            out.backward(to_local(do))
+            patched = F.scaled_dot_product_attention is not original_sdpa
+            with log:
+                out = strategy.forward(*loc)
+                out.backward(to_local(do))
         want = [to_local(w) for w in want_global]
-        return {"strategy": name, "errors": _errors([out.detach(), *(t.grad for t in loc)], want)}
+        return {"strategy": name, "patched": patched, "errors": _errors([out.detach(), *(t.grad for t in loc)], want),
+                "ops": _summary(log.ops)}
 
     for name, fn in (("torch_test", torch_test), ("bench_bshd", lambda: bench(False)),
-                     ("bench_bhsd", lambda: bench(True)), ("bench_strategy", bench_strategy)):
+                     ("bench_bhsd", lambda: bench(True)), ("bench_strategy", bench_strategy),
+                     ("bench_strategy_probe_mesh", lambda: bench_strategy(True))):
         for rotate in cfg["rotate"]:
             cp_attention.set_rotate_method(rotate)
             report["setups"][f"{name}/{rotate}"] = guarded(fn)
