@@ -26,7 +26,7 @@ Names: a base name (:data:`ALL`), optionally ``:variant`` and ``@normal``:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,9 @@ class Strategy:
     """``(q, k, v) -> out`` on local ``[B, S_local, H, D]`` tensors (autograd-aware)."""
     layout: str = "contiguous"
     """How the global sequence is sharded for it; ``"heads"``: no sharding, a slice of H/W heads."""
+    _: KW_ONLY
+    # Keyword-only from here: torch CP's Strategy once passed its context positionally,
+    # which landed in head_major, so its runs never entered context_parallel at all.
     head_major: bool = False
     """Inputs live in ``[B, H, S, D]`` memory (forward still sees ``[B, S, H, D]`` views)."""
     context: object = field(default=contextlib.nullcontext)
@@ -156,14 +159,6 @@ def _torch_cp(name, rotate, backend, cfg, group, device, world, seq):
     if cfg["kv_heads"] != cfg["heads"]:
         raise Unavailable("torch context_parallel's ring does not take GQA (enable_gqa) inputs")
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-    from torch.distributed.tensor.experimental import context_parallel
-    try:  # newer torch keeps the implementation here; _attention re-exports part of it
-        from torch.distributed.tensor.experimental._context_parallel._attention import (
-            _cp_options,
-            set_rotate_method,
-        )
-    except ImportError:
-        from torch.distributed.tensor.experimental._attention import _cp_options, set_rotate_method
 
     key = (world, id(group))
     if key not in _MESHES:  # one mesh per group for the whole run (the group's communicator)
@@ -171,7 +166,21 @@ def _torch_cp(name, rotate, backend, cfg, group, device, world, seq):
     mesh = _MESHES[key]
     if group is not None and mesh.get_group().group_name != group.group_name:
         raise Unavailable(f"{name}: its device mesh does not use the benchmark's process group")
-    causal = cfg["causal"]
+    return torch_cp_strategy(name, rotate, backend, cfg["causal"], mesh, device, seq)
+
+
+def torch_cp_strategy(name, rotate, backend, causal, mesh, device, seq) -> Strategy:
+    """torch CP on ``mesh``: SDPA inside ``context_parallel`` (patched by it), rotate
+    method ``rotate``, SDPA held to ``backend``."""
+    from torch.distributed.tensor.experimental import context_parallel
+    try:
+        from torch.distributed.tensor.experimental._context_parallel._attention import (
+            _cp_options,
+            set_rotate_method,
+        )
+    except ImportError:
+        from torch.distributed.tensor.experimental._attention import _cp_options, set_rotate_method
+
     kernel = _sdpa_kernel_context(backend)
     # Load balancing (head-tail, which is our zigzag) is on by default and only valid
     # for causal attention.
@@ -191,7 +200,7 @@ def _torch_cp(name, rotate, backend, cfg, group, device, world, seq):
         finally:
             _cp_options.enable_load_balance = old
 
-    return Strategy(name, lambda q, k, v: _sdpa(q, k, v, causal, None), layout, context)
+    return Strategy(name, lambda q, k, v: _sdpa(q, k, v, causal, None), layout, context=context)
 
 
 def build(name: str, cfg: dict, groups: dict, world: int, device, seq: int) -> Strategy:

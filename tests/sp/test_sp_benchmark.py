@@ -65,3 +65,30 @@ def test_cpu_run_checks_times_and_reports(tmp_path):
     png, md = tmp_path / "img" / "sp.png", tmp_path / "sp.md"
     assert report_main([str(out), "--png", str(png), "--md", str(md)]) == 0
     assert png.stat().st_size > 1000 and "![sp attention](img/sp.png)" in md.read_text()
+
+
+def _torch_cp_context_patches_sdpa() -> dict:
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from benchmarks.sp_peers import Strategy, torch_cp_strategy
+
+    mesh = init_device_mesh("cpu", (1,))
+    original = F.scaled_dot_product_attention
+    strategy = torch_cp_strategy("torch_cp_allgather", "allgather", "default", True, mesh, "cpu", 64)
+    with strategy.context():
+        inside = F.scaled_dot_product_attention is not original
+    try:
+        Strategy("x", None, "contiguous", False)  # head_major positionally: refused
+        positional = True
+    except TypeError:
+        positional = False
+    return {"inside": inside, "after": F.scaled_dot_product_attention is original,
+            "head_major": strategy.head_major, "positional": positional}
+
+
+def test_the_torch_cp_strategy_runs_inside_context_parallel(dist_pool):
+    # Its context was once passed positionally into head_major: every torch CP row of
+    # sessions 2-4 ran plain SDPA on the local shard (the check failed with error ~20).
+    res = dist_pool(1).run(_torch_cp_context_patches_sdpa)[0]
+    assert res == {"inside": True, "after": True, "head_major": False, "positional": False}
