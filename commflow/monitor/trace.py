@@ -421,7 +421,7 @@ class Tracer:
             if work is None:
                 rec.ev_end = self._event()
                 rec.ev_end.record()
-                rec.stream = torch.cuda.current_stream().cuda_stream
+                rec.stream = _current_stream_handle(rec.dev)
             else:
                 rec.work = work
             self.pending_poll[rec.idx] = rec
@@ -590,14 +590,16 @@ def _may_hold_collectives(mod: Any) -> bool:
     return not (name.startswith("torch") and not name.startswith("torch.distributed"))
 
 
+_GROUP_POSITION = {  # position of ``group`` in each signature when passed positionally
+    "all_reduce": 2, "all_gather": 2, "all_gather_into_tensor": 2, "all_gather_single": 2,
+    "reduce_scatter": 3, "reduce_scatter_tensor": 3, "reduce_scatter_single": 3,
+    "all_to_all": 2, "all_to_all_single": 4, "broadcast": 2, "reduce": 3, "gather": 3,
+    "scatter": 3, "barrier": 0, "send": 2, "recv": 2, "isend": 2, "irecv": 2,
+}
+
+
 def _positional_group(op: str, args: tuple) -> Any:
-    # Position of ``group`` in each signature when passed positionally.
-    pos = {
-        "all_reduce": 2, "all_gather": 2, "all_gather_into_tensor": 2, "all_gather_single": 2,
-        "reduce_scatter": 3, "reduce_scatter_tensor": 3, "reduce_scatter_single": 3,
-        "all_to_all": 2, "all_to_all_single": 4, "broadcast": 2, "reduce": 3, "gather": 3,
-        "scatter": 3, "barrier": 0, "send": 2, "recv": 2, "isend": 2, "irecv": 2,
-    }.get(op, -1)
+    pos = _GROUP_POSITION.get(op, -1)
     return args[pos] if 0 <= pos < len(args) and not isinstance(args[pos], (int, bool)) else None
 
 
@@ -608,6 +610,13 @@ def _peer(op: str, args: tuple, kwargs: dict, group: Any) -> int:
         g = group if group is not None else c10d._get_default_group()
         peer = dist.get_global_rank(g, kwargs[gkey])
     return -1 if peer is None else int(peer)
+
+
+def _current_stream_handle(device: int) -> int:
+    """The current CUDA stream's handle, by the direct binding where torch has it (one C
+    call, no Stream object: this runs on every traced call)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return int(raw(device)) if raw is not None else torch.cuda.current_stream(device).cuda_stream
 
 
 def _make_wrapper(tracer: Tracer, op: str, fn: Callable) -> Callable:
