@@ -392,10 +392,14 @@ class Tracer:
         self.calls += 1
         self.ring.append(rec)
         self.inflight[rec.idx] = rec
+        stream = None
         if cuda:
             rec.dev = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+            # One stream lookup for both marks (Event.record() without one builds a
+            # Stream object each time): the stream NCCL orders the call after.
+            stream = torch.cuda.current_stream(rec.dev)
             rec.ev_start = self._event()
-            rec.ev_start.record()
+            rec.ev_start.record(stream)
         tls.inside = True
         try:
             if self.injector is not None:
@@ -411,17 +415,18 @@ class Tracer:
         finally:
             tls.inside = False
             self._last_return = time.time()
-        self._complete_later(rec, out if is_async else None, cuda)
+        self._complete_later(rec, out if is_async else None, stream)
         return out
 
-    def _complete_later(self, rec: CommRecord, work: Any, cuda: bool) -> None:
+    def _complete_later(self, rec: CommRecord, work: Any, stream: Any) -> None:
+        """``stream``: the CUDA stream the call was ordered on (None on CPU)."""
         now = self._last_return
         rec.is_async = work is not None
-        if cuda:
+        if stream is not None:
             if work is None:
                 rec.ev_end = self._event()
-                rec.ev_end.record()
-                rec.stream = _current_stream_handle(rec.dev)
+                rec.ev_end.record(stream)
+                rec.stream = stream.cuda_stream
             else:
                 rec.work = work
             self.pending_poll[rec.idx] = rec
@@ -610,13 +615,6 @@ def _peer(op: str, args: tuple, kwargs: dict, group: Any) -> int:
         g = group if group is not None else c10d._get_default_group()
         peer = dist.get_global_rank(g, kwargs[gkey])
     return -1 if peer is None else int(peer)
-
-
-def _current_stream_handle(device: int) -> int:
-    """The current CUDA stream's handle, by the direct binding where torch has it (one C
-    call, no Stream object: this runs on every traced call)."""
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    return int(raw(device)) if raw is not None else torch.cuda.current_stream(device).cuda_stream
 
 
 def _make_wrapper(tracer: Tracer, op: str, fn: Callable) -> Callable:

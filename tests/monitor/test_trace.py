@@ -262,3 +262,39 @@ def test_a_poll_stops_at_each_stream_s_first_unfinished_event(monkeypatch):
     assert [e.queries for e in ends] == [1, 1, 0, 1, 1]
     assert [r.t_done is not None for r in recs] == [True, False, False, True, False]
     assert recs[0].dur == pytest.approx(1e-3) and list(tr.pending_poll) == [1, 2, 4]
+
+
+def test_a_cuda_call_looks_its_stream_up_once_and_marks_both_ends_on_it(monkeypatch):
+    # Event.record() without a stream builds a Stream object per call; the tracer asks
+    # once, for the tensor's device, and records both marks and the poll's stream key
+    # from it. CUDA stand-ins, so that the path runs on a CPU machine.
+    import types
+
+    from commflow.monitor import trace
+
+    class Stream:
+        cuda_stream = 4242
+
+    lookups: list = []
+
+    class Event:
+        def __init__(self):
+            self.streams: list = []
+
+        def record(self, stream=None):
+            self.streams.append(stream)
+
+    stream = Stream()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: lookups.append(device) or stream)
+    fake = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=1))
+    monkeypatch.setattr(trace, "_first_tensor", lambda payload: fake)
+    tr = trace.Tracer(rank=0)
+    monkeypatch.setattr(tr, "_event", Event)
+    monkeypatch.setattr(tr, "group_key", lambda group: ("0", (0,)))  # no process group here
+    tr._rank_known = True
+    tr.step(0)
+    tr._traced("all_reduce", lambda *a, **k: None, (torch.ones(4),), {})
+    (rec,) = tr.records()
+    assert lookups == [1]
+    assert rec.dev == 1 and rec.stream == 4242 and list(tr.pending_poll) == [rec.idx]
+    assert rec.ev_start.streams == [stream] and rec.ev_end.streams == [stream]
