@@ -173,7 +173,7 @@ def torch_cp_strategy(name, rotate, backend, causal, mesh, device, seq) -> Strat
     """torch CP on ``mesh``: SDPA inside ``context_parallel`` (patched by it), rotate
     method ``rotate``, SDPA held to ``backend``."""
     from torch.distributed.tensor.experimental import context_parallel
-    try:
+    try:  # newer torch keeps the implementation here; _attention re-exports part of it
         from torch.distributed.tensor.experimental._context_parallel._attention import (
             _cp_options,
             set_rotate_method,
