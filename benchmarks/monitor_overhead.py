@@ -251,6 +251,11 @@ def run(args: argparse.Namespace) -> dict:
     }
     if "plain_call_us" in worst:
         out["per_call_overhead_us"] = max(r["traced_call_us"] - r["plain_call_us"] for r in per_rank)
+    if "traced_calls_per_step" in worst:
+        # The wrapper's host time per step as a share of the step (world-of-one cost per
+        # call, without CUDA marks): what the overhead would be were the host the bottleneck.
+        out["wrapper_share_pct"] = (100.0 * worst["traced_calls_per_step"] * per_call["cost_us"] / 1e3
+                                    / worst["plain_ms"])
     return out
 
 
