@@ -146,9 +146,8 @@ def _worker(cfg: dict) -> dict:
     def bench_strategy(probe_mesh: bool = False):
         # The benchmark's torch CP Strategy (its context factory and forward) on the
         # inputs of bench_bshd: separates the strategy's machinery from the check's inputs.
-        # Session 5 (2 GPUs): this fails where bench_bshd passes, rank 0 nearly right and
-        # rank 1 far off -- what SDPA on the local shard alone (not patched) would give.
-        # So it records whether SDPA is patched inside the context and which ops ran, and
+        # It records whether SDPA is patched inside the context and which ops ran (in
+        # session 5 it was not: the Strategy never entered context_parallel, now fixed);
         # ``probe_mesh`` hands the Strategy this probe's mesh instead of its own.
         from . import sp_peers
 
@@ -186,14 +185,12 @@ def _worker(cfg: dict) -> dict:
 
 
 def _benchmark_check(info, heads: int, head_dim: int, seq: int, guarded) -> dict:
-    """``sp_attention``'s own correctness check of torch CP, which fails (relative error
-    ~20) where the recipes above pass, run here as-is and with one difference changed:
-    the reference (commflow's naive attention -> SDPA). Same result for both groups and
-    both variants would leave the check's input handling (``_leaf``, ``shard`` inside the
-    context, the strategy's context factory) as the place to look."""
-    import torch.nn.functional as F
-
+    """``sp_attention``'s own correctness check of torch CP, run here as-is and with one
+    difference changed: the reference (commflow's naive attention -> SDPA). Until session 5
+    it failed (relative error ~20) where the recipes above passed, with either reference:
+    the Strategy's context was never entered (sp_peers, fixed); it should pass now."""
     from . import sp_attention as spa
+    from . import sp_peers
 
     p = argparse.ArgumentParser()
     spa._arguments(p)
@@ -203,9 +200,7 @@ def _benchmark_check(info, heads: int, head_dim: int, seq: int, guarded) -> dict
     groups = spa._groups(cfg, info.device)
 
     def sdpa_reference(q, k, v, *, causal=False, scale=None):
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=causal, **({"scale": scale} if scale is not None else {}))
-        return out.transpose(1, 2)
+        return sp_peers._sdpa(q, k, v, causal, scale)  # outside any CP context: plain SDPA
 
     out = {}
     for name in ("torch_cp_allgather", "torch_cp_allgather@normal", "ulysses"):
