@@ -47,3 +47,12 @@ def test_score_counts_a_repeated_verdict_on_a_running_fault_apart_from_false_ala
     r.injected = [*fired, heal]
     s = score(r)
     assert s["repeats"] == [] and sorted(v["ranks"][0] for v in s["false_alarms"]) == [1, 1, 2]
+
+
+def test_unknown_emulation_modes_are_refused_by_name():
+    import pytest
+
+    with pytest.raises(ValueError, match="link_mode must be 'delay' or 'congest'"):
+        Scenario(link_mode="flood")
+    with pytest.raises(ValueError, match="slow_mode must be 'work' or 'contend'"):
+        Scenario(slow_mode="sleep")
