@@ -199,15 +199,16 @@ def _train_worker(args: argparse.Namespace, endpoint: str) -> dict | None:
             "step_ms": {k: [round(t * 1e3, 3) for t in v] for k, v in times.items()}}
 
 
-def _per_call_cost(calls: int) -> dict:
-    """The tracer's own CPU time per call: a world of one (no network, no peers to wait
-    for), the same small all-reduce with and without the wrapper, best of 5 rounds."""
+def _per_call_cost(calls: int, device: str = "cpu") -> dict:
+    """The tracer's own host time per call: a world of one (no network, no peers to wait
+    for), the same small all-reduce with and without the wrapper, best of 5 rounds. On
+    CUDA (NCCL) this includes the two timing events each call records."""
     import torch
     import torch.distributed as dist
 
     from commflow.monitor.trace import Tracer
 
-    t = torch.ones(16)
+    t = torch.ones(16, device=device)
     tracer = Tracer(rank=0)
 
     def timed() -> float:
@@ -225,6 +226,8 @@ def _per_call_cost(calls: int) -> dict:
         traced = timed()
     finally:
         tracer.uninstall()
+    if device == "cuda":
+        torch.cuda.synchronize()
     return {"plain_us": plain * 1e6, "traced_us": traced * 1e6, "cost_us": (traced - plain) * 1e6}
 
 
@@ -234,6 +237,9 @@ def run(args: argparse.Namespace) -> dict:
 
     # In a world of one of its own (spawn builds and tears down the group).
     per_call = spawn(_per_call_cost, 1, args.calls, backend="gloo", timeout_s=600)[0]
+    per_call_cuda = None
+    if args.device == "cuda":  # the path a GPU job takes: NCCL, and two CUDA events a call
+        per_call_cuda = spawn(_per_call_cost, 1, args.calls, "cuda", backend="nccl", timeout_s=600)[0]
 
     with Coordinator() as coord:
         fn = _ddp_worker if args.workload == "ddp" else _train_worker
@@ -248,14 +254,15 @@ def run(args: argparse.Namespace) -> dict:
         "overhead_pct": 100.0 * (worst["watched_ms"] / worst["plain_ms"] - 1.0),
         "verdicts_during_run": verdicts,
         "per_call_world1": per_call,
+        "per_call_world1_cuda": per_call_cuda,
     }
     if "plain_call_us" in worst:
         out["per_call_overhead_us"] = max(r["traced_call_us"] - r["plain_call_us"] for r in per_rank)
     if "traced_calls_per_step" in worst:
         # The wrapper's host time per step as a share of the step (world-of-one cost per
-        # call, without CUDA marks): what the overhead would be were the host the bottleneck.
-        out["wrapper_share_pct"] = (100.0 * worst["traced_calls_per_step"] * per_call["cost_us"] / 1e3
-                                    / worst["plain_ms"])
+        # call, on CUDA with its marks): what the overhead would be were the host the bottleneck.
+        cost_us = (per_call_cuda or per_call)["cost_us"]
+        out["wrapper_share_pct"] = 100.0 * worst["traced_calls_per_step"] * cost_us / 1e3 / worst["plain_ms"]
     return out
 
 

@@ -237,6 +237,7 @@ class Tracer:
         self._seq: dict[str, int] = {}
         self._groups: dict[int, tuple[str, tuple[int, ...], Any]] = {}  # id(group) -> (key, ranks, group)
         self._group_names_used: dict[str, int] = {}
+        self._default_entry: tuple | None = None
         self._tls = threading.local()
         self._last_return = time.time()
         self._originals: dict[tuple[Any, str], Callable] = {}
@@ -253,19 +254,32 @@ class Tracer:
         """A key for ``group`` that every member computes the same: its global ranks,
         plus ``#n`` when several groups share the ranks (they are created in the same
         order on every member, as torch requires)."""
-        if group is None or group is getattr(dist.group, "WORLD", None):
-            group = c10d._get_default_group()
-        hit = self._groups.get(id(group))
-        if hit is not None and hit[2] is group:
-            return hit[0], hit[1]
+        # The hot path: one dict probe (and, for ``None``, one look at the default
+        # group, so a re-initialised world is not mistaken for the old one).
+        if group is None:
+            entry = self._default_entry
+            if entry is None or entry[2] is not c10d.GroupMember.WORLD:
+                entry = self._default_entry = self._entry(c10d._get_default_group())
+            return entry[0], entry[1]
+        entry = self._groups.get(id(group))
+        if entry is None or entry[2] is not group:
+            entry = self._register_group(group)
+        return entry[0], entry[1]
+
+    def _entry(self, group: Any) -> tuple[str, tuple[int, ...], Any]:
+        entry = self._groups.get(id(group))
+        return entry if entry is not None and entry[2] is group else self._register_group(group)
+
+    def _register_group(self, group: Any) -> tuple[str, tuple[int, ...], Any]:
         ranks = tuple(dist.get_process_group_ranks(group))
         base = ",".join(map(str, ranks))
         n = self._group_names_used.get(base, 0)
         self._group_names_used[base] = n + 1
         key = base if n == 0 else f"{base}#{n}"
-        self._groups[id(group)] = (key, ranks, group)
+        entry = (key, ranks, group)
+        self._groups[id(group)] = entry
         self.outbox.append(("group", key, list(ranks)))
-        return key, ranks
+        return entry
 
     # -- iterations ---------------------------------------------------------------
 
@@ -292,8 +306,7 @@ class Tracer:
 
     # -- the hot path -------------------------------------------------------------
 
-    def _new_record(self, op: str, group: Any, peer: int, nbytes: int, t_enter: float, direction: str) -> CommRecord:
-        key, _ = self.group_key(group)
+    def _new_record(self, op: str, key: str, peer: int, nbytes: int, t_enter: float, direction: str) -> CommRecord:
         seq_key = key if peer < 0 else f"{key}|{direction}"
         seq = self._seq.get(seq_key, 0)
         self._seq[seq_key] = seq + 1
@@ -301,10 +314,9 @@ class Tracer:
         return CommRecord(self._idx, key, seq, op, peer, nbytes, self.iteration, t_enter,
                           quiet=self.quiet_depth > 0)
 
-    def _count_iteration(self, op: str, group: Any, nbytes: int) -> None:
+    def _count_iteration(self, op: str, key: str, nbytes: int) -> None:
         if self.period is None:
             return
-        key, _ = self.group_key(group)
         if self.period.observe((op, key, nbytes)):
             self.iteration += 1
             self.outbox.append(("step", self.iteration, time.time()))
@@ -384,11 +396,12 @@ class Tracer:
         t_call = time.time()
         if self.pending_poll and not cuda:
             self.poll()
-        self._count_iteration(op, group, nbytes)
+        key, ranks = self.group_key(group)
+        self._count_iteration(op, key, nbytes)
         if self.injector is not None:
             self.injector.before_call(self.iteration, t_call - self._last_return)
         t_enter = time.time()
-        rec = self._new_record(op, group, peer, nbytes, t_enter, direction)
+        rec = self._new_record(op, key, peer, nbytes, t_enter, direction)
         self.calls += 1
         self.ring.append(rec)
         self.inflight[rec.idx] = rec
@@ -406,7 +419,7 @@ class Tracer:
                 if peer >= 0 and op in ("send", "isend"):
                     self.injector.before_send(self.iteration, peer)
                 elif peer < 0:
-                    self.injector.inside_collective(self.iteration, self._groups_ranks(group))
+                    self.injector.inside_collective(self.iteration, ranks)
             out = fn(*args, **kwargs)
         except BaseException as e:
             rec.error = f"{type(e).__name__}: {e}"[:500]
@@ -464,7 +477,8 @@ class Tracer:
             send = p.op is c10d.isend
             peer = p.peer if getattr(p, "peer", None) is not None else -1
             direction = f"{self.rank}>{peer}" if send else f"{peer}>{self.rank}"
-            rec = self._new_record("isend" if send else "irecv", p.group, peer, _nbytes(p.tensor), t_enter, direction)
+            key = self.group_key(p.group)[0]
+            rec = self._new_record("isend" if send else "irecv", key, peer, _nbytes(p.tensor), t_enter, direction)
             rec.is_async = True
             self.ring.append(rec)
             self.inflight[rec.idx] = rec
@@ -493,9 +507,6 @@ class Tracer:
             else:
                 self.pending_poll[rec.idx] = rec
         return works
-
-    def _groups_ranks(self, group: Any) -> tuple[int, ...]:
-        return self.group_key(group)[1]
 
     # -- install / uninstall ----------------------------------------------------------
 
