@@ -51,6 +51,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calls", type=int, default=2000, help="tiny all-reduces for the per-call cost")
     p.add_argument("--poll-s", type=float, default=0.05,
                    help="the reporter's completion-poll period while calls are in flight (watch(poll_interval=))")
+    p.add_argument("--tracer-events", action="store_true",
+                   help="time async CUDA collectives with the tracer's events, not NCCL's (watch(nccl_timing=False))")
     p.add_argument("--report-s", type=float, default=0.1, help="the reporter's report period (watch(interval=))")
     p.add_argument("--train-args", default=None,
                    help="workload=train: TrainConfig fields, comma separated key=value (default: "
@@ -94,7 +96,8 @@ def _ddp_worker(args: argparse.Namespace, endpoint: str) -> dict:
     x = torch.randn(args.batch, args.seq, args.d_model, device=dev, dtype=dtype)
     plain = nn.parallel.DistributedDataParallel(build())  # built before watch(): no hook, untraced
     plain_step = _step_fn(plain, torch.optim.SGD(plain.parameters(), lr=1e-4), x, cuda)
-    tracer = monitor.watch(endpoint, interval=args.report_s, poll_interval=args.poll_s)
+    tracer = monitor.watch(endpoint, interval=args.report_s, poll_interval=args.poll_s,
+                           nccl_timing=not args.tracer_events)
     watched = nn.parallel.DistributedDataParallel(build())
     watched_step = _step_fn(watched, torch.optim.SGD(watched.parameters(), lr=1e-4), x, cuda)
     for _ in range(3):  # warm-up both (the comm hook is installed on the first forward)
@@ -166,7 +169,8 @@ def _train_worker(args: argparse.Namespace, endpoint: str) -> dict | None:
     # One run; the trainer calls monitor.step() before each step's timer starts, and there
     # the tracer is put in (watched) or taken out (plain): the same process, model, data
     # and allocator state for both variants, step by step.
-    tracer = monitor.watch(endpoint, interval=args.report_s, poll_interval=args.poll_s)
+    tracer = monitor.watch(endpoint, interval=args.report_s, poll_interval=args.poll_s,
+                           nccl_timing=not args.tracer_events)
     real_step = monitor.step
 
     def alternating_step(step: int) -> int:
@@ -199,17 +203,17 @@ def _train_worker(args: argparse.Namespace, endpoint: str) -> dict | None:
             "step_ms": {k: [round(t * 1e3, 3) for t in v] for k, v in times.items()}}
 
 
-def _per_call_cost(calls: int, device: str = "cpu") -> dict:
+def _per_call_cost(calls: int, device: str = "cpu", nccl_timing: bool = True) -> dict:
     """The tracer's own host time per call: a world of one (no network, no peers to wait
     for), the same small all-reduce with and without the wrapper, best of 5 rounds. On
-    CUDA (NCCL) this includes the two timing events each call records."""
+    CUDA (NCCL) this includes the two CUDA events of a blocking call."""
     import torch
     import torch.distributed as dist
 
     from commflow.monitor.trace import Tracer
 
     t = torch.ones(16, device=device)
-    tracer = Tracer(rank=0)
+    tracer = Tracer(rank=0, nccl_timing=nccl_timing)
 
     def timed() -> float:
         best = float("inf")
@@ -238,8 +242,9 @@ def run(args: argparse.Namespace) -> dict:
     # In a world of one of its own (spawn builds and tears down the group).
     per_call = spawn(_per_call_cost, 1, args.calls, backend="gloo", timeout_s=600)[0]
     per_call_cuda = None
-    if args.device == "cuda":  # the path a GPU job takes: NCCL, and two CUDA events a call
-        per_call_cuda = spawn(_per_call_cost, 1, args.calls, "cuda", backend="nccl", timeout_s=600)[0]
+    if args.device == "cuda":  # the path a GPU job's blocking calls take: NCCL, two CUDA events
+        per_call_cuda = spawn(_per_call_cost, 1, args.calls, "cuda", not args.tracer_events,
+                              backend="nccl", timeout_s=600)[0]
 
     with Coordinator() as coord:
         fn = _ddp_worker if args.workload == "ddp" else _train_worker

@@ -56,6 +56,7 @@ def watch(
     interval: float = 0.1,
     poll_interval: float = 0.05,
     infer_iterations: bool = True,
+    nccl_timing: bool = True,
 ) -> Tracer:
     """Trace every torch.distributed collective and p2p call of this process.
 
@@ -76,6 +77,9 @@ def watch(
             from the training thread: at 0.01 s a 350M-model step on 2 H100s ran
             1.5-2.3 % slower watched, at 0.05 s -0.4 % (benchmarks monitor_overhead).
         infer_iterations: infer iterations from the call pattern until :func:`step`.
+        nccl_timing: time CUDA collectives with NCCL's own per-work events (no CUDA
+            call from Python per collective; see :mod:`commflow.monitor.trace`);
+            False: with two CUDA events of the tracer's around each call.
     """
     if "tracer" in _state:
         return _state["tracer"]
@@ -90,7 +94,7 @@ def watch(
         env_slots = os.environ.get("COMMFLOW_SLOTS")
         slots = [int(s) for s in env_slots.split(",")] if env_slots else list(range(world))
     slots = list(slots)
-    tracer = Tracer(rank=rank, ring_size=ring_size, infer_iterations=infer_iterations)
+    tracer = Tracer(rank=rank, ring_size=ring_size, infer_iterations=infer_iterations, nccl_timing=nccl_timing)
     injector = None
     if faults:
         parsed = [f if isinstance(f, Fault) else Fault(**f) for f in faults]

@@ -13,11 +13,23 @@ Completion, without adding a synchronisation to the hot path:
   where gloo has no future (send/recv), ``work.is_completed()`` polled from the
   reporter thread and at the next traced call -- a completion known to within that
   poll interval.
-* CUDA: a timing event recorded on the current stream before the call (the rank's
-  *arrival* on the GPU: everything queued before it has run) and one after (the
-  current stream waits for NCCL, so it completes with the collective). The reporter
-  thread queries the end event lazily; ``dur`` is the exact GPU time between the two.
-  For ``async_op=True`` the end is ``work.is_completed()``, polled.
+* CUDA, blocking call: a timing event recorded on the current stream before the call
+  (the rank's *arrival* on the GPU: everything queued before it has run) and one after
+  (NCCL runs a blocking collective on, or joins it back to, the current stream, so it
+  completes with the collective). The reporter thread queries the end event lazily;
+  ``dur`` is the exact GPU time between the two. The stream is looked up once per call
+  and the events recorded through the C binding: the Python wrappers cost more than
+  the records themselves, on every collective of a training step.
+* CUDA, ``async_op=True`` collective on NCCL: NCCL's own timing of the work it hands
+  back (``_enable_collectives_timing`` on the group's NCCL backend, switched on at the
+  group's first such call): its start event is recorded in C++ once the NCCL stream
+  has waited for the caller's, its end event when the collective is done; the reporter
+  polls ``work.is_completed()`` and reads the duration. No CUDA call from Python. Not
+  while link faults are emulated (their sleep kernel runs on the caller's stream,
+  before NCCL's start event): a start event as for a blocking call, and the end when
+  ``work.is_completed()`` is polled true (``dur`` in host time, to that poll). Blocking calls are not turned into async ones to get a
+  work: since torch 2.7 NCCL runs them on the caller's stream, without the stream
+  joins and tensor stashing an async call costs.
 
 ``dur`` is wait-for-peers + transfer on this rank. Peers finish a collective together,
 so within one collective the rank with the *shortest* ``dur`` arrived last; that is
@@ -90,6 +102,14 @@ _PAYLOAD: dict[str, tuple[int, str]] = {
     "irecv": (0, "tensor"),
 }
 
+# Position of ``async_op`` in the collectives that take it and return a work handle
+# timed by NCCL (barrier is left out: on NCCL it also synchronises the device).
+_ASYNC_POSITION: dict[str, int] = {
+    "all_reduce": 3, "all_gather": 3, "all_gather_into_tensor": 3, "all_gather_single": 3,
+    "reduce_scatter": 4, "reduce_scatter_tensor": 4, "reduce_scatter_single": 4,
+    "all_to_all": 3, "all_to_all_single": 5, "broadcast": 3, "reduce": 4, "gather": 4, "scatter": 4,
+}
+
 
 def _nbytes(x: Any) -> int:
     if isinstance(x, torch.Tensor):
@@ -136,6 +156,8 @@ class CommRecord:
     quiet: bool = False
     """Entered inside an expected long section (checkpoint, eval): no hang verdicts."""
     work: Any = field(default=None, repr=False)
+    nccl_timed: bool = False
+    """``work`` carries NCCL's start/end events: ``dur`` comes from it."""
     dev: int = -1
     """CUDA device index of the tensors (-1: CPU)."""
     ev_start: Any = field(default=None, repr=False)
@@ -209,6 +231,8 @@ class Tracer:
         injector: optional :class:`commflow.monitor.inject.Injector`.
         infer_iterations: infer iterations from the call pattern until
             :meth:`step` is first called.
+        nccl_timing: time CUDA collectives with NCCL's own events (the module
+            docstring says how); False: with two CUDA events of the tracer's per call.
     """
 
     def __init__(
@@ -219,8 +243,12 @@ class Tracer:
         outbox_size: int = 65536,
         injector: Any = None,
         infer_iterations: bool = True,
+        nccl_timing: bool = True,
     ):
         self.rank = rank
+        self.nccl_timing = nccl_timing
+        self._nccl_timed: dict[str, bool] = {}  # group key -> NCCL timing switched on
+        self._streams: dict[tuple, Any] = {}  # (stream id, device, type) -> torch.cuda.Stream
         self.ring: deque[CommRecord] = deque(maxlen=ring_size)
         self.outbox: deque = deque(maxlen=outbox_size)
         self.inflight: dict[int, CommRecord] = {}
@@ -361,6 +389,19 @@ class Tracer:
                     self._cuda_events.extend((rec.ev_start, rec.ev_end))
                     rec.ev_start = rec.ev_end = None
                     self._finish(rec, now, dur)
+                elif rec.nccl_timed:
+                    # One NCCL stream per group and device runs its collectives in order.
+                    lane = (rec.dev, rec.group)
+                    if lane in busy:
+                        continue
+                    if not rec.work.is_completed():
+                        busy.add(lane)
+                        continue
+                    try:
+                        dur = rec.work._get_duration() / 1e3
+                    except Exception:  # noqa: BLE001 - finished without timing (e.g. failed)
+                        dur = None
+                    self._finish(rec, now, dur)
                 elif rec.work is not None and rec.work.is_completed():
                     self._finish(rec, now)
             except Exception as e:  # noqa: BLE001 - a failed work is still a completion
@@ -383,7 +424,7 @@ class Tracer:
         group = kwargs.get("group")
         if group is None:
             group = _positional_group(op, args)
-        is_async = bool(kwargs.get("async_op", False)) or op in ("isend", "irecv")
+        is_async = op in ("isend", "irecv") or _async_requested(op, args, kwargs)
         peer, direction = -1, ""
         if op in P2P:
             peer = _peer(op, args, kwargs, group)
@@ -408,11 +449,13 @@ class Tracer:
         stream = None
         if cuda:
             rec.dev = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
-            # One stream lookup for both marks (Event.record() without one builds a
-            # Stream object each time): the stream NCCL orders the call after.
-            stream = torch.cuda.current_stream(rec.dev)
-            rec.ev_start = self._event()
-            rec.ev_start.record(stream)
+            if is_async and op in _ASYNC_POSITION and self._nccl_timing_on(key, group):
+                rec.nccl_timed = True  # the work handed back carries NCCL's own start/end events
+            else:
+                # One stream lookup for both marks: the stream NCCL orders the call after.
+                stream = self._current_stream(rec.dev)
+                rec.ev_start = self._event()
+                _record(rec.ev_start, stream)
         tls.inside = True
         try:
             if self.injector is not None:
@@ -431,15 +474,48 @@ class Tracer:
         self._complete_later(rec, out if is_async else None, stream)
         return out
 
+    def _current_stream(self, dev: int) -> Any:
+        """``torch.cuda.current_stream(dev)`` without building a Stream object per call
+        (that wrapper costs more than the two event records): one C call, one dict probe."""
+        ids = torch._C._cuda_getCurrentStream(dev)
+        stream = self._streams.get(ids)
+        if stream is None:
+            stream = self._streams[ids] = torch.cuda.Stream(stream_id=ids[0], device_index=ids[1], device_type=ids[2])
+        return stream
+
+    def _nccl_timing_on(self, key: str, group: Any) -> bool:
+        """Whether ``group``'s NCCL backend times its collectives (switched on here at the
+        group's first async CUDA call). Not while link faults are emulated: their sleep
+        kernel runs on the caller's stream, before NCCL's start event."""
+        on = self._nccl_timed.get(key)
+        if on is None:
+            on = self.nccl_timing and not (self.injector is not None and self.injector.edges_out)
+            if on:
+                try:
+                    pg = group if group is not None else c10d._get_default_group()
+                    pg._get_backend(torch.device("cuda"))._enable_collectives_timing()
+                except Exception:  # noqa: BLE001 - not NCCL, or a torch without the switch
+                    on = False
+            self._nccl_timed[key] = on
+        return on
+
     def _complete_later(self, rec: CommRecord, work: Any, stream: Any) -> None:
         """``stream``: the CUDA stream the call was ordered on (None on CPU)."""
         now = self._last_return
         rec.is_async = work is not None
+        if rec.nccl_timed:
+            if work is None or isinstance(work, _NO_WORK):  # e.g. inside a coalescing manager
+                rec.nccl_timed = False
+                self._finish(rec, now)
+                return
+            rec.work = work
+            self.pending_poll[rec.idx] = rec
+            return
         if stream is not None:
             if work is None:
                 rec.ev_end = self._event()
-                rec.ev_end.record(stream)
-                rec.stream = stream.cuda_stream
+                _record(rec.ev_end, stream)
+                rec.stream = stream.stream_id
             else:
                 rec.work = work
             self.pending_poll[rec.idx] = rec
@@ -612,6 +688,19 @@ _GROUP_POSITION = {  # position of ``group`` in each signature when passed posit
     "all_to_all": 2, "all_to_all_single": 4, "broadcast": 2, "reduce": 3, "gather": 3,
     "scatter": 3, "barrier": 0, "send": 2, "recv": 2, "isend": 2, "irecv": 2,
 }
+
+
+# Event.record's Python wrapper only defaults the stream; the tracer always passes one.
+_record = getattr(getattr(torch._C, "_CudaEventBase", None), "record", None) or (lambda ev, st: ev.record(st))
+# What a collective hands back inside a coalescing manager: no work to time.
+_NO_WORK = getattr(c10d, "_IllegalWork", ())
+
+
+def _async_requested(op: str, args: tuple, kwargs: dict) -> bool:
+    if "async_op" in kwargs:
+        return bool(kwargs["async_op"])
+    pos = _ASYNC_POSITION.get(op, 1 if op == "barrier" else -1)
+    return 0 <= pos < len(args) and bool(args[pos])
 
 
 def _positional_group(op: str, args: tuple) -> Any:

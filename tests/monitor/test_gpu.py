@@ -13,7 +13,7 @@ import torch
 pytestmark = pytest.mark.gpu
 
 
-def _cuda_records() -> dict:
+def _cuda_records(nccl_timing: bool) -> dict:
     import time
 
     import torch.distributed as dist
@@ -25,40 +25,48 @@ def _cuda_records() -> dict:
     x = torch.ones(1 << 20, device="cuda")
     dist.all_reduce(x)  # the communicator's set-up, outside the records
     torch.cuda.synchronize()
-    tr = monitor.watch(infer_iterations=False)
+    tr = monitor.watch(infer_iterations=False, nccl_timing=nccl_timing)
     try:
         x.fill_(1.0)
         monitor.step(0)
-        for _ in range(5):
-            if rank == 1:
-                torch.cuda._sleep(20_000_000)  # rank 1 arrives late on the GPU
-            dist.all_reduce(x)
-        w = dist.all_reduce(x, async_op=True)
-        w.wait()
+        for blocking in (True, False):
+            for _ in range(5):
+                if rank == 1:
+                    torch.cuda._sleep(20_000_000)  # rank 1 arrives late on the GPU
+                if blocking:
+                    dist.all_reduce(x)
+                else:
+                    dist.all_reduce(x, async_op=True).wait()
         torch.cuda.synchronize()
         time.sleep(0.1)
         tr.poll()
         recs = [(r.op, r.nbytes, r.dur, r.t_done is not None) for r in tr.records()]
+        timed_by = ["nccl" if r.nccl_timed else "events" for r in tr.records()]
     finally:
         monitor.unwatch()
-    return {"rank": rank, "recs": recs}
+    return {"rank": rank, "recs": recs, "timed_by": timed_by}
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_cuda_events_time_every_collective_and_show_the_late_rank():
+@pytest.mark.parametrize("nccl_timing", [True, False], ids=["nccl-timing", "tracer-events"])
+def test_cuda_marks_time_every_collective_and_show_the_late_rank(nccl_timing):
     from commflow.dist import spawn
 
-    out = spawn(_cuda_records, 2, backend="nccl", init=True, timeout_s=300)
+    out = spawn(_cuda_records, 2, nccl_timing, backend="nccl", init=True, timeout_s=300)
     durs = {}
     for res in out:
-        assert len(res["recs"]) == 6
+        # Blocking calls: the tracer's two events; async ones: NCCL's timing of the work.
+        assert res["timed_by"] == ["events"] * 5 + ["nccl" if nccl_timing else "events"] * 5
+        assert len(res["recs"]) == 10
         assert all(done and dur is not None and dur >= 0 for _, _, dur, done in res["recs"])
         assert all(nbytes == 4 << 20 for _, nbytes, _, _ in res["recs"])
-        durs[res["rank"]] = [d for _, _, d, _ in res["recs"][:5]]
+        durs[res["rank"]] = [d for _, _, d, _ in res["recs"]]
     # Rank 0 waits for rank 1's ~10 ms sleep kernel inside the all-reduces; rank 1 does
     # not (medians: a host hiccup may let one call's sleep finish before rank 0 arrives).
-    d0, d1 = statistics.median(durs[0]), statistics.median(durs[1])
-    assert d0 > d1 + 0.004, (durs[0], durs[1])
+    # Async calls timed by the host (no NCCL timing) end when the poll sees them: no signal.
+    for part in (slice(0, 5), slice(5, 10)) if nccl_timing else (slice(0, 5),):
+        d0, d1 = statistics.median(durs[0][part]), statistics.median(durs[1][part])
+        assert d0 > d1 + 0.004, (durs[0], durs[1])
 
 
 def _nccl_probe() -> dict:

@@ -264,37 +264,125 @@ def test_a_poll_stops_at_each_stream_s_first_unfinished_event(monkeypatch):
     assert recs[0].dur == pytest.approx(1e-3) and list(tr.pending_poll) == [1, 2, 4]
 
 
-def test_a_cuda_call_looks_its_stream_up_once_and_marks_both_ends_on_it(monkeypatch):
-    # Event.record() without a stream builds a Stream object per call; the tracer asks
-    # once, for the tensor's device, and records both marks and the poll's stream key
-    # from it. CUDA stand-ins, so that the path runs on a CPU machine.
+class _FakeWork:
+    def __init__(self, done: bool = True, ms: float = 2.5):
+        self.done, self.ms, self.waits = done, ms, 0
+
+    def wait(self):
+        self.waits += 1
+        return True
+
+    def is_completed(self) -> bool:
+        return self.done
+
+    def _get_duration(self) -> float:
+        return self.ms
+
+
+class _FakeGroup:
+    """A process group whose NCCL backend counts the timing switch."""
+
+    def __init__(self):
+        self.switched = 0
+
+    def _get_backend(self, device):
+        assert str(device) == "cuda"
+        return self
+
+    def _enable_collectives_timing(self):
+        self.switched += 1
+
+
+class _FakeStream:
+    stream_id = 4242
+
+
+def _fake_cuda_tracer(monkeypatch, **kw):
+    """A tracer whose CUDA calls are stand-ins (this runs on a CPU machine): the stream
+    lookups and event records are counted in ``tr.cuda_calls``."""
     import types
 
     from commflow.monitor import trace
 
-    class Stream:
-        cuda_stream = 4242
-
-    lookups: list = []
-
-    class Event:
-        def __init__(self):
-            self.streams: list = []
-
-        def record(self, stream=None):
-            self.streams.append(stream)
-
-    stream = Stream()
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: lookups.append(device) or stream)
-    fake = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=1))
+    cuda_calls: list = []
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentStream", lambda dev: cuda_calls.append(("stream", dev)) or (4242, dev, 1),
+                        raising=False)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda **ids: _FakeStream())
+    monkeypatch.setattr(trace, "_record", lambda ev, stream: cuda_calls.append(("record", stream)))
+    fake = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0))
     monkeypatch.setattr(trace, "_first_tensor", lambda payload: fake)
-    tr = trace.Tracer(rank=0)
-    monkeypatch.setattr(tr, "_event", Event)
-    monkeypatch.setattr(tr, "group_key", lambda group: ("0", (0,)))  # no process group here
+    tr = trace.Tracer(rank=0, **kw)
+    monkeypatch.setattr(tr, "_event", object)
+    monkeypatch.setattr(tr, "group_key", lambda group: ("0,1", (0, 1)))
     tr._rank_known = True
+    tr.cuda_calls = cuda_calls
     tr.step(0)
-    tr._traced("all_reduce", lambda *a, **k: None, (torch.ones(4),), {})
-    (rec,) = tr.records()
-    assert lookups == [1]
-    assert rec.dev == 1 and rec.stream == 4242 and list(tr.pending_poll) == [rec.idx]
-    assert rec.ev_start.streams == [stream] and rec.ev_end.streams == [stream]
+    return tr
+
+
+def test_an_async_cuda_collective_is_timed_by_nccl_without_cuda_calls_from_python(monkeypatch):
+    # async_op=True (by keyword or position): the work is NCCL-timed, the timing switch
+    # thrown once per group, no stream lookup or event record; the poll takes dur from
+    # the work and keeps each group's NCCL stream in order. A blocking call keeps the
+    # tracer's two events, recorded on one looked-up stream.
+    tr = _fake_cuda_tracer(monkeypatch)
+    group = _FakeGroup()
+    x = torch.ones(4)
+    w1 = tr._traced("all_reduce", lambda *a, **k: _FakeWork(True), (x,), {"group": group, "async_op": True})
+    w2 = tr._traced("reduce_scatter_tensor", lambda *a, **k: _FakeWork(False), (x, x, dist.ReduceOp.SUM, group, True), {})
+    w3 = tr._traced("all_gather_into_tensor", lambda *a, **k: _FakeWork(True), (x, x), {"group": group, "async_op": True})
+    assert group.switched == 1 and tr.cuda_calls == []
+    recs = tr.records()
+    assert [r.nccl_timed for r in recs] == [True, True, True] and all(r.is_async for r in recs)
+    assert [r.work for r in recs] == [w1, w2, w3] and all(w.waits == 0 for w in (w1, w2, w3))
+    tr.poll()
+    # The second call has not finished: the third, behind it on the same stream, waits.
+    assert [r.t_done is not None for r in recs] == [True, False, False]
+    assert recs[0].dur == pytest.approx(2.5e-3)
+    w2.done = True
+    tr.poll()
+    assert all(r.t_done is not None for r in recs) and not tr.pending_poll
+
+    assert tr._traced("all_reduce", lambda *a, **k: None, (x,), {"group": group}) is None
+    rec = tr.records()[-1]
+    assert not rec.nccl_timed and rec.stream == 4242 and rec.dev == 0
+    assert tr.cuda_calls == [("stream", 0), ("record", tr._streams[(4242, 0, 1)]), ("record", tr._streams[(4242, 0, 1)])]
+    tr._traced("all_reduce", lambda *a, **k: None, (x,), {"group": group})
+    assert len(tr._streams) == 1  # the stream object is built once
+
+
+def test_emulated_link_faults_and_a_backend_without_timing_fall_back_to_cuda_events(monkeypatch):
+    import types
+
+    tr = _fake_cuda_tracer(monkeypatch)
+    tr.injector = types.SimpleNamespace(edges_out=[("slowlink", 1)])
+    assert tr._nccl_timing_on("0,1", _FakeGroup()) is False
+
+    class NoTiming(_FakeGroup):
+        def _enable_collectives_timing(self):
+            raise RuntimeError("Backend gloo is missing implementation of enableCollectivesTiming")
+
+    assert _fake_cuda_tracer(monkeypatch)._nccl_timing_on("0,1", NoTiming()) is False
+    assert _fake_cuda_tracer(monkeypatch, nccl_timing=False)._nccl_timing_on("0,1", _FakeGroup()) is False
+    assert _fake_cuda_tracer(monkeypatch)._nccl_timing_on("0,1", _FakeGroup()) is True
+
+
+def test_async_op_passed_by_position_is_seen(dist_pool):
+    dist_pool(W).run(_positional_async)
+
+
+def _positional_async() -> None:
+    from commflow import monitor
+
+    tr = monitor.watch(infer_iterations=False)
+    try:
+        monitor.step(0)
+        w = dist.all_reduce(torch.ones(4), dist.ReduceOp.SUM, None, True)
+        assert w is not None
+        w.wait()
+        time.sleep(0.05)
+        tr.poll()
+        (rec,) = tr.records()
+        assert rec.is_async and rec.t_done is not None
+    finally:
+        monitor.unwatch()
