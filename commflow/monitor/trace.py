@@ -399,8 +399,10 @@ class Tracer:
                         continue
                     try:
                         dur = rec.work._get_duration() / 1e3
-                    except Exception:  # noqa: BLE001 - finished without timing (e.g. failed)
-                        dur = None
+                    except Exception:  # noqa: BLE001 - failed, or the switch did not take
+                        dur = None  # host time for this one; the tracer's events from now on
+                        if "timing was enabled" in str(sys.exc_info()[1]):
+                            self._nccl_timed[rec.group] = False
                     self._finish(rec, now, dur)
                 elif rec.work is not None and rec.work.is_completed():
                     self._finish(rec, now)
@@ -492,8 +494,11 @@ class Tracer:
             on = self.nccl_timing and not (self.injector is not None and self.injector.edges_out)
             if on:
                 try:
+                    # The switch sits on the NCCL backend in some torch versions and only on
+                    # the group (which forwards it to every backend) in others (2.11).
                     pg = group if group is not None else c10d._get_default_group()
-                    pg._get_backend(torch.device("cuda"))._enable_collectives_timing()
+                    backend = pg._get_backend(torch.device("cuda"))
+                    (getattr(backend, "_enable_collectives_timing", None) or pg._enable_collectives_timing)()
                 except Exception:  # noqa: BLE001 - not NCCL, or a torch without the switch
                     on = False
             self._nccl_timed[key] = on

@@ -366,6 +366,30 @@ def test_emulated_link_faults_and_a_backend_without_timing_fall_back_to_cuda_eve
     assert _fake_cuda_tracer(monkeypatch, nccl_timing=False)._nccl_timing_on("0,1", _FakeGroup()) is False
     assert _fake_cuda_tracer(monkeypatch)._nccl_timing_on("0,1", _FakeGroup()) is True
 
+    class GroupLevelSwitch(_FakeGroup):  # torch 2.11: only the group has the switch
+        def _get_backend(self, device):
+            return object()
+
+    g = GroupLevelSwitch()
+    assert _fake_cuda_tracer(monkeypatch)._nccl_timing_on("0,1", g) is True and g.switched == 1
+
+
+def test_a_work_without_timing_completes_in_host_time_and_turns_the_group_to_events(monkeypatch):
+    tr = _fake_cuda_tracer(monkeypatch)
+    group = _FakeGroup()
+
+    class Untimed(_FakeWork):
+        def _get_duration(self):
+            raise RuntimeError("getDuration only works if timing was enabled")
+
+    tr._traced("all_reduce", lambda *a, **k: Untimed(True), (torch.ones(4),), {"group": group, "async_op": True})
+    (rec,) = tr.records()
+    assert rec.nccl_timed
+    tr.poll()
+    assert rec.t_done is not None and rec.dur is not None and rec.dur >= 0
+    tr._traced("all_reduce", lambda *a, **k: _FakeWork(True), (torch.ones(4),), {"group": group, "async_op": True})
+    assert not tr.records()[-1].nccl_timed and ("stream", 0) in tr.cuda_calls
+
 
 def test_async_op_passed_by_position_is_seen(dist_pool):
     dist_pool(W).run(_positional_async)
