@@ -26,10 +26,11 @@ Completion, without adding a synchronisation to the hot path:
   has waited for the caller's, its end event when the collective is done; the reporter
   polls ``work.is_completed()`` and reads the duration. No CUDA call from Python. Not
   while link faults are emulated (their sleep kernel runs on the caller's stream,
-  before NCCL's start event): a start event as for a blocking call, and the end when
-  ``work.is_completed()`` is polled true (``dur`` in host time, to that poll). Blocking calls are not turned into async ones to get a
-  work: since torch 2.7 NCCL runs them on the caller's stream, without the stream
-  joins and tensor stashing an async call costs.
+  before NCCL's start event), nor with ``nccl_timing=False``: then the end is when
+  ``work.is_completed()`` is polled true (``dur`` in host time, to that poll).
+  Blocking calls are not turned into async ones to get a work: since torch 2.7 NCCL
+  runs them on the caller's stream, without the stream joins and tensor stashing an
+  async call costs.
 
 ``dur`` is wait-for-peers + transfer on this rank. Peers finish a collective together,
 so within one collective the rank with the *shortest* ``dur`` arrived last; that is
@@ -163,7 +164,7 @@ class CommRecord:
     ev_start: Any = field(default=None, repr=False)
     ev_end: Any = field(default=None, repr=False)
     stream: int = 0
-    """The CUDA stream ``ev_end`` was recorded on (its handle): events of one stream
+    """The CUDA stream ``ev_end`` was recorded on (its stream id): events of one stream
     complete in the order they were recorded, which lets a poll stop early."""
 
     def wire(self) -> list:
@@ -231,8 +232,9 @@ class Tracer:
         injector: optional :class:`commflow.monitor.inject.Injector`.
         infer_iterations: infer iterations from the call pattern until
             :meth:`step` is first called.
-        nccl_timing: time CUDA collectives with NCCL's own events (the module
-            docstring says how); False: with two CUDA events of the tracer's per call.
+        nccl_timing: time ``async_op=True`` CUDA collectives with NCCL's own events
+            (the module docstring says how); False: in host time to the poll, as
+            before. Blocking CUDA calls always get the tracer's two events.
     """
 
     def __init__(
