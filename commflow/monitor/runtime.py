@@ -77,9 +77,9 @@ def watch(
             from the training thread: at 0.01 s a 350M-model step on 2 H100s ran
             1.5-2.3 % slower watched, at 0.05 s -0.4 % (benchmarks monitor_overhead).
         infer_iterations: infer iterations from the call pattern until :func:`step`.
-        nccl_timing: time CUDA collectives with NCCL's own per-work events (no CUDA
-            call from Python per collective; see :mod:`commflow.monitor.trace`);
-            False: with two CUDA events of the tracer's around each call.
+        nccl_timing: time ``async_op=True`` CUDA collectives with NCCL's own per-work
+            events (exact GPU durations, no CUDA call from Python; see
+            :mod:`commflow.monitor.trace`); False: in host time to the poll.
     """
     if "tracer" in _state:
         return _state["tracer"]
