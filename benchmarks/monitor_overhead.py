@@ -200,6 +200,8 @@ def _train_worker(args: argparse.Namespace, endpoint: str) -> dict | None:
             "watched_ms": statistics.median(times["watched"]) * 1e3, "steps": {k: len(v) for k, v in times.items()},
             # calls traced per watched step: x the per-call cost = the wrapper's share
             "traced_calls_per_step": tracer.calls / max(1, watched_steps),
+            # of which timed by NCCL itself (async CUDA collectives; 0 if the switch did not take)
+            "nccl_timed_calls_per_step": tracer.nccl_timed_calls / max(1, watched_steps),
             "step_ms": {k: [round(t * 1e3, 3) for t in v] for k, v in times.items()}}
 
 

@@ -263,6 +263,7 @@ class Tracer:
         self.quiet_reason = ""
         self.dropped = 0
         self.calls = 0
+        self.nccl_timed_calls = 0  # of ``calls``: timed by NCCL's own events (async CUDA collectives)
         self._idx = 0
         self._seq: dict[str, int] = {}
         self._groups: dict[int, tuple[str, tuple[int, ...], Any]] = {}  # id(group) -> (key, ranks, group)
@@ -516,6 +517,7 @@ class Tracer:
                 self._finish(rec, now)
                 return
             rec.work = work
+            self.nccl_timed_calls += 1
             self.pending_poll[rec.idx] = rec
             return
         if stream is not None:

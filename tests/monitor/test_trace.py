@@ -331,7 +331,7 @@ def test_an_async_cuda_collective_is_timed_by_nccl_without_cuda_calls_from_pytho
     w1 = tr._traced("all_reduce", lambda *a, **k: _FakeWork(True), (x,), {"group": group, "async_op": True})
     w2 = tr._traced("reduce_scatter_tensor", lambda *a, **k: _FakeWork(False), (x, x, dist.ReduceOp.SUM, group, True), {})
     w3 = tr._traced("all_gather_into_tensor", lambda *a, **k: _FakeWork(True), (x, x), {"group": group, "async_op": True})
-    assert group.switched == 1 and tr.cuda_calls == []
+    assert group.switched == 1 and tr.cuda_calls == [] and tr.nccl_timed_calls == 3
     recs = tr.records()
     assert [r.nccl_timed for r in recs] == [True, True, True] and all(r.is_async for r in recs)
     assert [r.work for r in recs] == [w1, w2, w3] and all(w.waits == 0 for w in (w1, w2, w3))
