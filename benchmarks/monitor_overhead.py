@@ -59,6 +59,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                         f"{CPU_TRAIN_ARGS!r} on CPU, {CUDA_TRAIN_ARGS!r} on CUDA)")
 
 
+def _watch(monitor, args: argparse.Namespace, endpoint: str):
+    """``monitor.watch()`` with the reporter and CUDA-mark settings of the command line."""
+    return monitor.watch(endpoint, interval=args.report_s, poll_interval=args.poll_s,
+                         nccl_timing=not args.tracer_events)
+
+
 def _step_fn(model, opt, x, cuda: bool):
     import torch
 
@@ -96,8 +102,7 @@ def _ddp_worker(args: argparse.Namespace, endpoint: str) -> dict:
     x = torch.randn(args.batch, args.seq, args.d_model, device=dev, dtype=dtype)
     plain = nn.parallel.DistributedDataParallel(build())  # built before watch(): no hook, untraced
     plain_step = _step_fn(plain, torch.optim.SGD(plain.parameters(), lr=1e-4), x, cuda)
-    tracer = monitor.watch(endpoint, interval=args.report_s, poll_interval=args.poll_s,
-                           nccl_timing=not args.tracer_events)
+    tracer = _watch(monitor, args, endpoint)
     watched = nn.parallel.DistributedDataParallel(build())
     watched_step = _step_fn(watched, torch.optim.SGD(watched.parameters(), lr=1e-4), x, cuda)
     for _ in range(3):  # warm-up both (the comm hook is installed on the first forward)
@@ -169,8 +174,7 @@ def _train_worker(args: argparse.Namespace, endpoint: str) -> dict | None:
     # One run; the trainer calls monitor.step() before each step's timer starts, and there
     # the tracer is put in (watched) or taken out (plain): the same process, model, data
     # and allocator state for both variants, step by step.
-    tracer = monitor.watch(endpoint, interval=args.report_s, poll_interval=args.poll_s,
-                           nccl_timing=not args.tracer_events)
+    tracer = _watch(monitor, args, endpoint)
     real_step = monitor.step
 
     def alternating_step(step: int) -> int:

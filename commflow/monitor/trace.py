@@ -291,10 +291,8 @@ class Tracer:
             entry = self._default_entry
             if entry is None or entry[2] is not c10d.GroupMember.WORLD:
                 entry = self._default_entry = self._entry(c10d._get_default_group())
-            return entry[0], entry[1]
-        entry = self._groups.get(id(group))
-        if entry is None or entry[2] is not group:
-            entry = self._register_group(group)
+        else:
+            entry = self._entry(group)
         return entry[0], entry[1]
 
     def _entry(self, group: Any) -> tuple[str, tuple[int, ...], Any]:
