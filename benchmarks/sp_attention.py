@@ -326,8 +326,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="longest sequence at which variants (names with ':' or '@') are measured")
     p.add_argument("--nccl-priority", choices=["high", "normal"], default="high",
                    help="NCCL stream priority of the group every strategy communicates over (CUDA)")
-    p.add_argument("--ulysses-chunks", type=int, default=None, help="head_chunks of ulysses (default: auto)")
-    p.add_argument("--allgather-chunks", type=int, default=None, help="head_chunks of allgather (default: auto)")
+    p.add_argument("--ulysses-chunks", type=int, default=1, help="head_chunks of ulysses (default 1, the function's)")
+    p.add_argument("--allgather-chunks", type=int, default=1, help="head_chunks of allgather (default 1, the function's)")
     p.add_argument("--check-seq", type=int, default=None, help="tokens of the correctness check (0: skip)")
     p.add_argument("--mem-fraction", type=float, default=0.95, help="allocator cap per GPU (fraction of memory)")
     p.add_argument("--max-seq", action="store_true", help="predict the longest trainable sequence per strategy")

@@ -70,14 +70,3 @@ def test_gpu_nccl_matches_reference():
     from tests.sp.softmax_harness import check_gpu_strategy
 
     check_gpu_strategy(STRATEGY)
-
-
-def test_default_head_chunks_follow_the_measured_rule():
-    """1 chunk until each of 2 chunks keeps >= 2048 blocks of 128 rows x heads (4 H100 sweep)."""
-    import torch
-
-    from commflow.sp.ulysses import _default_chunks
-
-    shard_of = lambda total: torch.empty(1, total // 4, 32, 128, device="meta")  # H=32 over 4 ranks
-    assert [_default_chunks(shard_of(s), 8, 4) for s in (32768, 65536, 131072, 524288)] == [1, 2, 2, 2]
-    assert _default_chunks(shard_of(524288), 1, 4) == 1  # one key/value head per rank cannot split
