@@ -36,6 +36,7 @@ from commflow.dist import all_gather_tensor, reduce_scatter_tensor
 from . import ops, symm
 from .autotune import autotune_enabled, measured_choice
 from .calibration import get_calibration
+from .plain import plain_all_gather, plain_all_reduce, plain_reduce_scatter
 from .plan import OverlapPlan, plan
 from .validate import GroupInfo, check_group, check_matmul_operands, check_mode, normalize_leading_dim
 
@@ -115,7 +116,7 @@ def _weight_grad(inp: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 # ``run`` is the chosen path with nothing left to decide. Later calls with the same
 # signature look the entry up in a dict and call it: when the plan says sequential,
 # ``run`` is exactly ``torch.mm`` + the NCCL collective (no copies, no syncs, no extra
-# collective). The autograd functions carry the entry too; the backward plans are
+# collective), the collective issued straight to the process group (plain.py). The autograd functions carry the entry too; the backward plans are
 # resolved on the first backward and kept on the entry.
 
 
@@ -257,11 +258,11 @@ def _rs_entry(key, x, w, group, scatter_dim, mode, n_chunks, reduction) -> _Entr
         p = resolve_plan("matmul_reduce_scatter", _rows(x), w.shape[1], w.shape[0], g, x, mode, n_chunks, reduction,
                          run=lambda q: ops.matmul_reduce_scatter_forward(x, w, g, dim, q))
     if not p.overlap and g.world_size > 1 and x.dim() == 2 and dim == 0:
-        rows, n, pg = x.shape[0] // g.world_size, w.shape[1], g.group
+        rows, n, collective = x.shape[0] // g.world_size, w.shape[1], plain_reduce_scatter(g.group)
 
         def run(x, w):  # mm + NCCL, nothing else
             out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-            reduce_scatter_tensor(out, torch.mm(x, w), group=pg)
+            collective(out, torch.mm(x, w))
             return out
     else:
         def run(x, w):
@@ -278,11 +279,11 @@ def _ag_entry(key, x_shard, w, group, gather_dim, mode, n_chunks, reduction) -> 
                          mode, n_chunks, reduction,
                          run=lambda q: ops.all_gather_matmul_forward(x_shard, w, g, dim, q, False))
     if not p.overlap and g.world_size > 1 and x_shard.dim() == 2 and dim == 0:
-        rows, k, pg = x_shard.shape[0] * g.world_size, x_shard.shape[1], g.group
+        rows, k, collective = x_shard.shape[0] * g.world_size, x_shard.shape[1], plain_all_gather(g.group)
 
         def run(x_shard, w):  # NCCL + mm, nothing else
             full = torch.empty(rows, k, dtype=x_shard.dtype, device=x_shard.device)
-            all_gather_tensor(full, x_shard, group=pg)
+            collective(full, x_shard.contiguous())
             return torch.mm(full, w)
     else:
         def run(x_shard, w):
@@ -297,11 +298,11 @@ def _ar_entry(key, x, w, group, mode, n_chunks, reduction) -> _Entry:
         p = resolve_plan("matmul_all_reduce", _rows(x), w.shape[1], w.shape[0], g, x, mode, n_chunks, reduction,
                          run=lambda q: ops.matmul_all_reduce_forward(x, w, g, q))
     if not p.overlap and g.world_size > 1 and x.dim() == 2:
-        pg = g.group
+        collective = plain_all_reduce(g.group)
 
         def run(x, w):  # mm + NCCL, nothing else
             y = torch.mm(x, w)
-            dist.all_reduce(y, group=pg)
+            collective(y)
             return y
     else:
         def run(x, w):

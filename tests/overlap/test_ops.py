@@ -182,3 +182,50 @@ def _resolved_once() -> dict:
 def test_signature_is_resolved_once(dist_pool):
     for flags in dist_pool(2).run(_resolved_once):
         assert all(flags.values()) and len(flags) == 7, flags
+
+
+def _plain_path_traced_and_untraced() -> dict:
+    """The sequential path issues its collective straight to the process group, and goes
+    through torch.distributed's functions while commflow.monitor traces them: the same
+    numbers both ways, and under the tracer one record per call with the right op and size."""
+    import commflow.dist as cdist
+    from commflow import monitor
+    from commflow.overlap import functional
+
+    r, world = dist.get_rank(), dist.get_world_size()
+    X64, W64, X, W = _global((4 * world, 8 * world), 6, torch.float32, seed=11)
+    x, w = ref.row_parallel_shards(X, W, world, r)
+    xs, wc = ref.column_parallel_shards(X, W, world, r, 0)
+    functional.clear_caches()
+
+    def calls():
+        with torch.no_grad():
+            return (matmul_reduce_scatter(x, w, mode="sequential"), matmul_all_reduce(x, w, mode="sequential"),
+                    all_gather_matmul(xs, wc, mode="sequential"))
+
+    plain = calls()
+    tr = monitor.watch(infer_iterations=False)
+    try:
+        traced = calls()
+        recs = [(rec.op, rec.nbytes) for rec in tr.records()]
+    finally:
+        monitor.unwatch()
+    again = calls()  # untraced again once unwatch() put the functions back
+    bytes_ = 4  # float32
+    return {
+        "same": all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(plain, traced, again)),
+        "correct": _rel(plain[0], ref.matmul_reduce_scatter_reference(X64, W64, world, r)) < FP32_TOL
+        and _rel(plain[1], ref.matmul_all_reduce_reference(X64, W64)) < FP32_TOL,
+        "records": recs,
+        # The op names of this torch's functions (reduce_scatter_single on torch >= 2.12,
+        # reduce_scatter_tensor before); the sizes the tracer records (the input's bytes).
+        "expected": [(cdist.reduce_scatter_tensor.__name__, 4 * world * 6 * bytes_),
+                     ("all_reduce", 4 * world * 6 * bytes_),
+                     (cdist.all_gather_tensor.__name__, xs.numel() * bytes_)],
+    }
+
+
+def test_plain_path_is_direct_yet_visible_to_the_monitor(dist_pool):
+    for res in dist_pool(2).run(_plain_path_traced_and_untraced):
+        assert res["same"] and res["correct"], res
+        assert res["records"] == res["expected"], res

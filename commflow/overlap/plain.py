@@ -1,0 +1,101 @@
+"""The plain path (GEMM, then one collective) at the lowest host cost.
+
+Where the plan says *sequential*, an op call is a ``torch.mm`` and one NCCL
+collective, exactly Megatron's mappings, and on small shapes the host sets the pace:
+on the 2x H100 host of session 6, ``torch.mm`` + ``dist.reduce_scatter_tensor``
+issued in 108-190 us per call for 40-130 us of GPU work, and any Python on top of
+it showed up 1:1 in the step time (``docs/overlap.md``, run 4). ``torch.distributed``'s
+functions re-check every argument, look up the group's membership and coalescing
+state and build an options object on every call; everything they check was checked
+when the op's signature was resolved. So the plain path calls the process group's
+own method with options built once, then ``wait()`` as the blocking functions do
+(since torch 2.7 a blocking NCCL collective runs on the caller's stream).
+
+It stays visible to :mod:`commflow.monitor`: the tracer works by replacing the
+``torch.distributed`` / ``commflow.dist`` functions, and while any of them is
+replaced (or a ``_coalescing_manager`` is open) the call goes through the public
+function instead, so every collective is still recorded.
+
+Each builder takes the process group (``None``: the default group) and returns
+``fn(out, inp)`` (``fn(t)`` for the in-place all-reduce).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+import commflow.dist as cdist
+
+__all__ = ["plain_all_gather", "plain_all_reduce", "plain_reduce_scatter"]
+
+# The functions as imported, before any tracer could replace them. Kept in a tuple so
+# that the tracer (which swaps module attributes equal to these functions) leaves them be.
+_ORIGINAL = (dist.all_reduce, cdist.reduce_scatter_tensor, cdist.all_gather_tensor)
+# torch's per-group coalescing state (private); when it is missing, never coalescing.
+_COALESCING: dict = getattr(getattr(c10d, "_world", None), "pg_coalesce_state", {})
+
+
+def _untraced() -> bool:
+    """No tracer has replaced the public functions and no coalescing block is open."""
+    return (dist.all_reduce is _ORIGINAL[0] and cdist.reduce_scatter_tensor is _ORIGINAL[1]
+            and cdist.all_gather_tensor is _ORIGINAL[2] and not _COALESCING)
+
+
+def _pg(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    return group if group is not None else dist.group.WORLD
+
+
+def _blocking(opts):
+    if hasattr(opts, "asyncOp"):
+        opts.asyncOp = False
+    return opts
+
+
+def plain_reduce_scatter(group: dist.ProcessGroup | None) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """``fn(out [M/R, N], inp [M, N])``: sum-reduce-scatter along dim 0 (contiguous tensors)."""
+    pg = _pg(group)
+    method = getattr(pg, "reduce_scatter_single", None) or pg._reduce_scatter_base
+    opts = _blocking(c10d.ReduceScatterOptions())
+    opts.reduceOp = dist.ReduceOp.SUM
+
+    def run(out: torch.Tensor, inp: torch.Tensor) -> None:
+        if _untraced():
+            method(out, inp, opts).wait()
+        else:
+            cdist.reduce_scatter_tensor(out, inp, group=group)
+
+    return run
+
+
+def plain_all_gather(group: dist.ProcessGroup | None) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """``fn(out [M, K], inp [M/R, K])``: all-gather along dim 0 (contiguous tensors)."""
+    pg = _pg(group)
+    method = getattr(pg, "all_gather_single", None) or pg._allgather_base
+    opts = _blocking(c10d.AllgatherOptions())
+
+    def run(out: torch.Tensor, inp: torch.Tensor) -> None:
+        if _untraced():
+            method(out, inp, opts).wait()
+        else:
+            cdist.all_gather_tensor(out, inp, group=group)
+
+    return run
+
+
+def plain_all_reduce(group: dist.ProcessGroup | None) -> Callable[[torch.Tensor], None]:
+    """``fn(t)``: sum-all-reduce in place."""
+    pg = _pg(group)
+    opts = _blocking(c10d.AllreduceOptions())
+    opts.reduceOp = dist.ReduceOp.SUM
+
+    def run(t: torch.Tensor) -> None:
+        if _untraced():
+            pg.allreduce([t], opts).wait()
+        else:
+            dist.all_reduce(t, group=group)
+
+    return run
