@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .plan import OverlapPlan
+from .symm import accumulates
 from .validate import GroupInfo
 
 __all__ = ["MEASURED_MARGIN", "autotune_enabled", "measured_choice", "measured_choices", "set_autotune"]
@@ -102,17 +103,20 @@ def measured_choice(p: OverlapPlan, run: Callable[[OverlapPlan], object], g: Gro
     """``p`` confirmed or overturned by timing ``run(plan)`` (cached per shape).
 
     Timed in one alternation: the plain path, the model's split and, where that has
-    several row groups, a single group, and where CUDA graphs are enabled (graphs.py) each
+    several row groups, a single group (on two ranks also two groups: the accumulate
+    schedule), and where CUDA graphs are enabled (graphs.py) each
     of those replayed as a graph (every group costs launches and a barrier on the
     host; on the 4xH100 host one group ran GEMM + all-reduce at 1.26x sequential where the
     model's two ran at 1.05x, benchmarks/results/overlap_probe_4xH100_20261126-s2.json).
     The fastest overlapped candidate is kept if it beats the plain path by the margin.
     """
-    if p.t_overlap_ms is None or p.t_sequential_ms / p.t_overlap_ms < WORTH_MEASURING:
-        return p
     from .graphs import graphs_enabled
 
     graphs = p.transport == "symm" and graphs_enabled(device)
+    # With graphs the host's launches drop out: gate on the schedule's device time then.
+    predicted = p.t_overlap_device_ms if graphs and p.t_overlap_device_ms is not None else p.t_overlap_ms
+    if predicted is None or p.t_sequential_ms / predicted < WORTH_MEASURING:
+        return p
     key = (group_key, p.op, p.m, p.n, p.k, p.dtype, p.reduction, p.best_split, p.calibration, graphs)
     hit = _CHOICES.get(key)
     if hit is not None:
@@ -122,6 +126,11 @@ def measured_choice(p: OverlapPlan, run: Callable[[OverlapPlan], object], g: Gro
     splits = [tuple(p.best_split)]
     if len(p.best_split) > 1:
         splits.append((sum(p.best_split),))
+    total = sum(p.best_split)
+    if p.transport == "symm" and accumulates(p.world_size, 2) and total >= 2 and len(p.best_split) != 2:
+        # Two ranks: two groups take the accumulate schedule (symm._pair_accumulate), whose
+        # extra launches the host-bound model may hold against it; a graph replay drops them.
+        splits.append((total // 2, total - total // 2))
     candidates = [replace(p, decision="overlap", n_chunks=len(s), chunk_sizes=s) for s in splits]
     if graphs:  # the same schedules replayed as CUDA graphs (graphs.py): one launch instead of tens
         candidates += [replace(c, graphed=True) for c in candidates]

@@ -46,6 +46,7 @@ from typing import Literal
 import torch
 
 from .calibration import Calibration, default_calibration
+from .symm import accumulates
 
 __all__ = ["OPS", "OverlapPlan", "plan"]
 
@@ -105,6 +106,10 @@ class OverlapPlan:
     graphed: bool = False
     """The copy-engine schedule replays as a CUDA graph (:mod:`commflow.overlap.graphs`):
     chosen only by the autotune, where graphs are enabled and measured faster."""
+    t_overlap_device_ms: float | None = None
+    """``symm``: the fastest candidate's schedule on the device alone, without the host's
+    launch bound: what a CUDA graph replay of it could reach (the autotune's gate where
+    graphs are on)."""
 
     @property
     def overlap(self) -> bool:
@@ -277,6 +282,8 @@ def symm_launches(op: str, world_size: int, groups: int) -> int:
     r = world_size
     if op == "all_gather_matmul":  # copy-in, barrier, per piece a pull, event, wait, GEMM
         return 6 + 4 * (r - 1) * groups
+    if accumulates(r, groups):  # per group: GEMM, wait, barrier, pull, event; wait, addmm; AR: wait, barrier, 2 pulls
+        return 4 + groups * (7 + (4 if op == "matmul_all_reduce" else 0))
     # per group: a GEMM, a wait and a push per peer, own GEMM, wait, barrier, sum, event
     return 4 + groups * (3 * (r - 1) + 4 + (r + 1 if op == "matmul_all_reduce" else 0))
 
@@ -301,6 +308,18 @@ def _symm_gpu_us(cal: Calibration, op: str, m: int, n: int, k: int, b: int, size
             main = max(main, t) + cal.gemm_us(rows, n, k) * (cal.copy_slowdown if beside else 1.0)
         return main
     main = side = pull = 0.0  # the caller's stream, the push stream, the all-reduce's pull stream
+    if accumulates(r, len(sizes)):  # two ranks: the peer's rows first, then the own rows onto the pulled partials
+        landed = []
+        for rows in sizes:
+            main += cal.gemm_us(rows, n, k) * (cal.copy_slowdown if side > main else 1.0)
+            side = max(side, main) + cal.barrier_us + copy(rows * n * b)
+            landed.append(side)
+        for rows, t in zip(sizes, landed):
+            busy = max(side, pull) > max(main, t)
+            main = max(main, t) + cal.gemm_us(rows, n, k) * (cal.copy_slowdown if busy else 1.0)
+            if op == "matmul_all_reduce":  # the peer's reduced rows pulled, the own ones copied
+                pull = max(pull, main) + cal.barrier_us + copy(rows * n * b) + cal.memory_us(2 * rows * n * b)
+        return max(main, pull)
     for rows in sizes:
         for _ in range(r - 1):
             main += cal.gemm_us(rows, n, k) * (cal.copy_slowdown if max(side, pull) > main else 1.0)
@@ -425,6 +444,8 @@ def _decide(op, m, n, k, world, dtype_name, cal, mode, n_chunks, reduction, marg
             unit = 64 if total // 64 >= c else 1
             sizes = tuple(_split_sizes(total, c, unit))
             candidates[c], splits[c] = _symm_us(cal, op, m, n, k, b, sizes) / 1e3, sizes
+            device = _symm_gpu_us(cal, op, m, n, k, b, sizes) / 1e3
+            common["t_overlap_device_ms"] = min(common.get("t_overlap_device_ms", device), device)
     else:
         total = _split_total(op, m, n, world)
         for c in counts:

@@ -19,6 +19,16 @@ Schedules (R ranks, this rank r, leading dims already flattened to rows; steps g
   workspace while the GEMM of the next block runs; this rank's own block is computed
   last, straight into its own slot, so the last push hides under it. A barrier says
   every slot has landed, and one reduction sums the R slots in fp32 and rounds once.
+* Two ranks, two or more row groups (:func:`_pair_accumulate`): the reduction moves
+  into the GEMM. Each rank first computes the peer's rows of every group into its own
+  buffer; the peer pulls them by copy engine straight into its output rows while the
+  GEMMs go on; then each rank multiplies its own rows *onto* the pulled partials
+  (``out.addmm_(x, w)``: cuBLAS adds the fp32 accumulator to the pulled bf16 partial
+  and rounds once). No reduction pass and no slot for the own partial; the pull of
+  the last group hides under the own GEMMs of the earlier groups. (T3 does the same
+  accumulation near memory; with R > 2 each output row would receive R - 1 partials,
+  which an in-place GEMM epilogue cannot add with a single rounding, so R > 2 keeps
+  the slot-and-sum schedule.)
 * :func:`matmul_all_reduce`: the same, per group of rows, followed by an all-gather
   of the reduced block (every rank pulls its peers' blocks by copy engine, on a second
   stream); the all-gather of group g runs beside the GEMMs and pushes of group g + 1.
@@ -54,7 +64,7 @@ import torch.distributed as dist
 from .pipeline import cached_stream
 from .validate import GroupInfo
 
-__all__ = ["all_gather_matmul", "available", "matmul_all_reduce", "matmul_reduce_scatter", "workspace",
+__all__ = ["accumulates", "all_gather_matmul", "available", "matmul_all_reduce", "matmul_reduce_scatter", "workspace",
            "workspace_bytes"]
 
 _AVAILABLE: dict[tuple, bool] = {}
@@ -262,12 +272,60 @@ def _reduce_scatter_groups(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, ws:
     return keep
 
 
+def accumulates(world_size: int, groups: int, direct: bool = False) -> bool:
+    """Whether the reduce-scatter / all-reduce schedules take the two-rank accumulate
+    path (:func:`_pair_accumulate`) for ``groups`` row groups."""
+    return world_size == 2 and groups >= 2 and not direct
+
+
+def _pair_accumulate(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, ws: _Workspace, sizes: tuple[int, ...],
+                     row_of, dest, after_own=None) -> None:
+    """Two ranks: the reduction inside the GEMM, for ``len(sizes) >= 2`` row groups.
+
+    Main stream: the GEMMs of the peer's rows of every group, into this rank's buffer
+    (region ``A``); then, group by group, this rank's own rows multiplied onto the
+    peer's partial (``dest(i).addmm_(x_own, w)``). Communication stream, per group:
+    a barrier (both ranks' ``A`` rows of the group are computed), then the peer's
+    partial pulled by the copy engine into ``dest(i)``. ``after_own(i)``, if given,
+    runs as ``after_own(i, base)`` once group ``i``'s own GEMM is queued (the
+    all-reduce's all-gather).
+
+    ``row_of(d, i)``: first row of ``x2d`` for destination ``d`` in group ``i``;
+    ``dest(i, base)``: the ``[sizes[i], N]`` tensor that receives group ``i``'s result
+    (``base``: element offset of this call's half of the workspace).
+    One copy of ``A`` per call (the two halves alternate across calls; see the
+    module doc for why a peer never writes a half this rank still reads).
+    """
+    rank, peer = g.rank, 1 - g.rank
+    n, dtype, dev = w.shape[1], x2d.dtype, x2d.device
+    main, comm = _streams(dev)
+    base = ws.next_copy(dtype)
+    starts = _offsets(sizes)
+    landed = []
+    for i, rows in enumerate(sizes):
+        a = row_of(peer, i)
+        torch.mm(x2d[a:a + rows], w, out=ws.view(rank, (rows, n), dtype, base + starts[i] * n))
+        comm.wait_stream(main)
+        with _on(comm):
+            ws.barrier()  # both ranks' partials of group i are in their buffers
+            dest(i, base).copy_(ws.view(peer, (rows, n), dtype, base + starts[i] * n))
+            landed.append(comm.record_event())
+    for i, rows in enumerate(sizes):
+        a = row_of(rank, i)
+        main.wait_event(landed[i])
+        dest(i, base).addmm_(x2d[a:a + rows], w)  # fp32 accumulator + the peer's partial, rounded once
+        if after_own is not None:
+            after_own(i, base)
+
+
 def matmul_reduce_scatter(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tuple[int, ...] | None = None,
                           *, direct: bool = False) -> torch.Tensor:
     """``x2d [M, K/R] @ w [K/R, N]`` summed over ranks, row block ``g.rank`` ``[M/R, N]``.
 
     ``sizes``: rows of each group within every destination block (sum ``M/R``; default
-    one group). Group ``i``'s reduction runs under the GEMMs of group ``i + 1``.
+    one group). Group ``i``'s reduction runs under the GEMMs of group ``i + 1``; on two
+    ranks with two or more groups the reduction is inside the GEMM instead
+    (:func:`_pair_accumulate`).
     ``direct``: the GEMM writes each peer's partial straight into the peer's slot (NVLink
     stores from the GEMM) instead of computing it locally for the copy engine to push.
     """
@@ -276,9 +334,15 @@ def matmul_reduce_scatter(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, size
     mr = m // world
     sizes = sizes or (mr,)
     ws = workspace(g, "rs", dev)
-    ws.ensure(2 * world * max(sizes) * n * dtype.itemsize)
     out = torch.empty(mr, n, dtype=dtype, device=dev)
     starts = _offsets(sizes)
+    if accumulates(world, len(sizes), direct):
+        ws.ensure(2 * mr * n * dtype.itemsize)  # per half: this rank's partials for the peer
+        _pair_accumulate(x2d, w, g, ws, sizes, lambda d, i: d * mr + starts[i],
+                         lambda i, base: out[starts[i]:starts[i] + sizes[i]])
+        _streams(dev)[0].wait_stream(_streams(dev)[1])
+        return out
+    ws.ensure(2 * world * max(sizes) * n * dtype.itemsize)
 
     def after_sum(i: int, slots: torch.Tensor, base: int) -> None:
         # One pass over the R partials, accumulated in fp32, rounded once.
@@ -312,10 +376,30 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
     starts = _offsets(sizes)
     block = max(sizes) * n
     ws = workspace(g, "ar", dev)
-    ws.ensure(2 * (world + 1) * block * dtype.itemsize)  # per copy: R slots, then the reduced block
     main, comm = _streams(dev)
     pull = pull_stream(dev)
     out = torch.empty(m, n, dtype=dtype, device=dev)
+    if accumulates(world, len(sizes), direct):
+        mr = m // world
+        ws.ensure(2 * 2 * mr * n * dtype.itemsize)  # per half: partials for the peer, then the reduced rows
+
+        def reduced(i: int, base: int) -> torch.Tensor:  # this rank's reduced rows of group i, pulled by the peer
+            return ws.view(rank, (sizes[i], n), dtype, base + (mr + starts[i]) * n)
+
+        def gather(i: int, base: int) -> None:  # on the pull stream, beside the next group's GEMM
+            rows, g0 = sizes[i], world * starts[i]
+            pull.wait_stream(main)
+            with _on(pull):
+                ws.barrier(channel=1)  # both ranks' reduced rows of group i are done
+                for p in (rank, 1 - rank):
+                    src = ws.view(p, (rows, n), dtype, base + (mr + starts[i]) * n)
+                    out[g0 + p * rows:g0 + (p + 1) * rows].copy_(src)
+
+        _pair_accumulate(x2d, w, g, ws, sizes, lambda d, i: world * starts[i] + d * sizes[i], reduced, gather)
+        main.wait_stream(comm)
+        main.wait_stream(pull)
+        return out
+    ws.ensure(2 * (world + 1) * block * dtype.itemsize)  # per copy: R slots, then the reduced block
     pulled_barrier: list[torch.cuda.Event] = []
 
     def after_sum(i: int, slots: torch.Tensor, base: int) -> None:  # on the push stream

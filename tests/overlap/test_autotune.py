@@ -105,3 +105,40 @@ def test_a_graph_within_the_margin_is_preferred_to_a_faster_eager_schedule():
     assert at.pick_candidate(graphed, [0.60, 0.70, 0.64, 0.65]) == 0  # 6.7 % slower: the eager one
     assert at.pick_candidate(graphed, [0.70, 0.60, 0.65, 0.55]) == 3  # a graph is fastest anyway
     assert at.pick_candidate([False, False], [0.7, 0.6]) == 1  # no graphs (CPU, or graphs off)
+
+
+def _two_rank_symm_candidates() -> dict:
+    """A copy-engine plan for two ranks whose model picked one group: the autotune also
+    times two groups (the accumulate schedule) and keeps them when they measure fastest."""
+    from commflow.overlap import plan
+    from commflow.overlap.validate import GroupInfo
+
+    cal = replace(default_calibration("cuda", 2), source="test: two-rank symm")
+    p = plan("matmul_reduce_scatter", 4096, 8192, 4096, world_size=2, calibration=cal, transport="symm")
+    one_group = replace(p, decision="overlap", n_chunks=1, chunk_sizes=(2048,), best_split=(2048,),
+                        t_overlap_ms=p.t_sequential_ms * 0.9)
+    seen, fake = [], {(): 1.0, (2048,): 0.95, (1024, 1024): 0.7}
+    real = at._time_ms
+    at._time_ms = lambda fns, device, group, reps=3, rounds=5: [f() for f in fns]
+    at._CHOICES.clear()
+    try:
+        def run(q):
+            seen.append(tuple(q.chunk_sizes))
+            return fake[tuple(q.chunk_sizes)]
+
+        chosen = at.measured_choice(one_group, run, GroupInfo(group=None, rank=0, world_size=1),
+                                    torch.device("cpu"), 0)
+    finally:
+        at._time_ms = real
+        at._CHOICES.clear()
+    return {"timed": sorted(set(seen)), "chosen": chosen.chunk_sizes, "device_ms": p.t_overlap_device_ms,
+            "host_ms": p.t_overlap_ms, "reason": chosen.reason}
+
+
+def test_two_ranks_also_time_the_two_group_accumulate_schedule(dist_pool):
+    (res,) = dist_pool(1).run(_two_rank_symm_candidates)
+    assert res["timed"] == [(), (1024, 1024), (2048,)], res
+    assert res["chosen"] == (1024, 1024) and "2 group(s) 0.700 ms" in res["reason"], res
+    # The plan carries the schedule's device-only time (the graph replay's bound): never
+    # more than the host-bound prediction.
+    assert res["device_ms"] is not None and res["device_ms"] <= res["host_ms"], res

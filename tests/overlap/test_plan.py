@@ -190,3 +190,22 @@ def test_defaults_are_used_without_a_file(tmp_path, monkeypatch, device_type):
             assert get_calibration(dev, 4).source.startswith("defaults")
     finally:
         set_calibration(None, device_type=device_type)
+
+
+def test_two_rank_accumulate_schedule_model():
+    """Two ranks, two or more row groups: the reduction rides in the GEMM (symm._pair_accumulate).
+    The model never beats the GEMM alone, and on a communication-heavy shape (Llama-3 8B
+    attention output, M=16384) it hides more than the one-group slot-and-sum schedule."""
+    from commflow.overlap.plan import _symm_gpu_us, symm_launches
+    from commflow.overlap.symm import accumulates
+
+    cal = default_calibration("cuda", 2)
+    m, n, k = 16384, 4096, 2048
+    for op in ("matmul_reduce_scatter", "matmul_all_reduce"):
+        one = _symm_gpu_us(cal, op, m, n, k, 2, (m // 2,))
+        two = _symm_gpu_us(cal, op, m, n, k, 2, (m // 4, m // 4))
+        assert cal.gemm_us(m, n, k) <= two < one, (op, one, two)
+    assert accumulates(2, 2) and not accumulates(2, 1) and not accumulates(4, 2) and not accumulates(2, 3, direct=True)
+    # per group: 5 launches for the peer's rows (GEMM, wait, barrier, pull, event) and 2 for the own rows
+    assert symm_launches("matmul_reduce_scatter", 2, 3) - symm_launches("matmul_reduce_scatter", 2, 2) == 7
+    assert symm_launches("matmul_all_reduce", 2, 3) - symm_launches("matmul_all_reduce", 2, 2) == 11

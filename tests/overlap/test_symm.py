@@ -195,3 +195,27 @@ def test_consecutive_steps_use_disjoint_bytes_whatever_the_shapes(ranks):
             for a, b in ranges:
                 for c, d in by_step.get((step + 1, buf), []):
                     assert b <= c or d <= a, f"{op}: steps {step} and {step + 1} share bytes of rank {buf}'s buffer"
+
+
+def test_two_ranks_with_row_groups_accumulate_in_the_gemm(ranks, monkeypatch):
+    """World 2 with two or more row groups runs the accumulate schedule (the peer's partial
+    pulled into the output, the own rows multiplied onto it); one group, direct stores and
+    world 4 keep the slot-and-sum schedule. Both give the float64 product."""
+    calls = []
+    real = symm._pair_accumulate
+    monkeypatch.setattr(symm, "_pair_accumulate", lambda *a, **kw: calls.append(len(a[4])) or real(*a, **kw))
+    g0 = torch.Generator().manual_seed(3)
+    X, W = torch.randn(48, 16, generator=g0, dtype=torch.float64), torch.randn(16, 6, generator=g0, dtype=torch.float64)
+
+    def fn(g):
+        x, w = (t.float() for t in ref.row_parallel_shards(X, W, 2, g.rank))
+        errs = []
+        for sizes, direct in (((12, 12), False), ((24,), False), ((8, 8, 8), True), ((5, 9, 10), False)):
+            errs.append(_rel(symm.matmul_reduce_scatter(x, w, g, sizes, direct=direct),
+                             ref.matmul_reduce_scatter_reference(X, W, 2, g.rank)))
+            errs.append(_rel(symm.matmul_all_reduce(x, w, g, sizes, direct=direct), X @ W))
+        return errs
+
+    for errs in ranks(2, fn):
+        assert all(e <= TOL for e in errs), errs
+    assert sorted(calls) == [2, 2, 2, 2, 3, 3, 3, 3], calls  # 2 ranks x (RS, AR) x the two accumulating splits
