@@ -254,19 +254,15 @@ def _rs_entry(key, x, w, group, scatter_dim, mode, n_chunks, reduction) -> _Entr
             f"x: size {x.shape[dim]} of scatter_dim={scatter_dim} (shape {tuple(x.shape)}) is not divisible by "
             f"world_size={g.world_size}; the rule is x.shape[scatter_dim] % world_size == 0"
         )
+    plain = _plain_rs(x, w, g, dim)
     with torch.no_grad():
         p = resolve_plan("matmul_reduce_scatter", _rows(x), w.shape[1], w.shape[0], g, x, mode, n_chunks, reduction,
-                         run=lambda q: ops.matmul_reduce_scatter_forward(x, w, g, dim, q))
-    if not p.overlap and g.world_size > 1 and x.dim() == 2 and dim == 0:
-        rows, n, collective = x.shape[0] // g.world_size, w.shape[1], plain_reduce_scatter(g.group)
-
-        def run(x, w):  # mm + NCCL, nothing else
-            out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-            collective(out, torch.mm(x, w))
-            return out
-    else:
+                         run=_trial(plain, x, w, lambda q: ops.matmul_reduce_scatter_forward(x, w, g, dim, q)))
+    if plain is None or p.overlap:
         def run(x, w):
             return ops.matmul_reduce_scatter_forward(x, w, g, dim, p)
+    else:
+        run = plain  # mm + NCCL, nothing else
     e = _ENTRIES[key] = _Entry(g, dim, mode, reduction, p, run)
     return e
 
@@ -274,41 +270,84 @@ def _rs_entry(key, x, w, group, scatter_dim, mode, n_chunks, reduction) -> _Entr
 def _ag_entry(key, x_shard, w, group, gather_dim, mode, n_chunks, reduction) -> _Entry:
     g = _checked("x_shard", x_shard, w, group, mode, n_chunks, reduction)
     dim = normalize_leading_dim("gather_dim", gather_dim, "x_shard", x_shard)
+    plain = _plain_ag(x_shard, g, dim)
     with torch.no_grad():
         p = resolve_plan("all_gather_matmul", _rows(x_shard) * g.world_size, w.shape[1], w.shape[0], g, x_shard,
                          mode, n_chunks, reduction,
-                         run=lambda q: ops.all_gather_matmul_forward(x_shard, w, g, dim, q, False))
-    if not p.overlap and g.world_size > 1 and x_shard.dim() == 2 and dim == 0:
-        rows, k, collective = x_shard.shape[0] * g.world_size, x_shard.shape[1], plain_all_gather(g.group)
-
-        def run(x_shard, w):  # NCCL + mm, nothing else
-            full = torch.empty(rows, k, dtype=x_shard.dtype, device=x_shard.device)
-            collective(full, x_shard.contiguous())
-            return torch.mm(full, w)
-    else:
+                         run=_trial(plain, x_shard, w,
+                                    lambda q: ops.all_gather_matmul_forward(x_shard, w, g, dim, q, False)))
+    if plain is None or p.overlap:
         def run(x_shard, w):
             return ops.all_gather_matmul_forward(x_shard, w, g, dim, p, False)[0]
+    else:
+        run = plain  # NCCL + mm, nothing else
     e = _ENTRIES[key] = _Entry(g, dim, mode, reduction, p, run)
     return e
 
 
 def _ar_entry(key, x, w, group, mode, n_chunks, reduction) -> _Entry:
     g = _checked("x", x, w, group, mode, n_chunks, reduction)
+    plain = _plain_ar(x, g)
     with torch.no_grad():
         p = resolve_plan("matmul_all_reduce", _rows(x), w.shape[1], w.shape[0], g, x, mode, n_chunks, reduction,
-                         run=lambda q: ops.matmul_all_reduce_forward(x, w, g, q))
-    if not p.overlap and g.world_size > 1 and x.dim() == 2:
-        collective = plain_all_reduce(g.group)
-
-        def run(x, w):  # mm + NCCL, nothing else
-            y = torch.mm(x, w)
-            collective(y)
-            return y
-    else:
+                         run=_trial(plain, x, w, lambda q: ops.matmul_all_reduce_forward(x, w, g, q)))
+    if plain is None or p.overlap:
         def run(x, w):
             return ops.matmul_all_reduce_forward(x, w, g, p)
+    else:
+        run = plain  # mm + NCCL, nothing else
     e = _ENTRIES[key] = _Entry(g, 0, mode, reduction, p, run)
     return e
+
+
+# The plain paths (mm + one collective, nothing else) for 2-D operands sharded on dim 0,
+# the shapes tensor-parallel layers pass; other layouts go through ops.py's sequential path.
+
+
+def _plain_rs(x, w, g: GroupInfo, dim: int) -> Callable | None:
+    if g.world_size == 1 or x.dim() != 2 or dim != 0:
+        return None
+    rows, n, collective = x.shape[0] // g.world_size, w.shape[1], plain_reduce_scatter(g.group)
+
+    def run(x, w):
+        out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+        collective(out, torch.mm(x, w))
+        return out
+
+    return run
+
+
+def _plain_ag(x_shard, g: GroupInfo, dim: int) -> Callable | None:
+    if g.world_size == 1 or x_shard.dim() != 2 or dim != 0:
+        return None
+    rows, k, collective = x_shard.shape[0] * g.world_size, x_shard.shape[1], plain_all_gather(g.group)
+
+    def run(x_shard, w):
+        full = torch.empty(rows, k, dtype=x_shard.dtype, device=x_shard.device)
+        collective(full, x_shard.contiguous())
+        return torch.mm(full, w)
+
+    return run
+
+
+def _plain_ar(x, g: GroupInfo) -> Callable | None:
+    if g.world_size == 1 or x.dim() != 2:
+        return None
+    collective = plain_all_reduce(g.group)
+
+    def run(x, w):
+        y = torch.mm(x, w)
+        collective(y)
+        return y
+
+    return run
+
+
+def _trial(plain: Callable | None, x, w, schedule: Callable[[OverlapPlan], object]) -> Callable[[OverlapPlan], object]:
+    """What the autotune times for a candidate plan: the exact plain path the entry would
+    run for a sequential plan (so overlap is held against the real alternative, not the
+    slower general sequential path of ops.py), else the schedule."""
+    return lambda q: plain(x, w) if plain is not None and not q.overlap else schedule(q)
 
 
 def matmul_reduce_scatter(

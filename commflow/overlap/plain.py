@@ -8,8 +8,9 @@ it showed up 1:1 in the step time (``docs/overlap.md``, run 4). ``torch.distribu
 functions re-check every argument, look up the group's membership and coalescing
 state and build an options object on every call; everything they check was checked
 when the op's signature was resolved. So the plain path calls the process group's
-own method with options built once, then ``wait()`` as the blocking functions do
-(since torch 2.7 a blocking NCCL collective runs on the caller's stream).
+own method with options built once, then waits on the returned work as the blocking
+functions do (since torch 2.7 a blocking NCCL collective runs on the caller's stream
+and returns none).
 
 It stays visible to :mod:`commflow.monitor`: the tracer works by replacing the
 ``torch.distributed`` / ``commflow.dist`` functions, and while any of them is
@@ -49,6 +50,13 @@ def _pg(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     return group if group is not None else dist.group.WORLD
 
 
+def _wait(work) -> None:
+    # A blocking NCCL collective (asyncOp=False, torch >= 2.7) already ran on the caller's
+    # stream and returns no work; gloo returns one to wait on.
+    if work is not None:
+        work.wait()
+
+
 def _blocking(opts):
     if hasattr(opts, "asyncOp"):
         opts.asyncOp = False
@@ -64,7 +72,7 @@ def plain_reduce_scatter(group: dist.ProcessGroup | None) -> Callable[[torch.Ten
 
     def run(out: torch.Tensor, inp: torch.Tensor) -> None:
         if _untraced():
-            method(out, inp, opts).wait()
+            _wait(method(out, inp, opts))
         else:
             cdist.reduce_scatter_tensor(out, inp, group=group)
 
@@ -79,7 +87,7 @@ def plain_all_gather(group: dist.ProcessGroup | None) -> Callable[[torch.Tensor,
 
     def run(out: torch.Tensor, inp: torch.Tensor) -> None:
         if _untraced():
-            method(out, inp, opts).wait()
+            _wait(method(out, inp, opts))
         else:
             cdist.all_gather_tensor(out, inp, group=group)
 
@@ -94,7 +102,7 @@ def plain_all_reduce(group: dist.ProcessGroup | None) -> Callable[[torch.Tensor]
 
     def run(t: torch.Tensor) -> None:
         if _untraced():
-            pg.allreduce([t], opts).wait()
+            _wait(pg.allreduce([t], opts))
         else:
             dist.all_reduce(t, group=group)
 

@@ -39,6 +39,11 @@ def _autotuned(fake: dict[int, tuple[float, ...]] | None) -> dict:
         return list(fake[r]) if fake else t  # ... but report what the test says
 
     at._time_ms = timed
+    from commflow.overlap import ops
+
+    scheduled = []  # decisions of the plans that reached ops.py's schedules
+    real_rs = ops.matmul_reduce_scatter_forward
+    ops.matmul_reduce_scatter_forward = lambda x, w, g, dim, q: scheduled.append(q.decision) or real_rs(x, w, g, dim, q)
     try:
         g = torch.Generator().manual_seed(0)
         X, W = torch.randn(8 * world, 64, generator=g), torch.randn(64, 256, generator=g)
@@ -50,8 +55,10 @@ def _autotuned(fake: dict[int, tuple[float, ...]] | None) -> dict:
         return {"timed": sum(calls), "decision": choice.decision, "reason": choice.reason,
                 "groups": len(choice.chunk_sizes),
                 "measured": (choice.measured_sequential_ms, choice.measured_overlap_ms),
-                "ok": bool(torch.allclose(y1, expected, atol=1e-4) and torch.equal(y1, y2))}
+                "ok": bool(torch.allclose(y1, expected, atol=1e-4) and torch.equal(y1, y2)),
+                "sequential_via_ops": "sequential" in scheduled}
     finally:
+        ops.matmul_reduce_scatter_forward = real_rs
         at._time_ms = real
         at.set_autotune(None)
         at._CHOICES.clear()
@@ -87,6 +94,8 @@ def test_single_group_measured_faster_than_the_models_split_is_chosen(dist_pool)
 def test_real_timings_agree_across_ranks(dist_pool):
     out = dist_pool(2).run(_autotuned, None)
     assert all(res["ok"] for res in out)
+    # The plain candidate timed is the entry's own mm + collective, not ops.py's general path.
+    assert not any(res["sequential_via_ops"] for res in out)
     assert out[0]["decision"] == out[1]["decision"] and out[0]["measured"] == out[1]["measured"]
 
 
