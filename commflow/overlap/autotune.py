@@ -29,7 +29,7 @@ from .plan import OverlapPlan
 from .symm import accumulates
 from .validate import GroupInfo
 
-__all__ = ["MEASURED_MARGIN", "autotune_enabled", "measured_choice", "measured_choices", "set_autotune"]
+__all__ = ["MEASURED_MARGIN", "autotune_enabled", "measured_choice", "measured_choices", "rounds_for", "set_autotune"]
 
 MEASURED_MARGIN = 0.03
 """Overlap must measure this much faster than the plain path to be kept."""
@@ -57,6 +57,13 @@ def autotune_enabled(device: torch.device) -> bool:
     if env is not None:
         return env not in ("0", "false", "False", "")
     return device.type == "cuda"
+
+
+def rounds_for(predicted_ms: float, reps: int = 3, budget_ms: float = 15.0) -> int:
+    """Timing rounds for a shape: 5 where one sample (``reps`` calls) is long, up to 25 for
+    the 0.1-0.2 ms shapes of the small-M guard, whose samples spread by 5-10 % on a
+    host-bound machine (docs/overlap.md, run 5): about ``budget_ms`` of each path is timed."""
+    return max(5, min(25, int(budget_ms / max(predicted_ms * reps, 1e-3))))
 
 
 def _time_ms(fns: list[Callable[[], object]], device: torch.device, group, reps: int = 3,
@@ -140,7 +147,7 @@ def measured_choice(p: OverlapPlan, run: Callable[[OverlapPlan], object], g: Gro
         for _ in range(2):  # warm every path (allocator, NCCL, symmetric-memory workspace) before timing
             for q in paths:
                 run(q)
-        times = _time_ms([lambda q=q: run(q) for q in paths], device, g.group)
+        times = _time_ms([lambda q=q: run(q) for q in paths], device, g.group, rounds=rounds_for(p.t_sequential_ms))
     agreed = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=g.group)  # the slowest rank decides for all
     t_seq, *t_cands = agreed.tolist()

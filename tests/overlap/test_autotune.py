@@ -151,3 +151,9 @@ def test_two_ranks_also_time_the_two_group_accumulate_schedule(dist_pool):
     # The plan carries the schedule's device-only time (the graph replay's bound): never
     # more than the host-bound prediction.
     assert res["device_ms"] is not None and res["device_ms"] <= res["host_ms"], res
+
+
+def test_small_shapes_get_more_timing_rounds():
+    assert at.rounds_for(2.0) == 5  # 6 ms a sample: the old five rounds
+    assert at.rounds_for(0.15) == 25  # the small-M guard: capped at 25
+    assert 5 < at.rounds_for(0.5) < 25
