@@ -17,6 +17,7 @@ overrides.
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -59,22 +60,28 @@ def autotune_enabled(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def rounds_for(predicted_ms: float, reps: int = 3, budget_ms: float = 15.0) -> int:
+def rounds_for(predicted_ms: float, reps: int = 4, budget_ms: float = 15.0) -> int:
     """Timing rounds for a shape: 5 where one sample (``reps`` calls) is long, up to 25 for
     the 0.1-0.2 ms shapes of the small-M guard, whose samples spread by 5-10 % on a
     host-bound machine (docs/overlap.md, run 5): about ``budget_ms`` of each path is timed."""
     return max(5, min(25, int(budget_ms / max(predicted_ms * reps, 1e-3))))
 
 
-def _time_ms(fns: list[Callable[[], object]], device: torch.device, group, reps: int = 3,
+def _time_ms(fns: list[Callable[[], object]], device: torch.device, group, reps: int = 4,
              rounds: int = 5) -> list[float]:
     """Median ms per call of each ``fn``, timed in alternation (round after round, every
     fn once per round) so that drift in clocks or load hits all of them alike. Each
     sample is ``reps`` calls back to back after the ranks line up, so host launch cost
     counts where the GPU would outrun the host, as in a training step."""
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
+    for r in range(rounds):
+        # A new order every round, the same on every rank: a path timed right after a graph
+        # replay of another ran 10-50 % slower on 2 H100 than alone (benchmarks/results/
+        # overlap_autotune_probe_2xH100_20261126-s7.json), so no path may always follow the same one.
+        order = list(range(len(fns)))
+        random.Random(r).shuffle(order)
+        for i in order:
+            fn = fns[i]
             dist.barrier(group=group)
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -134,10 +141,14 @@ def measured_choice(p: OverlapPlan, run: Callable[[OverlapPlan], object], g: Gro
     if len(p.best_split) > 1:
         splits.append((sum(p.best_split),))
     total = sum(p.best_split)
-    if p.transport == "symm" and accumulates(p.world_size, 2) and total >= 2 and len(p.best_split) != 2:
-        # Two ranks: two groups take the accumulate schedule (symm._pair_accumulate), whose
-        # extra launches the host-bound model may hold against it; a graph replay drops them.
-        splits.append((total // 2, total - total // 2))
+    if p.transport == "symm" and accumulates(p.world_size, 2):
+        # Two ranks: two and four groups take the accumulate schedule (symm._pair_accumulate),
+        # whose launches the model may overcharge (the launch cost is the host's, and varies;
+        # on 2 H100 four groups ran GEMM + all-reduce at 1.31x where the model preferred two)
+        # and a graph replay drops.
+        for groups in (2, 4):
+            if total >= groups and len(p.best_split) != groups:
+                splits.append(tuple(total // groups + (1 if j < total % groups else 0) for j in range(groups)))
     candidates = [replace(p, decision="overlap", n_chunks=len(s), chunk_sizes=s) for s in splits]
     if graphs:  # the same schedules replayed as CUDA graphs (graphs.py): one launch instead of tens
         candidates += [replace(c, graphed=True) for c in candidates]

@@ -386,14 +386,17 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
         def reduced(i: int, base: int) -> torch.Tensor:  # this rank's reduced rows of group i, pulled by the peer
             return ws.view(rank, (sizes[i], n), dtype, base + (mr + starts[i]) * n)
 
-        def gather(i: int, base: int) -> None:  # on the pull stream, beside the next group's GEMM
+        def gather(i: int, base: int) -> None:  # beside the next group's GEMM
             rows, g0 = sizes[i], world * starts[i]
             pull.wait_stream(main)
-            with _on(pull):
+            comm.wait_stream(main)
+            with _on(pull):  # the peer's reduced rows, once it has them
                 ws.barrier(channel=1)  # both ranks' reduced rows of group i are done
-                for p in (rank, 1 - rank):
-                    src = ws.view(p, (rows, n), dtype, base + (mr + starts[i]) * n)
-                    out[g0 + p * rows:g0 + (p + 1) * rows].copy_(src)
+                peer = 1 - rank
+                out[g0 + peer * rows:g0 + (peer + 1) * rows].copy_(ws.view(peer, (rows, n), dtype,
+                                                                           base + (mr + starts[i]) * n))
+            with _on(comm):  # this rank's own, on the other stream: the two copies run side by side
+                out[g0 + rank * rows:g0 + (rank + 1) * rows].copy_(reduced(i, base))
 
         _pair_accumulate(x2d, w, g, ws, sizes, lambda d, i: world * starts[i] + d * sizes[i], reduced, gather)
         main.wait_stream(comm)

@@ -118,7 +118,7 @@ def test_a_graph_within_the_margin_is_preferred_to_a_faster_eager_schedule():
 
 def _two_rank_symm_candidates() -> dict:
     """A copy-engine plan for two ranks whose model picked one group: the autotune also
-    times two groups (the accumulate schedule) and keeps them when they measure fastest."""
+    times two and four groups (the accumulate schedule) and keeps the fastest."""
     from commflow.overlap import plan
     from commflow.overlap.validate import GroupInfo
 
@@ -126,7 +126,7 @@ def _two_rank_symm_candidates() -> dict:
     p = plan("matmul_reduce_scatter", 4096, 8192, 4096, world_size=2, calibration=cal, transport="symm")
     one_group = replace(p, decision="overlap", n_chunks=1, chunk_sizes=(2048,), best_split=(2048,),
                         t_overlap_ms=p.t_sequential_ms * 0.9)
-    seen, fake = [], {(): 1.0, (2048,): 0.95, (1024, 1024): 0.7}
+    seen, fake = [], {(): 1.0, (2048,): 0.95, (1024, 1024): 0.7, (512, 512, 512, 512): 0.8}
     real = at._time_ms
     at._time_ms = lambda fns, device, group, reps=3, rounds=5: [f() for f in fns]
     at._CHOICES.clear()
@@ -144,9 +144,9 @@ def _two_rank_symm_candidates() -> dict:
             "host_ms": p.t_overlap_ms, "reason": chosen.reason}
 
 
-def test_two_ranks_also_time_the_two_group_accumulate_schedule(dist_pool):
+def test_two_ranks_also_time_the_accumulate_schedule(dist_pool):
     (res,) = dist_pool(1).run(_two_rank_symm_candidates)
-    assert res["timed"] == [(), (1024, 1024), (2048,)], res
+    assert res["timed"] == [(), (512, 512, 512, 512), (1024, 1024), (2048,)], res
     assert res["chosen"] == (1024, 1024) and "2 group(s) 0.700 ms" in res["reason"], res
     # The plan carries the schedule's device-only time (the graph replay's bound): never
     # more than the host-bound prediction.
@@ -157,3 +157,19 @@ def test_small_shapes_get_more_timing_rounds():
     assert at.rounds_for(2.0) == 5  # 6 ms a sample: the old five rounds
     assert at.rounds_for(0.15) == 25  # the small-M guard: capped at 25
     assert 5 < at.rounds_for(0.5) < 25
+
+
+def test_timing_order_changes_every_round_and_agrees_across_ranks(monkeypatch):
+    """No path always follows the same one (a path timed after another's graph replay ran
+    slower on the GPU); the order is seeded by the round, so every rank times alike."""
+    order = []
+    monkeypatch.setattr(at.dist, "barrier", lambda group=None: None)
+    fns = [lambda i=i: order.append(i) for i in range(4)]
+    at._time_ms(fns, torch.device("cpu"), None, reps=1, rounds=6)
+    rounds = [tuple(order[4 * r:4 * r + 4]) for r in range(6)]
+    assert all(sorted(r) == [0, 1, 2, 3] for r in rounds) and len(set(rounds)) > 1
+    predecessors = {rounds[r][rounds[r].index(0) - 1] for r in range(6) if rounds[r].index(0) > 0}
+    assert len(predecessors) > 1, rounds  # path 0 follows different paths in different rounds
+    order.clear()
+    at._time_ms(fns, torch.device("cpu"), None, reps=1, rounds=6)
+    assert [tuple(order[4 * r:4 * r + 4]) for r in range(6)] == rounds  # same seed, same order
