@@ -173,3 +173,8 @@ def test_timing_order_changes_every_round_and_agrees_across_ranks(monkeypatch):
     order.clear()
     at._time_ms(fns, torch.device("cpu"), None, reps=1, rounds=6)
     assert [tuple(order[4 * r:4 * r + 4]) for r in range(6)] == rounds  # same seed, same order
+
+
+def test_small_shapes_need_an_absolute_win():
+    assert at.keep_margin(2.0) == at.MEASURED_MARGIN  # 3 % of 2 ms is 60 us: the relative rule
+    assert abs(at.keep_margin(0.125) - 0.08) < 1e-9  # 10 us of 0.125 ms
