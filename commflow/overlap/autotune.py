@@ -87,8 +87,8 @@ def _time_ms(fns: list[Callable[[], object]], device: torch.device, group, reps:
     counts where the GPU would outrun the host, as in a training step."""
     times: list[list[float]] = [[] for _ in fns]
     for r in range(rounds):
-        # A new order every round, the same on every rank: a path timed right after a graph
-        # replay of another ran 10-50 % slower on 2 H100 than alone (benchmarks/results/
+        # A new order every round, the same on every rank: a plain path timed right after
+        # a graph replay ran 14-39 % slower on 2 H100 than alone (benchmarks/results/
         # overlap_autotune_probe_2xH100_20261126-s7.json), so no path may always follow the same one.
         order = list(range(len(fns)))
         random.Random(r).shuffle(order)
