@@ -41,6 +41,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import random
+import statistics
 import time
 from pathlib import Path
 
@@ -177,6 +179,27 @@ def _measure(name, cfg, info, seq, groups):
     return row
 
 
+def combine_rounds(rows: list[dict]) -> dict:
+    """One row per strategy and length from ``--rounds`` interleaved measurements: the
+    median over rounds of each round's median time (``round_ms`` keeps them all), the
+    fastest sample, the largest peak memory. A single round is returned unchanged; a
+    strategy out of memory in any round is out of memory."""
+    if len(rows) == 1:
+        return rows[0]
+    if any(r["status"] != "ok" for r in rows):
+        return next(r for r in rows if r["status"] != "ok")
+    out = dict(rows[0])
+    per_round = [r["time_ms"] for r in rows]
+    ms = statistics.median(per_round)
+    out.update(time_ms=ms, min_ms=min(r["min_ms"] for r in rows), iters=sum(r["iters"] for r in rows),
+               rounds=len(rows), round_ms=per_round,
+               tflops_per_gpu=rows[0]["tflops_per_gpu"] * rows[0]["time_ms"] / ms)
+    for key in ("inputs_gib", "peak_allocated_gib", "peak_reserved_gib"):
+        if key in out:
+            out[key] = max(r[key] for r in rows)
+    return out
+
+
 def _try_step(name, cfg, info, seq, groups) -> bool:
     """One fwd+bwd at ``seq`` tokens; False on OOM (on any rank)."""
     dev = info.device
@@ -275,17 +298,29 @@ def _worker(cfg: dict) -> dict:
         usable.append(name)
         _free(dev)
     for seq in cfg["seqs"]:
-        for name in usable:
-            if is_variant(name) and seq > cfg["variant_max_seq"]:
-                continue
-            t0 = time.perf_counter()
-            row = _measure(name, cfg, info, seq, groups)
+        names = [n for n in usable if not (is_variant(n) and seq > cfg["variant_max_seq"])]
+        per_round: dict[str, list[dict]] = {n: [] for n in names}
+        spent = dict.fromkeys(names, 0.0)
+        for r in range(cfg["rounds"]):
+            # Interleaved: every round measures every strategy once, in an order shuffled per
+            # round (the same on every rank), so clock and thermal drift hit all of them alike.
+            order = list(names)
+            if r:
+                random.Random(r).shuffle(order)
+            for name in order:
+                t0 = time.perf_counter()
+                per_round[name].append(_measure(name, cfg, info, seq, groups))
+                spent[name] += time.perf_counter() - t0
+                if cfg["rounds"] > 1:
+                    record("round", {**per_round[name][-1], "round": r})  # kept if the run dies later
+        for name in names:
+            row = combine_rounds(per_round[name])
             out["rows"].append(row)
             record("row", row)
             if row["status"] == "ok":
                 mem = f"  peak {row['peak_allocated_gib']:6.2f} GiB" if "peak_allocated_gib" in row else ""
                 say(f"{seq:>8} {name:>20}: {row['time_ms']:10.2f} ms  {row['tflops_per_gpu']:8.2f} TFLOP/s/GPU"
-                    f"{mem}  ({time.perf_counter() - t0:.0f} s)")
+                    f"{mem}  ({spent[name]:.0f} s)")
             else:
                 say(f"{seq:>8} {name:>20}: {row['status']}")
     if cfg["max_seq"]:
@@ -320,6 +355,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    "NAME@normal runs on the normal-priority default group")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every strategy this many times per length, interleaved in a shuffled order per "
+                        "round; rows report the median over rounds and keep each round's time (round_ms)")
     p.add_argument("--long-iters", type=int, default=None, help="timed iterations from --long-seq up (default: --iters)")
     p.add_argument("--long-seq", type=int, default=262144)
     p.add_argument("--variant-max-seq", type=int, default=131072,
@@ -357,6 +395,7 @@ def _config(args: argparse.Namespace) -> dict:
         "kv_heads": args.kv_heads or heads, "head_dim": args.head_dim or defaults["head_dim"],
         "dtype": args.dtype, "causal": causal, "layout": args.layout or ("zigzag" if causal else "contiguous"),
         "strategies": strategies, "warmup": args.warmup, "iters": args.iters, "long_iters": args.long_iters,
+        "rounds": args.rounds,
         "long_seq": args.long_seq, "variant_max_seq": args.variant_max_seq, "nccl_priority": args.nccl_priority,
         "ulysses_chunks": args.ulysses_chunks, "allgather_chunks": args.allgather_chunks,
         "check_seq": defaults["check_seq"] if args.check_seq is None else args.check_seq,

@@ -92,3 +92,33 @@ def test_the_torch_cp_strategy_runs_inside_context_parallel(dist_pool):
     # sessions 2-4 ran plain SDPA on the local shard (the check failed with error ~20).
     res = dist_pool(1).run(_torch_cp_context_patches_sdpa)[0]
     assert res == {"inside": True, "after": True, "head_major": False, "positional": False}
+
+
+def test_rounds_interleave_and_combine(tmp_path):
+    """--rounds 3: every strategy measured three times per length, each round's time kept, the
+    row's time the median of them; progress has one record per round."""
+    out, progress = tmp_path / "sp.json", tmp_path / "progress.jsonl"
+    assert main(["sp_attention", "--device", "cpu", "--nproc", "2", "--seqs", "32", "--heads", "4",
+                 "--head-dim", "8", "--warmup", "0", "--iters", "1", "--check-seq", "0", "--rounds", "3",
+                 "--strategies", "ulysses,sdpa_1gpu", "--progress", str(progress), "--out", str(out)]) == 0
+    rows = {r["strategy"]: r for r in json.loads(out.read_text())["results"]["rows"]}
+    for row in rows.values():
+        assert row["rounds"] == 3 and len(row["round_ms"]) == 3 and row["iters"] == 3
+        assert row["time_ms"] == sorted(row["round_ms"])[1]
+        assert row["min_ms"] <= min(row["round_ms"])
+    kinds = [json.loads(line)["kind"] for line in progress.read_text().splitlines()]
+    assert kinds.count("round") == 6 and kinds.count("row") == 2, kinds
+
+
+def test_combine_rounds_keeps_the_worst_memory_and_any_oom():
+    from benchmarks.sp_attention import combine_rounds
+
+    ok = {"strategy": "ring", "seq": 8, "world": 2, "status": "ok", "iters": 2, "tflops_per_gpu": 10.0}
+    rows = [{**ok, "time_ms": 2.0, "min_ms": 1.9, "peak_allocated_gib": 1.0},
+            {**ok, "time_ms": 4.0, "min_ms": 3.0, "peak_allocated_gib": 3.0},
+            {**ok, "time_ms": 3.0, "min_ms": 2.5, "peak_allocated_gib": 2.0}]
+    row = combine_rounds(rows)
+    assert row["time_ms"] == 3.0 and row["min_ms"] == 1.9 and row["peak_allocated_gib"] == 3.0
+    assert abs(row["tflops_per_gpu"] - 10.0 * 2.0 / 3.0) < 1e-12  # rescaled to the median time
+    assert combine_rounds([rows[0], {**ok, "status": "oom"}])["status"] == "oom"
+    assert combine_rounds(rows[:1]) is rows[0]
