@@ -63,35 +63,33 @@ def _blocking(opts):
     return opts
 
 
-def plain_reduce_scatter(group: dist.ProcessGroup | None) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """``fn(out [M/R, N], inp [M, N])``: sum-reduce-scatter along dim 0 (contiguous tensors)."""
-    pg = _pg(group)
-    method = getattr(pg, "reduce_scatter_single", None) or pg._reduce_scatter_base
-    opts = _blocking(c10d.ReduceScatterOptions())
-    opts.reduceOp = dist.ReduceOp.SUM
+def _out_of_in(method, opts, public: Callable[[], Callable], group) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """``fn(out, inp)`` calling ``method(out, inp, opts)`` untraced, else ``public()``'s
+    function (looked up at call time: the tracer replaces it) with ``group``."""
 
     def run(out: torch.Tensor, inp: torch.Tensor) -> None:
         if _untraced():
             _wait(method(out, inp, opts))
         else:
-            cdist.reduce_scatter_tensor(out, inp, group=group)
+            public()(out, inp, group=group)
 
     return run
+
+
+def plain_reduce_scatter(group: dist.ProcessGroup | None) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """``fn(out [M/R, N], inp [M, N])``: sum-reduce-scatter along dim 0 (contiguous tensors)."""
+    pg = _pg(group)
+    opts = _blocking(c10d.ReduceScatterOptions())
+    opts.reduceOp = dist.ReduceOp.SUM
+    return _out_of_in(getattr(pg, "reduce_scatter_single", None) or pg._reduce_scatter_base, opts,
+                      lambda: cdist.reduce_scatter_tensor, group)
 
 
 def plain_all_gather(group: dist.ProcessGroup | None) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """``fn(out [M, K], inp [M/R, K])``: all-gather along dim 0 (contiguous tensors)."""
     pg = _pg(group)
-    method = getattr(pg, "all_gather_single", None) or pg._allgather_base
-    opts = _blocking(c10d.AllgatherOptions())
-
-    def run(out: torch.Tensor, inp: torch.Tensor) -> None:
-        if _untraced():
-            _wait(method(out, inp, opts))
-        else:
-            cdist.all_gather_tensor(out, inp, group=group)
-
-    return run
+    return _out_of_in(getattr(pg, "all_gather_single", None) or pg._allgather_base,
+                      _blocking(c10d.AllgatherOptions()), lambda: cdist.all_gather_tensor, group)
 
 
 def plain_all_reduce(group: dist.ProcessGroup | None) -> Callable[[torch.Tensor], None]:
