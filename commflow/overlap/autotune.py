@@ -149,10 +149,10 @@ def measured_choice(p: OverlapPlan, run: Callable[[OverlapPlan], object], g: Gro
         return hit
     if not p.best_split:
         return p
+    total = sum(p.best_split)
     splits = [tuple(p.best_split)]
     if len(p.best_split) > 1:
-        splits.append((sum(p.best_split),))
-    total = sum(p.best_split)
+        splits.append((total,))
     if p.transport == "symm" and accumulates(p.world_size, 2):
         # Two ranks: two and four groups take the accumulate schedule (symm._pair_accumulate),
         # whose launches the model may overcharge (the launch cost is the host's, and varies;
