@@ -3,8 +3,9 @@
 Where the plan says *sequential*, an op call is a ``torch.mm`` and one NCCL
 collective, exactly Megatron's mappings, and on small shapes the host sets the pace:
 on the 2x H100 host of session 6, ``torch.mm`` + ``dist.reduce_scatter_tensor``
-issued in 108-190 us per call for 40-130 us of GPU work, and any Python on top of
-it showed up 1:1 in the step time (``docs/overlap.md``, run 4). ``torch.distributed``'s
+took 107-192 us of host time per call, about the whole 0.12-0.20 ms of the small
+shapes (``overlap_2xH100_20261126-s6-iters20.json``, ``host_us_per_call``), so any
+Python on top of it showed up 1:1 in the step time (``docs/overlap.md``, run 4). ``torch.distributed``'s
 functions re-check every argument, look up the group's membership and coalescing
 state and build an options object on every call; everything they check was checked
 when the op's signature was resolved. So the plain path calls the process group's
