@@ -390,6 +390,8 @@ def _config(args: argparse.Namespace) -> dict:
     for s in seqs:
         if s % (2 * nproc):
             raise SystemExit(f"--seqs: {s} is not divisible by 2 x nproc ({2 * nproc})")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds: must be at least 1, got {args.rounds}")
     return {
         "device": args.device, "nproc": nproc, "seqs": seqs, "batch": args.batch, "heads": heads,
         "kv_heads": args.kv_heads or heads, "head_dim": args.head_dim or defaults["head_dim"],

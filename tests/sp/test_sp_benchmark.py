@@ -31,6 +31,8 @@ def test_strategy_names():
     assert _label("torch_cp_alltoall:cudnn") == "torch CP (alltoall) (cudnn)"
     with pytest.raises(SystemExit):
         main(["sp_attention", "--device", "cpu", "--strategies", "ulysses:x"])
+    with pytest.raises(SystemExit, match="--rounds: must be at least 1"):
+        main(["sp_attention", "--device", "cpu", "--rounds", "0"])
 
 
 def test_cpu_run_checks_times_and_reports(tmp_path):
