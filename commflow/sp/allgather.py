@@ -5,20 +5,16 @@ sequence; its output rows need no communication back. The backward gathers K, V
 again (saving the gathered tensors would keep ``W x`` the local K, V alive per
 layer between forward and backward) and reduce-scatters dK, dV in fp32.
 
-The backward runs in stages, one per head chunk and gather buffer (the two
-zigzag halves are two buffers): a stage gathers its keys, runs its kernels and
-reduce-scatters its fp32 key gradients, and the next stage allocates its own
-only after that sum is done. Both collectives run under the next stage's own
-diagonal block, so only the last reduce-scatter is exposed, and the peak holds
-one stage's gathered K, V and fp32 dK, dV instead of the whole sequence's.
-
 Overlap: the work is split into ``head_chunks`` groups of key/value heads (with
 their query heads). The gather of chunk ``c + 1`` is posted before chunk ``c``
 computes, and each chunk starts with its diagonal blocks, which need only the
 rank's own keys, so even the first gather runs under a kernel; in the backward
 the reduce-scatter of chunk ``c`` runs under chunk ``c + 1``. Only the last
 reduce-scatter is fully exposed. It also bounds memory: at most two chunks of
-gathered K, V are alive in the forward, one stage's in the backward. One chunk is the default (fastest measured; see
+gathered K, V are alive. Within a chunk the backward runs the segments buffer by
+buffer (the two zigzag halves): a half's gathered K, V are dropped after its last
+segment and its fp32 key gradients allocated at its first, so the first half's
+gathered K, V and the second half's fp32 dK, dV are never alive together. One chunk is the default (fastest measured; see
 ``head_chunks``), more chunks the memory setting. (As for Ulysses, the transfers only run beside the
 kernels if the NCCL stream has high priority; see docs/sp.md.)
 
@@ -104,6 +100,13 @@ class _Gather:
         for work in self._works:
             work.wait()
         self._works = []
+
+    def release(self, name: str) -> None:
+        """Drop buffer ``name``'s gathered and own pieces (after the gather is done)."""
+        self.wait()
+        for which in ("k", "v"):
+            self.buffers.pop((which, name), None)
+            self.local.pop((which, name), None)
 
     def keys(self, name: str, j0: int, j1: int, rank: int):
         """Keys and values of source ranks ``j0:j1`` as ``[B, n*L, h, D]``; the own piece
@@ -215,75 +218,73 @@ class _AllGatherAttention(torch.autograd.Function):
         rows = _local_rows(ctx.layout, s)
         parts = _row_parts(ctx.layout, s)
         acc = acc_dtype(q.dtype)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         slices = _chunk_slices(hq, k.shape[2], ctx.chunks)
-        # One stage per (head chunk, gather buffer): its keys are gathered, its
-        # segments run (own diagonal block first), and its fp32 key gradients are
-        # reduce-scattered before the next stage allocates its own. So only one
-        # stage's gathered K, V and fp32 dK, dV are alive at a time, and every
-        # stage's collectives but the last run under the next stage's diagonal block.
-        stages = [(c, name) for c in range(ctx.chunks) for name in rows]
-        in_flight = []  # the previous stage's reduce-scatters: (work, result, target, rows, kv heads)
+        # The segments grouped by gather buffer (own diagonal block first in each group):
+        # a buffer's gathered K, V are released after its last segment and its fp32 key
+        # gradients are allocated at its first, so the two zigzag halves' are never all
+        # alive together. The collectives stay where they were (gathers posted up front,
+        # one reduce-scatter per chunk at its end): a collective in between would make
+        # every rank wait for the one with the most work before it.
+        order = sorted(range(len(segs)), key=lambda i: list(rows).index(segs[i][2]))
+        last_use = {segs[i][2]: i for i in order}
+        dq = dk = dv = None  # allocated once the first chunk's kernels are queued: off the peak
+        in_flight = []  # the previous chunk's reduce-scatters: (work, result, target, rows, kv heads)
 
-        def finish():
-            for work, result, target, (a, bnd), kh in in_flight:
+        def finish(scatters):
+            for work, result, target, (a, bnd), kh in scatters:
                 work.wait()
                 target[:, a:bnd, kh] = result.permute(1, 0, 2, 3)
-            in_flight.clear()
 
-        def gather(i):
-            c, name = stages[i]
-            return _Gather({"k": k, "v": v}, {name: rows[name]}, slices[c][1], info)
-
-        pending = gather(0)
-        for i, (c, name) in enumerate(stages):
-            qh, kh = slices[c]
-            if name == next(iter(rows)):  # a new head chunk
-                q_c, out_c, dout_c = (t[:, :, qh].contiguous() for t in (q, out, dout))
-                lse_c = lse[:, qh]
-                dq_acc = torch.empty(q_c.shape, dtype=acc, device=q.device)
-                done_rows: set = set()
-            stage_gather, grads = pending, None
-            k_seg = v_seg = dk_s = dv_s = None  # so that the stage's last kernel inputs are released below
-            done_keys = {which: [False] * info.world for which in ("k", "v")}
-            for seg_index in (j for j, seg in enumerate(segs) if seg[2] == name):
-                r0, r1, _, j0, j1, seg_causal = segs[seg_index]
-                k_seg, v_seg = stage_gather.keys(name, j0, j1, info.rank)
+        pending = _Gather({"k": k, "v": v}, rows, slices[0][1], info)
+        for c, (qh, kh) in enumerate(slices):
+            nxt = _Gather({"k": k, "v": v}, rows, slices[c + 1][1], info) if c + 1 < ctx.chunks else None
+            gather = pending
+            q_c, out_c, dout_c = (t[:, :, qh].contiguous() for t in (q, out, dout))
+            lse_c = lse[:, qh]
+            dq_acc = torch.empty(q_c.shape, dtype=acc, device=q.device)
+            done_rows: set = set()
+            shapes = {key: buf.shape for key, buf in gather.buffers.items()}
+            grads: dict = {}
+            done_keys = {key: [False] * info.world for key in shapes}
+            for i in order:
+                r0, r1, name, j0, j1, seg_causal = segs[i]
+                k_seg, v_seg = gather.keys(name, j0, j1, info.rank)
                 dq_s, dk_s, dv_s = attention_backward(
                     dout_c[:, r0:r1], q_c[:, r0:r1], k_seg, v_seg, out_c[:, r0:r1], lse_c[:, :, r0:r1],
-                    ctx.states[c][seg_index], causal=seg_causal, scale=scale,
+                    ctx.states[c][i], causal=seg_causal, scale=scale,
                 )
                 _fold_rows(dq_acc, None, done_rows, parts, r0, r1, dq_s, None)
-                if grads is None:  # the previous stage's sums ran under this kernel; free them first
-                    finish()
-                    shape = stage_gather.buffers[("k", name)].shape
-                    grads = {which: torch.empty(shape, dtype=acc, device=q.device) for which in ("k", "v")}
-                _fold_keys(grads["k"], done_keys["k"], j0, j1, dk_s)
-                _fold_keys(grads["v"], done_keys["v"], j0, j1, dv_s)
-            k_seg = v_seg = dk_s = dv_s = None
-            if grads is None:  # no local query attends to this buffer: its gradient is zero
-                finish()
-                shape = stage_gather.buffers[("k", name)].shape
-                grads = {which: torch.empty(shape, dtype=acc, device=q.device) for which in ("k", "v")}
-            for which, grad in grads.items():  # keys no local query attends to (contiguous causal)
-                for j, touched in enumerate(done_keys[which]):
+                for which, grad_s in (("k", dk_s), ("v", dv_s)):
+                    key = (which, name)
+                    if key not in grads:
+                        grads[key] = torch.empty(shapes[key], dtype=acc, device=q.device)
+                    _fold_keys(grads[key], done_keys[key], j0, j1, grad_s)
+                k_seg = v_seg = dk_s = dv_s = None
+                if i == last_use[name]:
+                    gather.release(name)
+            for key, shape in shapes.items():  # keys no local query attends to (contiguous causal)
+                grad = grads.setdefault(key, torch.empty(shape, dtype=acc, device=q.device))
+                for j, touched in enumerate(done_keys[key]):
                     if not touched:
                         grad[j].zero_()
-            stage_gather.wait()
-            del stage_gather
-            # The next gather is posted once this stage's buffers are released: it waits
-            # for the kernels queued so far and runs under the next stage's diagonal block.
-            pending = gather(i + 1) if i + 1 < len(stages) else None
-            # Sum every rank's contribution to our keys: reduce-scatter in fp32.
-            for which, grad in grads.items():
+            gather.wait()
+            if dq is None:
+                dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+            dq[:, :, qh] = dq_acc
+            del gather, dq_acc, q_c, out_c, dout_c
+            # Sum every rank's contribution to our keys: reduce-scatter in fp32, overlapped
+            # with the next chunk. The previous chunk's is done by now (it ran under this
+            # chunk); finishing it frees its fp32 buffers, so at most two chunks' are alive.
+            scatters = []
+            for which, name in shapes:  # the same order on every rank
+                grad = grads[(which, name)]
                 result = torch.empty(grad.shape[1:], dtype=acc, device=q.device)
                 work = reduce_scatter_tensor(result, grad.flatten(0, 1), group=info.group, async_op=True)
-                in_flight.append((work, result, dk if which == "k" else dv, rows[name], kh))
+                scatters.append((work, result, dk if which == "k" else dv, rows[name], kh))
             del grads
-            if name == list(rows)[-1]:  # the head chunk is complete
-                dq[:, :, qh] = dq_acc
-                del dq_acc, q_c, out_c, dout_c
-        finish()
+            finish(in_flight)
+            in_flight, pending = scatters, nxt
+        finish(in_flight)
         return dq, dk, dv, None, None, None, None, None
 
 
