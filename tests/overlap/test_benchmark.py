@@ -25,29 +25,35 @@ def _args(*argv: str) -> argparse.Namespace:
 def test_overlap_benchmark_tiny_cpu_and_report(dist_pool, tmp_path, monkeypatch):
     args = _args("--device", "cpu", "--dtype", "float32", "--tiny", "--ops", "rs,ar,ag",
                  "--shapes", "llama3-70b-attn-out", "--m", "4096", "--small-m", "512",
-                 "--warmup", "1", "--iters", "1", "--calls-per-sample", "1", "--no-calibrate")
+                 "--warmup", "1", "--iters", "1", "--min-time-ms", "5", "--calls-per-sample", "1", "--no-calibrate")
     rows = _rows_plan(args)
     assert [(r["op"], r["m"], r["K"], r["N"], r["guard"]) for r in rows] == [
         (op, m, 128, 128, guard) for op in ("rs", "ar", "ag") for m, guard in ((64, False), (8, True))]
     partial = tmp_path / "partial.jsonl"
-    out = dist_pool(2).run(_worker, rows, ["gemm", "comm", "sequential", "torch_fused", "auto", "auto_backend",
-                                           "overlap", "overlap_backend"], vars(args), str(partial))
+    out = dist_pool(2).run(_worker, rows, ["gemm", "comm", "sequential", "sequential_control", "torch_fused", "auto",
+                                           "auto_backend", "overlap", "overlap_backend"], vars(args), str(partial))
     res = out[0]
     assert res["world_size"] == 2 and len(res["rows"]) == len(rows)
     assert len(partial.read_text().splitlines()) == len(rows)  # rank 0 wrote every row as it finished
     for r in res["rows"]:
         assert not r["errors"], r["errors"]
-        expected = {"gemm", "comm", "sequential", "auto", "overlap"} | ({"auto_backend", "overlap_backend"}
+        expected = {"gemm", "comm", "sequential", "sequential_control", "auto", "overlap"} | ({"auto_backend",
+                                                                                               "overlap_backend"}
                                                                          if r["op"] != "ag" else set())
         assert set(r["times_ms"]) == expected  # torch_fused is CUDA-only: not timed on CPU
         assert all(t > 0 for t in r["times_ms"].values())
         t = r["times_ms"]
         assert r["eta"]["overlap"] == pytest.approx((t["gemm"] + t["comm"] - t["overlap"]) / min(t["gemm"], t["comm"]))
         assert r["speedup_vs_sequential"]["auto"] == pytest.approx(t["sequential"] / t["auto"])
+        assert r["speedup_vs_sequential"]["sequential_control"] == pytest.approx(t["sequential"] / t["sequential_control"])
+        assert "sequential_control" not in r["rel_diff_vs_sequential"]  # the reference itself: nothing to check
         assert max(r["rel_diff_vs_sequential"].values()) < 1e-5  # every variant computed the same numbers
         assert r["plans"]["overlap"]["decision"] == "overlap" and sum(r["plans"]["overlap"]["chunk_sizes"]) > 0
     summary = summarize(res["rows"])
     assert set(summary) == {"rs/2", "ar/2", "ag/2"} and summary["rs/2"]["rows"] == 2
+    assert all(entry["sequential_control"]["worst_speedup_all"] > 0 for entry in summary.values())  # the noise row
+    rs_auto = [r["speedup_vs_sequential"]["auto"] for r in res["rows"] if r["op"] == "rs"]
+    assert summary["rs/2"]["auto"]["rows_below_guard"] == sum(1 for v in rs_auto if v < 0.97)
 
     record = {"benchmark": "overlap", "env": {"device": "cpu", "gpu_count": 0}, "args": vars(args),
               "results": {"worlds": [{"world_size": 2}], "rows": res["rows"]}}
@@ -55,6 +61,7 @@ def test_overlap_benchmark_tiny_cpu_and_report(dist_pool, tmp_path, monkeypatch)
     path.write_text(json.dumps(record))
     text = report(path, tmp_path / "r.md", tmp_path / "img")
     assert "## matmul_reduce_scatter, 2 ranks" in text and "## Summary" in text and "| ours auto |" in text
+    assert "seq again (noise)" in text and "rows < 0.97x" in text
     assert (tmp_path / "img" / "overlap_2x.png").stat().st_size > 1000
 
 
@@ -63,3 +70,25 @@ def test_unknown_ops_and_shapes_are_refused():
         _rows_plan(_args("--ops", "rs,xx"))
     with pytest.raises(SystemExit, match="--shapes: unknown"):
         _rows_plan(_args("--shapes", "gpt5"))
+
+
+@pytest.mark.parametrize("min_time_ms, rounds", [(0.0, 3), (1e-12, 3), (1e9, 30), (1e9, 7)])
+def test_sample_ms_rounds_go_on_until_the_time_budget(min_time_ms, rounds):
+    """At least ``iters`` rounds; more while a variant has less than ``min_time_ms`` of
+    timed calls, never more than ``max_rounds`` (default 10 x iters)."""
+    import torch
+
+    from benchmarks.overlap import sample_ms
+
+    counts = [0, 0]
+
+    def make(i):
+        def fn():
+            counts[i] += 1
+        return fn
+
+    max_rounds = 7 if rounds == 7 else None
+    out = sample_ms([make(0), make(1)], iters=3, calls=2, device=torch.device("cpu"), min_time_ms=min_time_ms,
+                    max_rounds=max_rounds)
+    assert counts == [rounds * 2, rounds * 2]
+    assert len(out) == 2 and all(t > 0 and h > 0 for t, h in out)
