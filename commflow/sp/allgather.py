@@ -83,37 +83,41 @@ def _region(buf: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
 
 class _Gather:
     """The gathers of one head chunk in flight: ``buffers[(which, name)]`` ``[W, L, B, h, D]``
-    (valid after :meth:`wait`) and this rank's own pieces ``local[(which, name)]``
-    ``[L, B, h, D]`` (the send buffers, valid at once)."""
+    (valid after :meth:`wait` of ``name``) and this rank's own pieces ``local[(which, name)]``
+    ``[L, B, h, D]`` (the send buffers, valid at once). Each buffer ``name`` (a zigzag half)
+    is waited for on its own: NCCL runs the gathers in the order posted, so the first half
+    is there while the second is still in flight."""
 
     def __init__(self, tensors, rows, heads, info):
-        self.buffers, self.local, self._works = {}, {}, []
+        self.buffers, self.local, self._works = {}, {}, {}
         for name, (a, b) in rows.items():
             for which, t in tensors.items():
                 send = t[:, a:b, heads].permute(1, 0, 2, 3).contiguous()  # [L, B, h, D]
                 recv = torch.empty((info.world, *send.shape), dtype=t.dtype, device=t.device)
-                self._works.append(all_gather_tensor(recv.flatten(0, 1), send, group=info.group, async_op=True))
+                work = all_gather_tensor(recv.flatten(0, 1), send, group=info.group, async_op=True)
+                self._works.setdefault(name, []).append(work)
                 self.buffers[(which, name)] = recv
                 self.local[(which, name)] = send
 
-    def wait(self) -> None:
-        for work in self._works:
-            work.wait()
-        self._works = []
+    def wait(self, name: str | None = None) -> None:
+        """Wait for buffer ``name``'s gathers (every buffer's if None)."""
+        for key in [name] if name is not None else list(self._works):
+            for work in self._works.pop(key, []):
+                work.wait()
 
     def release(self, name: str) -> None:
-        """Drop buffer ``name``'s gathered and own pieces (after the gather is done)."""
-        self.wait()
+        """Drop buffer ``name``'s gathered and own pieces (after its gathers are done)."""
+        self.wait(name)
         for which in ("k", "v"):
             self.buffers.pop((which, name), None)
             self.local.pop((which, name), None)
 
     def keys(self, name: str, j0: int, j1: int, rank: int):
         """Keys and values of source ranks ``j0:j1`` as ``[B, n*L, h, D]``; the own piece
-        without waiting for the gather, anything else after it."""
+        without waiting for the gather, anything else after buffer ``name``'s gathers."""
         if (j0, j1) == (rank, rank + 1):
             return tuple(self.local[(which, name)].permute(1, 0, 2, 3) for which in ("k", "v"))
-        self.wait()
+        self.wait(name)
         return tuple(_region(self.buffers[(which, name)], j0, j1) for which in ("k", "v"))
 
 
@@ -224,7 +228,9 @@ class _AllGatherAttention(torch.autograd.Function):
         # gradients are allocated at its first, so the two zigzag halves' are never all
         # alive together. The collectives stay where they were (gathers posted up front,
         # one reduce-scatter per chunk at its end): a collective in between would make
-        # every rank wait for the one with the most work before it.
+        # every rank wait for the one with the most work before it. A group waits only
+        # for its own buffer's gathers, and the first half's are posted first, so they
+        # need to land within one diagonal block, not two as before the grouping.
         order = sorted(range(len(segs)), key=lambda i: list(rows).index(segs[i][2]))
         last_use = {segs[i][2]: i for i in order}
         dq = dk = dv = None  # allocated once the first chunk's kernels are queued: off the peak
