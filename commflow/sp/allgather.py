@@ -269,7 +269,9 @@ class _AllGatherAttention(torch.autograd.Function):
                 if i == last_use[name]:
                     gather.release(name)
             for key, shape in shapes.items():  # keys no local query attends to (contiguous causal)
-                grad = grads.setdefault(key, torch.empty(shape, dtype=acc, device=q.device))
+                if key not in grads:
+                    grads[key] = torch.empty(shape, dtype=acc, device=q.device)
+                grad = grads[key]
                 for j, touched in enumerate(done_keys[key]):
                     if not touched:
                         grad[j].zero_()
