@@ -58,3 +58,51 @@ def test_gpu_nccl_matches_reference():
     from tests.sp.softmax_harness import check_gpu_strategy
 
     check_gpu_strategy(STRATEGY)
+
+
+def _backward_peak_units(layout):
+    """Peak bytes of the tensors the backward allocates with ``torch.empty`` (gather
+    buffers, fp32 key gradients, accumulators), alive at once, in units of one local fp32
+    shard ``[B, S/W, H, D]``. Runs on every rank of the pool."""
+    import weakref
+
+    import torch
+    import torch.distributed as dist
+
+    from commflow.sp import allgather_attention
+
+    rank = dist.get_rank()
+
+    b, s_local, h, d = 1, 16, 2, 8
+    gen = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(b, s_local, h, d, generator=gen, requires_grad=True) for _ in range(3))
+    out = allgather_attention(q, k, v, causal=True, layout=layout)
+    live: list = []
+    peak = [0]
+    real_empty = torch.empty
+
+    def tracking_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        live.append((weakref.ref(t), t.numel() * t.element_size()))
+        peak[0] = max(peak[0], sum(n for ref, n in live if ref() is not None))
+        return t
+
+    torch.empty = tracking_empty
+    try:
+        out.backward(torch.randn(out.shape, generator=gen))
+    finally:
+        torch.empty = real_empty
+    return peak[0] / (b * s_local * h * d * 4)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backward_keeps_one_half_of_the_gathered_keys_or_the_key_gradients(dist_pool, layout):
+    """Zigzag: the first half's gathered K, V are released before the second half's fp32
+    dK, dV exist. With every buffer alive at once the peak is at least the gathered K, V
+    of the whole sequence (2W shards) + its fp32 dK, dV (2W) + dq's accumulator (1): 4W + 1
+    units (the order before the grouping measured 4W + 2 on both layouts); grouped by half
+    it is 3W + 1. Contiguous has one buffer: 4W + 1."""
+    world = 4
+    peaks = dist_pool(world).run(_backward_peak_units, layout)
+    expected = 3 * world + 1 if layout == "zigzag" else 4 * world + 1
+    assert max(peaks) == pytest.approx(expected, abs=0.5), peaks
