@@ -15,7 +15,7 @@ same buffers:
   against which a few per cent (the 3 % guard) can be judged.
 
 Times are CUDA-event medians after warm-up, variants timed in alternation (every round
-times each once, starting at a different one), ranks lined up before each sample, the
+times each once, in an order shuffled per round), ranks lined up before each sample, the
 slowest rank's number; a sample is ``--calls-per-sample`` calls back to back (per-call
 time = sample / calls), so the host's launch work overlaps the GPU as it does in a
 training step, for every variant alike; host microseconds per call are recorded too.
