@@ -266,14 +266,10 @@ def _overlap_us(cal: Calibration, op: str, m: int, n: int, k: int, b: int, sizes
     return main_t
 
 
-def _symm_us(cal: Calibration, op: str, m: int, n: int, k: int, b: int, sizes: tuple[int, ...]) -> float:
-    """The copy-engine schedules of symm.py, simulated: GEMMs back to back on the
-    caller's stream, transfers / barriers / reductions in order on the communication
-    stream, each starting when both its input and the stream are ready; and no faster
-    than the host launches its operations. ``sizes`` are rows per destination (or per
-    pulled piece of a shard) of each group."""
-    launches = symm_launches(op, cal.world_size, len(sizes))
-    return max(_symm_gpu_us(cal, op, m, n, k, b, sizes), launches * cal.launch_us)
+def _symm_us(cal: Calibration, op: str, groups: int, gpu_us: float) -> float:
+    """A copy-engine schedule of symm.py with ``groups`` row groups whose device time is
+    ``gpu_us`` (:func:`_symm_gpu_us`): no faster than the host launches its operations."""
+    return max(gpu_us, symm_launches(op, cal.world_size, groups) * cal.launch_us)
 
 
 def symm_launches(op: str, world_size: int, groups: int) -> int:
@@ -289,6 +285,10 @@ def symm_launches(op: str, world_size: int, groups: int) -> int:
 
 
 def _symm_gpu_us(cal: Calibration, op: str, m: int, n: int, k: int, b: int, sizes: tuple[int, ...]) -> float:
+    """The copy-engine schedules of symm.py on the device, simulated: GEMMs back to back
+    on the caller's stream, transfers / barriers / reductions in order on the
+    communication stream, each starting when both its input and the stream are ready.
+    ``sizes`` are rows per destination (or per pulled piece of a shard) of each group."""
     r = cal.world_size
 
     def copy(nbytes: float) -> float:
@@ -443,8 +443,9 @@ def _decide(op, m, n, k, world, dtype_name, cal, mode, n_chunks, reduction, marg
         for c in counts:
             unit = 64 if total // 64 >= c else 1
             sizes = tuple(_split_sizes(total, c, unit))
-            candidates[c], splits[c] = _symm_us(cal, op, m, n, k, b, sizes) / 1e3, sizes
-            device = _symm_gpu_us(cal, op, m, n, k, b, sizes) / 1e3
+            device_us = _symm_gpu_us(cal, op, m, n, k, b, sizes)
+            candidates[c], splits[c] = _symm_us(cal, op, len(sizes), device_us) / 1e3, sizes
+            device = device_us / 1e3
             common["t_overlap_device_ms"] = min(common.get("t_overlap_device_ms", device), device)
     else:
         total = _split_total(op, m, n, world)
