@@ -93,6 +93,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _rows_plan(args) -> list[dict]:
+    if args.min_time_ms < 0:
+        raise SystemExit(f"--min-time-ms: must be at least 0 (0: exactly --iters rounds), got {args.min_time_ms}")
     ops = [o for o in args.ops.split(",") if o]
     unknown = set(ops) - set(OPS)
     if unknown:

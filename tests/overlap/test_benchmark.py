@@ -70,6 +70,8 @@ def test_unknown_ops_and_shapes_are_refused():
         _rows_plan(_args("--ops", "rs,xx"))
     with pytest.raises(SystemExit, match="--shapes: unknown"):
         _rows_plan(_args("--shapes", "gpt5"))
+    with pytest.raises(SystemExit, match="--min-time-ms: must be at least 0"):
+        _rows_plan(_args("--min-time-ms", "-1"))
 
 
 @pytest.mark.parametrize("min_time_ms, rounds", [(0.0, 3), (1e-12, 3), (1e9, 30), (1e9, 7)])
