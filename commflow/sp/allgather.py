@@ -11,11 +11,12 @@ computes, and each chunk starts with its diagonal blocks, which need only the
 rank's own keys, so even the first gather runs under a kernel; in the backward
 the reduce-scatter of chunk ``c`` runs under chunk ``c + 1``. Only the last
 reduce-scatter is fully exposed. It also bounds memory: at most two chunks of
-gathered K, V are alive. Within a chunk the backward runs the segments buffer by
-buffer (the two zigzag halves): a half's gathered K, V are dropped after its last
-segment and its fp32 key gradients allocated at its first, so the first half's
-gathered K, V and the second half's fp32 dK, dV are never alive together. One chunk is the default (fastest measured; see
-``head_chunks``), more chunks the memory setting. (As for Ulysses, the transfers only run beside the
+gathered K, V are alive. Within a chunk the backward runs the diagonal blocks,
+then the other segments buffer by buffer (the two zigzag halves): a half's
+gathered K, V are dropped after its last segment and its fp32 key gradients
+allocated at its first that needs a gather, so the first half's gathered K, V and
+the second half's fp32 dK, dV are never alive together. One chunk is the default
+(fastest measured; see ``head_chunks``), more chunks the memory setting. (As for Ulysses, the transfers only run beside the
 kernels if the NCCL stream has high priority; see docs/sp.md.)
 
 Accumulation: the first kernel result for a row range (or a key range) is copied
@@ -175,6 +176,46 @@ def _fold_keys(buf: torch.Tensor, done: list[bool], j0: int, j1: int, grad: torc
         j = k
 
 
+class _KeyGrads:
+    """The fp32 key gradients of one head chunk, ``buffers[(which, name)]`` ``[W, L, B, h, D]``
+    (one row per source rank of gather buffer ``name``), allocated as late as possible.
+
+    A call's gradient is folded in at once, or, with ``defer`` (a diagonal block, which
+    needs no gather), kept in the kernel's dtype until the buffer exists: the buffer is
+    allocated at the first call that is not deferred, or by :meth:`finish`. Deferred
+    calls are folded first, in the order they came, so the sums are the same as
+    without deferring.
+    """
+
+    def __init__(self, shapes: dict, world: int, dtype: torch.dtype, device: torch.device):
+        self.buffers = dict.fromkeys(shapes)  # insertion order: the same on every rank
+        self._shapes, self._dtype, self._device = shapes, dtype, device
+        self._done = {key: [False] * world for key in shapes}
+        self._deferred: dict = {}
+
+    def add(self, key, j0: int, j1: int, grad: torch.Tensor, *, defer: bool = False) -> None:
+        if defer and self.buffers[key] is None:
+            self._deferred.setdefault(key, []).append((j0, j1, grad))
+        else:
+            _fold_keys(self._buffer(key), self._done[key], j0, j1, grad)
+
+    def _buffer(self, key) -> torch.Tensor:
+        if self.buffers[key] is None:
+            self.buffers[key] = torch.empty(self._shapes[key], dtype=self._dtype, device=self._device)
+            for j0, j1, grad in self._deferred.pop(key, []):
+                _fold_keys(self.buffers[key], self._done[key], j0, j1, grad)
+        return self.buffers[key]
+
+    def finish(self) -> None:
+        """Allocate what is still missing and zero the rows no call touched (keys no local
+        query attends to: contiguous causal)."""
+        for key in self.buffers:
+            buf = self._buffer(key)
+            for j, touched in enumerate(self._done[key]):
+                if not touched:
+                    buf[j].zero_()
+
+
 class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, info, causal, scale, layout, chunks):
@@ -223,15 +264,19 @@ class _AllGatherAttention(torch.autograd.Function):
         parts = _row_parts(ctx.layout, s)
         acc = acc_dtype(q.dtype)
         slices = _chunk_slices(hq, k.shape[2], ctx.chunks)
-        # The segments grouped by gather buffer (own diagonal block first in each group):
-        # a buffer's gathered K, V are released after its last segment and its fp32 key
-        # gradients are allocated at its first, so the two zigzag halves' are never all
-        # alive together. The collectives stay where they were (gathers posted up front,
-        # one reduce-scatter per chunk at its end): a collective in between would make
-        # every rank wait for the one with the most work before it. A group waits only
-        # for its own buffer's gathers, and the first half's are posted first, so they
-        # need to land within one diagonal block, not two as before the grouping.
-        order = sorted(range(len(segs)), key=lambda i: list(rows).index(segs[i][2]))
+        # Own diagonal blocks first (they need no gather: every rank's K, V gathers run
+        # under them), then the other segments grouped by gather buffer. A buffer's
+        # gathered K, V are released after its last segment and its fp32 key gradients are
+        # allocated at its first segment that needs a gather (a diagonal block's dK, dV wait
+        # in the kernel's dtype until then), so the first zigzag half's gathered K, V and the
+        # second half's fp32 dK, dV are never alive together. Grouping the diagonal blocks
+        # with their halves left one block to hide the first half's gathers: on 4 H100 at
+        # 512K the gathers, slowed by the kernels beside them, then stalled it (466 vs 538
+        # TFLOP/s). The collectives stay where they were (gathers posted up front, one
+        # reduce-scatter per chunk at its end): a collective in between would make every
+        # rank wait for the one with the most work before it (434 TFLOP/s, commit cfddbe6).
+        own = [i for i, seg in enumerate(segs) if (seg[3], seg[4]) == (info.rank, info.rank + 1)]
+        order = own + sorted((i for i in range(len(segs)) if i not in own), key=lambda i: list(rows).index(segs[i][2]))
         last_use = {segs[i][2]: i for i in order}
         dq = dk = dv = None  # allocated once the first chunk's kernels are queued: off the peak
         in_flight = []  # the previous chunk's reduce-scatters: (work, result, target, rows, kv heads)
@@ -249,9 +294,7 @@ class _AllGatherAttention(torch.autograd.Function):
             lse_c = lse[:, qh]
             dq_acc = torch.empty(q_c.shape, dtype=acc, device=q.device)
             done_rows: set = set()
-            shapes = {key: buf.shape for key, buf in gather.buffers.items()}
-            grads: dict = {}
-            done_keys = {key: [False] * info.world for key in shapes}
+            grads = _KeyGrads({key: buf.shape for key, buf in gather.buffers.items()}, info.world, acc, q.device)
             for i in order:
                 r0, r1, name, j0, j1, seg_causal = segs[i]
                 k_seg, v_seg = gather.keys(name, j0, j1, info.rank)
@@ -260,21 +303,12 @@ class _AllGatherAttention(torch.autograd.Function):
                     ctx.states[c][i], causal=seg_causal, scale=scale,
                 )
                 _fold_rows(dq_acc, None, done_rows, parts, r0, r1, dq_s, None)
-                for which, grad_s in (("k", dk_s), ("v", dv_s)):
-                    key = (which, name)
-                    if key not in grads:
-                        grads[key] = torch.empty(shapes[key], dtype=acc, device=q.device)
-                    _fold_keys(grads[key], done_keys[key], j0, j1, grad_s)
+                grads.add(("k", name), j0, j1, dk_s, defer=i in own)
+                grads.add(("v", name), j0, j1, dv_s, defer=i in own)
                 k_seg = v_seg = dk_s = dv_s = None
                 if i == last_use[name]:
                     gather.release(name)
-            for key, shape in shapes.items():  # keys no local query attends to (contiguous causal)
-                if key not in grads:
-                    grads[key] = torch.empty(shape, dtype=acc, device=q.device)
-                grad = grads[key]
-                for j, touched in enumerate(done_keys[key]):
-                    if not touched:
-                        grad[j].zero_()
+            grads.finish()
             gather.wait()
             if dq is None:
                 dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -284,8 +318,7 @@ class _AllGatherAttention(torch.autograd.Function):
             # with the next chunk. The previous chunk's is done by now (it ran under this
             # chunk); finishing it frees its fp32 buffers, so at most two chunks' are alive.
             scatters = []
-            for which, name in shapes:  # the same order on every rank
-                grad = grads[(which, name)]
+            for (which, name), grad in grads.buffers.items():  # the same order on every rank
                 result = torch.empty(grad.shape[1:], dtype=acc, device=q.device)
                 work = reduce_scatter_tensor(result, grad.flatten(0, 1), group=info.group, async_op=True)
                 scatters.append((work, result, dk if which == "k" else dv, rows[name], kh))
