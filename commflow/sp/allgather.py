@@ -85,9 +85,8 @@ def _region(buf: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
 class _Gather:
     """The gathers of one head chunk in flight: ``buffers[(which, name)]`` ``[W, L, B, h, D]``
     (valid after :meth:`wait` of ``name``) and this rank's own pieces ``local[(which, name)]``
-    ``[L, B, h, D]`` (the send buffers, valid at once). Each buffer ``name`` (a zigzag half)
-    is waited for on its own: NCCL runs the gathers in the order posted, so the first half
-    is there while the second is still in flight."""
+    ``[L, B, h, D]`` (the send buffers, valid at once). :meth:`release` drops one buffer
+    (a zigzag half) once its last kernel call is queued."""
 
     def __init__(self, tensors, rows, heads, info):
         self.buffers, self.local, self._works = {}, {}, {}
@@ -115,10 +114,15 @@ class _Gather:
 
     def keys(self, name: str, j0: int, j1: int, rank: int):
         """Keys and values of source ranks ``j0:j1`` as ``[B, n*L, h, D]``; the own piece
-        without waiting for the gather, anything else after buffer ``name``'s gathers."""
+        without waiting for the gather, anything else after every buffer's gathers.
+
+        Every buffer's, not only ``name``'s: a gather left in flight beside a large
+        kernel call (the second half's while the first half's segments run) holds SMs
+        the call needs until it ends and drags its tail out: 454 vs 545 TFLOP/s at
+        512K on 4 H100 (``benchmarks/results/sp_allgather_waits_4xH100_20261126-s9.json``)."""
         if (j0, j1) == (rank, rank + 1):
             return tuple(self.local[(which, name)].permute(1, 0, 2, 3) for which in ("k", "v"))
-        self.wait(name)
+        self.wait()
         return tuple(_region(self.buffers[(which, name)], j0, j1) for which in ("k", "v"))
 
 
