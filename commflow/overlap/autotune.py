@@ -47,8 +47,13 @@ def keep_margin(t_sequential_ms: float) -> float:
 
 
 WORTH_MEASURING = 0.8
-"""Measure only where the model predicts at least this speed-up (close calls included: the
-copy-engine model is coarse, the clock is not)."""
+"""Without CUDA graphs, measure only where the model predicts at least this speed-up (close
+calls included: the copy-engine model is coarse, the clock is not). With graphs every shape
+that splits is measured: the device-time model's floor (barrier and copy latencies, which
+the calibration measures from the host) overestimated graph replays by up to 3.5x on
+4 H100 (0.56 ms predicted, 0.16 ms measured for GEMM + reduce-scatter at Llama-70B
+attention-out M=128), and a 0.8 gate there turned away shapes whose replay beat the plain
+path by 7-25 % (docs/overlap.md, run 10). The check costs a few tens of ms once per shape."""
 
 _OVERRIDE: bool | None = None
 _CHOICES: dict[tuple, OverlapPlan] = {}
@@ -139,10 +144,8 @@ def measured_choice(p: OverlapPlan, run: Callable[[OverlapPlan], object], g: Gro
     from .graphs import graphs_enabled
 
     graphs = p.transport == "symm" and graphs_enabled(device)
-    # With graphs the host's launches drop out: gate on the schedule's device time then.
-    predicted = p.t_overlap_device_ms if graphs and p.t_overlap_device_ms is not None else p.t_overlap_ms
-    if predicted is None or p.t_sequential_ms / predicted < WORTH_MEASURING:
-        return p
+    if not graphs and (p.t_overlap_ms is None or p.t_sequential_ms / p.t_overlap_ms < WORTH_MEASURING):
+        return p  # with graphs every shape is measured (WORTH_MEASURING says why)
     key = (group_key, p.op, p.m, p.n, p.k, p.dtype, p.reduction, p.best_split, p.calibration, graphs)
     hit = _CHOICES.get(key)
     if hit is not None:

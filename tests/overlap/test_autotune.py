@@ -153,6 +153,47 @@ def test_two_ranks_also_time_the_accumulate_schedule(dist_pool):
     assert res["device_ms"] is not None and res["device_ms"] <= res["host_ms"], res
 
 
+def _gate(graphs: bool) -> dict:
+    """A four-rank copy-engine plan the model rejects (device time 3x the plain path's):
+    timed anyway where graphs replay the schedule, left to the model where they do not."""
+    from commflow.overlap import graphs as graphs_mod
+    from commflow.overlap import plan
+    from commflow.overlap.validate import GroupInfo
+
+    cal = replace(default_calibration("cuda", 4), source="test: gate")
+    p = plan("matmul_reduce_scatter", 4096, 8192, 1024, world_size=4, calibration=cal, transport="symm")
+    rejected = replace(p, decision="sequential", n_chunks=1, best_split=(1024,), t_overlap_ms=3 * p.t_sequential_ms,
+                       t_overlap_device_ms=3 * p.t_sequential_ms)
+    seen = []
+    real_time, real_enabled = at._time_ms, graphs_mod.graphs_enabled
+    at._time_ms = lambda fns, device, group, reps=3, rounds=5: [f() for f in fns]
+    graphs_mod.graphs_enabled = lambda device: graphs
+    at._CHOICES.clear()
+    try:
+        def run(q):
+            seen.append((q.decision, q.graphed))
+            return 1.0 if q.decision == "sequential" else (0.8 if q.graphed else 1.2)
+
+        chosen = at.measured_choice(rejected, run, GroupInfo(group=None, rank=0, world_size=1),
+                                    torch.device("cpu"), 0)
+    finally:
+        at._time_ms, graphs_mod.graphs_enabled = real_time, real_enabled
+        at._CHOICES.clear()
+    return {"timed": sorted(set(seen)), "decision": chosen.decision, "graphed": chosen.graphed, "reason": chosen.reason}
+
+
+def _gates() -> tuple[dict, dict]:
+    return _gate(True), _gate(False)
+
+
+def test_with_graphs_a_shape_the_model_rejects_is_still_timed(dist_pool):
+    with_graphs, without = dist_pool(1).run(_gates)[0]
+    assert with_graphs["timed"] == [("overlap", False), ("overlap", True), ("sequential", False)], with_graphs
+    assert with_graphs["decision"] == "overlap" and with_graphs["graphed"], with_graphs
+    assert "measured overlap 0.800 ms vs sequential 1.000 ms" in with_graphs["reason"], with_graphs
+    assert without["timed"] == [] and without["decision"] == "sequential", without  # the model's word
+
+
 def test_small_shapes_get_more_timing_rounds():
     assert at.rounds_for(2.0) == 5  # 6 ms a sample: the old five rounds
     assert at.rounds_for(0.15) == 25  # the small-M guard: capped at 25
