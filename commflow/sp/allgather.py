@@ -273,12 +273,13 @@ class _AllGatherAttention(torch.autograd.Function):
         # gathered K, V are released after its last segment and its fp32 key gradients are
         # allocated at its first segment that needs a gather (a diagonal block's dK, dV wait
         # in the kernel's dtype until then), so the first zigzag half's gathered K, V and the
-        # second half's fp32 dK, dV are never alive together. Grouping the diagonal blocks
-        # with their halves left one block to hide the first half's gathers: on 4 H100 at
-        # 512K the gathers, slowed by the kernels beside them, then stalled it (466 vs 538
-        # TFLOP/s). The collectives stay where they were (gathers posted up front, one
-        # reduce-scatter per chunk at its end): a collective in between would make every
-        # rank wait for the one with the most work before it (434 TFLOP/s, commit cfddbe6).
+        # second half's fp32 dK, dV are never alive together. Both diagonal blocks come
+        # first because the first segment that needs a gather waits for all of them
+        # (_Gather.keys says why: 454 vs 545 TFLOP/s at 512K on 4 H100 when a half's gathers
+        # ran beside the other half's kernels), and two blocks hide them. The collectives
+        # stay where they were (gathers posted up front, one reduce-scatter per chunk at its
+        # end): a collective in between would make every rank wait for the one with the
+        # most work before it (434 vs 538 TFLOP/s, commit cfddbe6).
         own = [i for i, seg in enumerate(segs) if (seg[3], seg[4]) == (info.rank, info.rank + 1)]
         order = own + sorted((i for i in range(len(segs)) if i not in own), key=lambda i: list(rows).index(segs[i][2]))
         last_use = {segs[i][2]: i for i in order}
