@@ -268,7 +268,7 @@ class _AllGatherAttention(torch.autograd.Function):
         parts = _row_parts(ctx.layout, s)
         acc = acc_dtype(q.dtype)
         slices = _chunk_slices(hq, k.shape[2], ctx.chunks)
-        # Own diagonal blocks first (they need no gather: every rank's K, V gathers run
+        # The diagonal blocks first (they need no gather: every rank's K, V gathers run
         # under them), then the other segments grouped by gather buffer. A buffer's
         # gathered K, V are released after its last segment and its fp32 key gradients are
         # allocated at its first segment that needs a gather (a diagonal block's dK, dV wait
@@ -280,8 +280,11 @@ class _AllGatherAttention(torch.autograd.Function):
         # stay where they were (gathers posted up front, one reduce-scatter per chunk at its
         # end): a collective in between would make every rank wait for the one with the
         # most work before it (434 vs 538 TFLOP/s, commit cfddbe6).
-        own = [i for i, seg in enumerate(segs) if (seg[3], seg[4]) == (info.rank, info.rank + 1)]
-        order = own + sorted((i for i in range(len(segs)) if i not in own), key=lambda i: list(rows).index(segs[i][2]))
+        # (With the forward's order kept otherwise, every sum is added in the same order as
+        # before the late buffers: the same gradients bit for bit.)
+        diagonal = [i for i, seg in enumerate(segs) if seg[5]]
+        rest = [i for i in range(len(segs)) if i not in diagonal]
+        order = diagonal + sorted(rest, key=lambda i: list(rows).index(segs[i][2]))  # stable: segs order per half
         last_use = {segs[i][2]: i for i in order}
         dq = dk = dv = None  # allocated once the first chunk's kernels are queued: off the peak
         in_flight = []  # the previous chunk's reduce-scatters: (work, result, target, rows, kv heads)
@@ -308,8 +311,8 @@ class _AllGatherAttention(torch.autograd.Function):
                     ctx.states[c][i], causal=seg_causal, scale=scale,
                 )
                 _fold_rows(dq_acc, None, done_rows, parts, r0, r1, dq_s, None)
-                grads.add(("k", name), j0, j1, dk_s, defer=i in own)
-                grads.add(("v", name), j0, j1, dv_s, defer=i in own)
+                grads.add(("k", name), j0, j1, dk_s, defer=i in diagonal)
+                grads.add(("v", name), j0, j1, dv_s, defer=i in diagonal)
                 k_seg = v_seg = dk_s = dv_s = None
                 if i == last_use[name]:
                     gather.release(name)
