@@ -53,7 +53,7 @@ that splits is measured: the device-time model's floor (barrier and copy latenci
 the calibration measures from the host) overestimated graph replays by up to 3.5x on
 4 H100 (0.56 ms predicted, 0.16 ms measured for GEMM + reduce-scatter at Llama-70B
 attention-out M=128), and a 0.8 gate there turned away shapes whose replay beat the plain
-path by 7-25 % (docs/overlap.md, run 10). The check costs a few tens of ms once per shape."""
+path by 5-25 % (docs/overlap.md, run 10). The check costs a few tens of ms once per shape."""
 
 _OVERRIDE: bool | None = None
 _CHOICES: dict[tuple, OverlapPlan] = {}
