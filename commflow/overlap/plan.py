@@ -108,8 +108,8 @@ class OverlapPlan:
     chosen only by the autotune, where graphs are enabled and measured faster."""
     t_overlap_device_ms: float | None = None
     """``symm``: the fastest candidate's schedule on the device alone, without the host's
-    launch bound: what a CUDA graph replay of it could reach (the autotune's gate where
-    graphs are on)."""
+    launch bound: what a CUDA graph replay of it could reach, by the model (reported; on
+    4 H100 it ran 1.5-5.6x above the measured replays, so the autotune no longer gates on it)."""
 
     @property
     def overlap(self) -> bool:
