@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 
 from .plan import OverlapPlan
-from .symm import accumulates
 from .validate import GroupInfo
 
 __all__ = ["MEASURED_MARGIN", "NOISE_US", "autotune_enabled", "keep_margin", "measured_choice", "measured_choices",
@@ -157,11 +156,18 @@ def measured_choice(p: OverlapPlan, run: Callable[[OverlapPlan], object], g: Gro
     splits = [tuple(p.best_split)]
     if len(p.best_split) > 1:
         splits.append((total,))
-    if p.transport == "symm" and accumulates(p.world_size, 2):
-        # Two ranks: two and four groups take the accumulate schedule (symm._pair_accumulate),
-        # whose launches the model may overcharge (the launch cost is the host's, and varies;
-        # on 2 H100 four groups ran GEMM + all-reduce at 1.31x where the model preferred two)
-        # and a graph replay drops.
+    if p.transport == "symm":
+        # Two and four groups of rows are always timed too. On two ranks they take the
+        # accumulate schedule (symm._pair_accumulate), whose launches the model may
+        # overcharge (the launch cost is the host's, and varies; on 2 H100 four groups ran
+        # GEMM + all-reduce at 1.31x where the model preferred two) and a graph replay drops.
+        # On more ranks every group adds a barrier, which the calibration measures from the
+        # host (39-194 us on 4 H100), so the model keeps one group there; but one group
+        # leaves the fp32 sum of the slots (and, for the all-reduce, the whole all-gather
+        # of the reduced block) behind the last GEMM, where more groups hide all but the
+        # last group's share (run 10, every row one group: the graph replay at 1.15-1.9x
+        # the larger of GEMM and collective for the reduce-scatter, 1.4-1.9x for the
+        # all-reduce, at M = 2048..16384).
         for groups in (2, 4):
             if total >= groups and len(p.best_split) != groups:
                 splits.append(tuple(total // groups + (1 if j < total % groups else 0) for j in range(groups)))

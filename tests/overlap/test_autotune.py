@@ -194,6 +194,39 @@ def test_with_graphs_a_shape_the_model_rejects_is_still_timed(dist_pool):
     assert without["timed"] == [] and without["decision"] == "sequential", without  # the model's word
 
 
+def _four_rank_symm_candidates() -> dict:
+    """A four-rank copy-engine plan whose model kept one group: two and four groups (the
+    slot-and-sum schedule) are timed too, and the fastest is kept."""
+    from commflow.overlap import plan
+    from commflow.overlap.validate import GroupInfo
+
+    cal = replace(default_calibration("cuda", 4), source="test: four-rank symm")
+    p = plan("matmul_all_reduce", 8192, 8192, 2048, world_size=4, calibration=cal, transport="symm")
+    one_group = replace(p, decision="overlap", n_chunks=1, chunk_sizes=(2048,), best_split=(2048,),
+                        t_overlap_ms=p.t_sequential_ms * 0.9)
+    seen, fake = [], {(): 1.0, (2048,): 0.9, (1024, 1024): 0.75, (512, 512, 512, 512): 0.8}
+    real = at._time_ms
+    at._time_ms = lambda fns, device, group, reps=3, rounds=5: [f() for f in fns]
+    at._CHOICES.clear()
+    try:
+        def run(q):
+            seen.append(tuple(q.chunk_sizes))
+            return fake[tuple(q.chunk_sizes)]
+
+        chosen = at.measured_choice(one_group, run, GroupInfo(group=None, rank=0, world_size=1),
+                                    torch.device("cpu"), 0)
+    finally:
+        at._time_ms = real
+        at._CHOICES.clear()
+    return {"timed": sorted(set(seen)), "chosen": chosen.chunk_sizes, "reason": chosen.reason}
+
+
+def test_four_ranks_also_time_more_groups(dist_pool):
+    (res,) = dist_pool(1).run(_four_rank_symm_candidates)
+    assert res["timed"] == [(), (512, 512, 512, 512), (1024, 1024), (2048,)], res
+    assert res["chosen"] == (1024, 1024) and "2 group(s) 0.750 ms" in res["reason"], res
+
+
 def test_small_shapes_get_more_timing_rounds():
     assert at.rounds_for(2.0) == 5  # 6 ms a sample: the old five rounds
     assert at.rounds_for(0.15) == 25  # the small-M guard: capped at 25
