@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -116,17 +117,17 @@ def test_a_graph_within_the_margin_is_preferred_to_a_faster_eager_schedule():
     assert at.pick_candidate([False, False], [0.7, 0.6]) == 1  # no graphs (CPU, or graphs off)
 
 
-def _two_rank_symm_candidates() -> dict:
-    """A copy-engine plan for two ranks whose model picked one group: the autotune also
-    times two and four groups (the accumulate schedule) and keeps the fastest."""
+def _symm_candidates(op: str, world: int, m: int, n: int, k: int, fake: dict) -> dict:
+    """A copy-engine plan on ``world`` ranks whose model picked one group of 2048 rows,
+    checked by the autotune against ``fake`` times per row split: what it timed and kept."""
     from commflow.overlap import plan
     from commflow.overlap.validate import GroupInfo
 
-    cal = replace(default_calibration("cuda", 2), source="test: two-rank symm")
-    p = plan("matmul_reduce_scatter", 4096, 8192, 4096, world_size=2, calibration=cal, transport="symm")
+    cal = replace(default_calibration("cuda", world), source=f"test: {world}-rank symm")
+    p = plan(op, m, n, k, world_size=world, calibration=cal, transport="symm")
     one_group = replace(p, decision="overlap", n_chunks=1, chunk_sizes=(2048,), best_split=(2048,),
                         t_overlap_ms=p.t_sequential_ms * 0.9)
-    seen, fake = [], {(): 1.0, (2048,): 0.95, (1024, 1024): 0.7, (512, 512, 512, 512): 0.8}
+    seen = []
     real = at._time_ms
     at._time_ms = lambda fns, device, group, reps=3, rounds=5: [f() for f in fns]
     at._CHOICES.clear()
@@ -144,10 +145,25 @@ def _two_rank_symm_candidates() -> dict:
             "host_ms": p.t_overlap_ms, "reason": chosen.reason}
 
 
-def test_two_ranks_also_time_the_accumulate_schedule(dist_pool):
-    (res,) = dist_pool(1).run(_two_rank_symm_candidates)
+def _two_rank_symm_candidates() -> dict:
+    """Two ranks: two and four groups take the accumulate schedule."""
+    return _symm_candidates("matmul_reduce_scatter", 2, 4096, 8192, 4096,
+                            {(): 1.0, (2048,): 0.95, (1024, 1024): 0.7, (512, 512, 512, 512): 0.8})
+
+
+def _four_rank_symm_candidates() -> dict:
+    """Four ranks: two and four groups of the slot-and-sum schedule (timed only on two
+    ranks before session 9)."""
+    return _symm_candidates("matmul_all_reduce", 4, 8192, 8192, 2048,
+                            {(): 1.0, (2048,): 0.9, (1024, 1024): 0.75, (512, 512, 512, 512): 0.8})
+
+
+@pytest.mark.parametrize("candidates, kept", [(_two_rank_symm_candidates, "2 group(s) 0.700 ms"),
+                                              (_four_rank_symm_candidates, "2 group(s) 0.750 ms")])
+def test_two_and_four_groups_are_timed_beside_the_models_one(dist_pool, candidates, kept):
+    (res,) = dist_pool(1).run(candidates)
     assert res["timed"] == [(), (512, 512, 512, 512), (1024, 1024), (2048,)], res
-    assert res["chosen"] == (1024, 1024) and "2 group(s) 0.700 ms" in res["reason"], res
+    assert res["chosen"] == (1024, 1024) and kept in res["reason"], res
     # The plan carries the schedule's device-only time (the graph replay's bound): never
     # more than the host-bound prediction.
     assert res["device_ms"] is not None and res["device_ms"] <= res["host_ms"], res
@@ -192,39 +208,6 @@ def test_with_graphs_a_shape_the_model_rejects_is_still_timed(dist_pool):
     assert with_graphs["decision"] == "overlap" and with_graphs["graphed"], with_graphs
     assert "measured overlap 0.800 ms vs sequential 1.000 ms" in with_graphs["reason"], with_graphs
     assert without["timed"] == [] and without["decision"] == "sequential", without  # the model's word
-
-
-def _four_rank_symm_candidates() -> dict:
-    """A four-rank copy-engine plan whose model kept one group: two and four groups (the
-    slot-and-sum schedule) are timed too, and the fastest is kept."""
-    from commflow.overlap import plan
-    from commflow.overlap.validate import GroupInfo
-
-    cal = replace(default_calibration("cuda", 4), source="test: four-rank symm")
-    p = plan("matmul_all_reduce", 8192, 8192, 2048, world_size=4, calibration=cal, transport="symm")
-    one_group = replace(p, decision="overlap", n_chunks=1, chunk_sizes=(2048,), best_split=(2048,),
-                        t_overlap_ms=p.t_sequential_ms * 0.9)
-    seen, fake = [], {(): 1.0, (2048,): 0.9, (1024, 1024): 0.75, (512, 512, 512, 512): 0.8}
-    real = at._time_ms
-    at._time_ms = lambda fns, device, group, reps=3, rounds=5: [f() for f in fns]
-    at._CHOICES.clear()
-    try:
-        def run(q):
-            seen.append(tuple(q.chunk_sizes))
-            return fake[tuple(q.chunk_sizes)]
-
-        chosen = at.measured_choice(one_group, run, GroupInfo(group=None, rank=0, world_size=1),
-                                    torch.device("cpu"), 0)
-    finally:
-        at._time_ms = real
-        at._CHOICES.clear()
-    return {"timed": sorted(set(seen)), "chosen": chosen.chunk_sizes, "reason": chosen.reason}
-
-
-def test_four_ranks_also_time_more_groups(dist_pool):
-    (res,) = dist_pool(1).run(_four_rank_symm_candidates)
-    assert res["timed"] == [(), (512, 512, 512, 512), (1024, 1024), (2048,)], res
-    assert res["chosen"] == (1024, 1024) and "2 group(s) 0.750 ms" in res["reason"], res
 
 
 def test_small_shapes_get_more_timing_rounds():
