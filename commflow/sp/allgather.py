@@ -51,7 +51,9 @@ def _segments(rank: int, world: int, layout: str, causal: bool, s_local: int):
     ``buffer`` names a gather buffer (``all``: whole shards; ``first`` / ``second``:
     the two zigzag halves); ``j0:j1`` are source ranks whose pieces form the keys.
     The causal calls are exactly the diagonal blocks, which need only this rank's
-    own keys; they come first so that they run while the gather is in flight.
+    own keys; they come first so that they run while the gather is in flight. The
+    other calls follow grouped by buffer (the backward releases each buffer after its
+    last call, so the order bounds its memory; a test holds it).
     """
     r, w, s = rank, world, s_local
     if layout == "contiguous":
@@ -84,30 +86,28 @@ def _region(buf: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
 
 class _Gather:
     """The gathers of one head chunk in flight: ``buffers[(which, name)]`` ``[W, L, B, h, D]``
-    (valid after :meth:`wait` of ``name``) and this rank's own pieces ``local[(which, name)]``
+    (valid after :meth:`wait`) and this rank's own pieces ``local[(which, name)]``
     ``[L, B, h, D]`` (the send buffers, valid at once). :meth:`release` drops one buffer
     (a zigzag half) once its last kernel call is queued."""
 
     def __init__(self, tensors, rows, heads, info):
-        self.buffers, self.local, self._works = {}, {}, {}
+        self.buffers, self.local, self._works = {}, {}, []
         for name, (a, b) in rows.items():
             for which, t in tensors.items():
                 send = t[:, a:b, heads].permute(1, 0, 2, 3).contiguous()  # [L, B, h, D]
                 recv = torch.empty((info.world, *send.shape), dtype=t.dtype, device=t.device)
-                work = all_gather_tensor(recv.flatten(0, 1), send, group=info.group, async_op=True)
-                self._works.setdefault(name, []).append(work)
+                self._works.append(all_gather_tensor(recv.flatten(0, 1), send, group=info.group, async_op=True))
                 self.buffers[(which, name)] = recv
                 self.local[(which, name)] = send
 
-    def wait(self, name: str | None = None) -> None:
-        """Wait for buffer ``name``'s gathers (every buffer's if None)."""
-        for key in [name] if name is not None else list(self._works):
-            for work in self._works.pop(key, []):
-                work.wait()
+    def wait(self) -> None:
+        for work in self._works:
+            work.wait()
+        self._works = []
 
     def release(self, name: str) -> None:
-        """Drop buffer ``name``'s gathered and own pieces (after its gathers are done)."""
-        self.wait(name)
+        """Drop buffer ``name``'s gathered and own pieces (after the gathers are done)."""
+        self.wait()
         for which in ("k", "v"):
             self.buffers.pop((which, name), None)
             self.local.pop((which, name), None)
@@ -280,12 +280,10 @@ class _AllGatherAttention(torch.autograd.Function):
         # stay where they were (gathers posted up front, one reduce-scatter per chunk at its
         # end): a collective in between would make every rank wait for the one with the
         # most work before it (434 vs 538 TFLOP/s, commit cfddbe6).
-        # (With the forward's order kept otherwise, every sum is added in the same order as
-        # before the late buffers: the same gradients bit for bit.)
-        diagonal = [i for i, seg in enumerate(segs) if seg[5]]
-        rest = [i for i in range(len(segs)) if i not in diagonal]
-        order = diagonal + sorted(rest, key=lambda i: list(rows).index(segs[i][2]))  # stable: segs order per half
-        last_use = {segs[i][2]: i for i in order}
+        # _segments lists the calls in exactly this order, so the backward runs them as the
+        # forward did, and its sums are added in the order they were before the late
+        # buffers (the same gradients bit for bit).
+        last_use = {seg[2]: i for i, seg in enumerate(segs)}
         dq = dk = dv = None  # allocated once the first chunk's kernels are queued: off the peak
         in_flight = []  # the previous chunk's reduce-scatters: (work, result, target, rows, kv heads)
 
@@ -303,16 +301,15 @@ class _AllGatherAttention(torch.autograd.Function):
             dq_acc = torch.empty(q_c.shape, dtype=acc, device=q.device)
             done_rows: set = set()
             grads = _KeyGrads({key: buf.shape for key, buf in gather.buffers.items()}, info.world, acc, q.device)
-            for i in order:
-                r0, r1, name, j0, j1, seg_causal = segs[i]
+            for i, (r0, r1, name, j0, j1, seg_causal) in enumerate(segs):
                 k_seg, v_seg = gather.keys(name, j0, j1, info.rank)
                 dq_s, dk_s, dv_s = attention_backward(
                     dout_c[:, r0:r1], q_c[:, r0:r1], k_seg, v_seg, out_c[:, r0:r1], lse_c[:, :, r0:r1],
                     ctx.states[c][i], causal=seg_causal, scale=scale,
                 )
                 _fold_rows(dq_acc, None, done_rows, parts, r0, r1, dq_s, None)
-                grads.add(("k", name), j0, j1, dk_s, defer=i in diagonal)
-                grads.add(("v", name), j0, j1, dv_s, defer=i in diagonal)
+                grads.add(("k", name), j0, j1, dk_s, defer=seg_causal)  # causal calls: the diagonal blocks
+                grads.add(("v", name), j0, j1, dv_s, defer=seg_causal)
                 k_seg = v_seg = dk_s = dv_s = None
                 if i == last_use[name]:
                     gather.release(name)

@@ -106,3 +106,20 @@ def test_backward_keeps_one_half_of_the_gathered_keys_or_the_key_gradients(dist_
     peaks = dist_pool(world).run(_backward_peak_units, layout)
     expected = 3 * world + 1 if layout == "zigzag" else 4 * world + 1
     assert max(peaks) == pytest.approx(expected, abs=0.5), peaks
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_segments_list_the_diagonal_blocks_first_then_each_buffer_together(layout, causal):
+    """The backward runs the calls in this order and releases a buffer after its last
+    call: a buffer that came back after another would stay alive beside it."""
+    from commflow.sp.allgather import _segments
+
+    for world in (2, 3, 4, 8):
+        for rank in range(world):
+            segs = _segments(rank, world, layout, causal, 16)
+            flags = [seg[5] for seg in segs]
+            assert flags == sorted(flags, reverse=True), segs  # causal (diagonal) calls first
+            names = [seg[2] for seg in segs if not seg[5]]
+            assert names == sorted(names, key=names.index), segs  # each buffer in one run
+            assert all((seg[3], seg[4]) == (rank, rank + 1) for seg in segs if seg[5]), segs
