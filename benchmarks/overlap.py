@@ -316,7 +316,7 @@ def _measure_row(row: dict, variants: list[str], info, dtype, args, calibration)
                     torch.cuda.synchronize(dev)
         try:
             samples = sample_ms([calls[v] for v in active], iters=args.iters, calls=args.calls_per_sample, device=dev,
-                                min_time_ms=getattr(args, "min_time_ms", 0.0))
+                                min_time_ms=args.min_time_ms)
             for name, (t, host_us) in zip(active, samples):
                 out["times_ms"][name] = max_over_ranks(t)
                 out.setdefault("host_us_per_call", {})[name] = max_over_ranks(host_us)

@@ -51,8 +51,9 @@ calls included: the copy-engine model is coarse, the clock is not). With graphs 
 that splits is measured: the device-time model's floor (barrier and copy latencies, which
 the calibration measures from the host) overestimated graph replays on 57 of 60 shapes on
 4 H100, by more than 1.5x on 47 and up to 5.6x on small ones (0.56 ms predicted, 0.16 ms
-measured for GEMM + reduce-scatter at Llama-70B attention-out M=128), and a 0.8 gate there turned away shapes whose replay beat the plain path by 5-25 %
-(docs/overlap.md, run 10). The check costs about 0.1-0.2 s once per shape (small shapes
+measured for GEMM + reduce-scatter at Llama-70B attention-out M=128), and a 0.8 gate
+there turned away shapes whose replay beat the plain path by 5-25 % (docs/overlap.md,
+run 10). The check costs about 0.1-0.2 s once per shape (small shapes
 get the most rounds)."""
 
 _OVERRIDE: bool | None = None

@@ -109,7 +109,8 @@ class OverlapPlan:
     t_overlap_device_ms: float | None = None
     """``symm``: the fastest candidate's schedule on the device alone, without the host's
     launch bound: what a CUDA graph replay of it could reach, by the model (reported; on
-    4 H100 it ran above the measured replay on 57 of 60 shapes, up to 5.6x, so the autotune no longer gates on it)."""
+    4 H100 it ran above the measured replay on 57 of 60 shapes, up to 5.6x, so the
+    autotune no longer gates on it)."""
 
     @property
     def overlap(self) -> bool:
