@@ -8,7 +8,10 @@ plain path and the graphed one-group overlap under both protocols, each alone an
 alternation, once right after two warm-up calls (as the autotune does at a shape's
 first call) and once after many:
 
-* ``autotune``: :func:`commflow.overlap.autotune._time_ms` (barrier, 3 calls per sample);
+* ``autotune``: :func:`commflow.overlap.autotune._time_ms` (4 calls per sample; since
+  session 10 the ranks line up as in the benchmark: all-reduce + sync);
+* ``barrier``: the same with ``dist.barrier`` as the line-up (the autotune before session
+  10; session 7's 2-GPU file has it under ``autotune_*``);
 * ``bench``: ``benchmarks.overlap.sample_ms`` (all-reduce + sync, 4 calls per sample).
 
 Medians in ms per call, slowest rank; host microseconds per call for the bench protocol.
@@ -27,10 +30,34 @@ import torch
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 CASES = [  # (op, name, K global, N, M)
     ("ag", "70b-attn", 8192, 8192, 128),
+    ("ag", "70b-attn", 8192, 8192, 256),
     ("ag", "70b-attn", 8192, 8192, 512),
     ("ag", "8b-attn", 4096, 4096, 2048),
     ("rs", "70b-attn", 8192, 8192, 128),
 ]
+
+
+def _time_after_barrier(fns, dev, rounds: int, reps: int = 4) -> list[float]:
+    """The autotune's timing before session 10: ``dist.barrier`` before every sample."""
+    import random
+    import statistics
+
+    import torch.distributed as dist
+
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        order = list(range(len(fns)))
+        random.Random(r).shuffle(order)
+        for i in order:
+            dist.barrier()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fns[i]()
+            end.record()
+            end.synchronize()
+            times[i].append(start.elapsed_time(end) / reps)
+    return [statistics.median(t) for t in times]
 
 
 def _worker(cfg: dict) -> dict:
@@ -75,12 +102,17 @@ def _worker(cfg: dict) -> dict:
                 torch.cuda.synchronize(dev)
                 at_alone = _time_ms([plain_fn], dev, None, rounds=cfg["rounds"])
                 at_both = _time_ms([plain_fn, graph], dev, None, rounds=cfg["rounds"])
+                bar_alone = _time_after_barrier([plain_fn], dev, cfg["rounds"])
+                bar_both = _time_after_barrier([plain_fn, graph], dev, cfg["rounds"])
                 b_alone = sample_ms([plain_fn], iters=cfg["rounds"], calls=4, device=dev)
                 b_both = sample_ms([plain_fn, graph], iters=cfg["rounds"], calls=4, device=dev)
                 row[phase] = {
                     "autotune_plain_alone": max_over_ranks(at_alone[0]),
                     "autotune_plain_alternating": max_over_ranks(at_both[0]),
                     "autotune_graph_alternating": max_over_ranks(at_both[1]),
+                    "barrier_plain_alone": max_over_ranks(bar_alone[0]),
+                    "barrier_plain_alternating": max_over_ranks(bar_both[0]),
+                    "barrier_graph_alternating": max_over_ranks(bar_both[1]),
                     "bench_plain_alone": max_over_ranks(b_alone[0][0]),
                     "bench_plain_alternating": max_over_ranks(b_both[0][0]),
                     "bench_graph_alternating": max_over_ranks(b_both[1][0]),

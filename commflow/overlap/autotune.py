@@ -89,9 +89,11 @@ def _time_ms(fns: list[Callable[[], object]], device: torch.device, group, reps:
              rounds: int = 5) -> list[float]:
     """Median ms per call of each ``fn``, timed in alternation (round after round, every
     fn once per round) so that drift in clocks or load hits all of them alike. Each
-    sample is ``reps`` calls back to back after the ranks line up, so host launch cost
+    sample is ``reps`` calls back to back after the ranks line up (as in the benchmark's
+    ``sample_ms``, so the autotune and the benchmark time a path alike), so host launch cost
     counts where the GPU would outrun the host, as in a training step."""
     times: list[list[float]] = [[] for _ in fns]
+    flag = torch.zeros(1, device=device)
     for r in range(rounds):
         # A new order every round, the same on every rank: a plain path timed right after
         # a graph replay ran 14-39 % slower on 2 H100 than alone (benchmarks/results/
@@ -100,8 +102,15 @@ def _time_ms(fns: list[Callable[[], object]], device: torch.device, group, reps:
         random.Random(r).shuffle(order)
         for i in order:
             fn = fns[i]
-            dist.barrier(group=group)
+            # The ranks line up the way the benchmark lines them up (a one-element all-reduce,
+            # then a device sync), not with dist.barrier: timed after NCCL's barrier the plain
+            # path (mm + NCCL) ran 10-25 % slower than after this line-up on 2 H100, for the
+            # same calls (overlap_autotune_probe_2xH100_20261126-s7.json), and on 4 H100 the
+            # autotune measured the plain path of 0.13-0.14 ms all-gather shapes at 0.20 ms
+            # and kept graph replays the benchmark then timed 15 % slower than it (run 11).
+            dist.all_reduce(flag, group=group)
             if device.type == "cuda":
+                torch.cuda.synchronize(device)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 for _ in range(reps):
