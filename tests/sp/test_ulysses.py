@@ -70,3 +70,28 @@ def test_gpu_nccl_matches_reference():
     from tests.sp.softmax_harness import check_gpu_strategy
 
     check_gpu_strategy(STRATEGY)
+
+
+def test_packing_copies_move_words_and_keep_every_bit():
+    """The packing copies view rows as int64 where the strides allow (a quarter of the
+    elements for bf16); the bytes must come out exactly, NaN payloads included, and
+    tensors the view cannot take fall back to the plain copy."""
+    import torch
+
+    from commflow.sp.ulysses import _contiguous, _copy_, _words
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-(2**15), 2**15, (2, 6, 4, 3, 8), generator=g, dtype=torch.int16).view(torch.bfloat16)
+    view = x.permute(2, 0, 1, 3, 4)  # strided, last dim contiguous: taken as words
+    assert _words(view).dtype == torch.int64 and _words(view).shape[-1] == 2
+    packed = _contiguous(view)
+    assert packed.is_contiguous() and packed.dtype == torch.bfloat16 and packed.shape == view.shape
+    assert torch.equal(packed.view(torch.int16), view.contiguous().view(torch.int16))
+    dst = torch.empty(4, 2, 6, 3, 8, dtype=torch.bfloat16).permute(1, 2, 0, 3, 4)
+    _copy_(dst, x)
+    assert torch.equal(dst.view(torch.int16), x.view(torch.int16))
+    for odd in (x[..., :6], x[..., 1:5], x.float().view(torch.int32)[..., :3].view(torch.float32)):
+        assert _words(odd) is odd  # last dim not a whole number of words, or misaligned
+        bits = {2: torch.int16, 4: torch.int32}[odd.element_size()]  # NaN != NaN: compare bits
+        assert torch.equal(_contiguous(odd.transpose(0, 1)).view(bits), odd.transpose(0, 1).contiguous().view(bits))
+    assert _words(x.double()).dtype == torch.float64  # already 8-byte elements
