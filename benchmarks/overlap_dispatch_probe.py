@@ -1,0 +1,103 @@
+"""Probe: what the automatic path's plain all-gather + GEMM costs beyond the bare calls.
+
+Not a registered benchmark (``python -m benchmarks.overlap_dispatch_probe --nproc 4 --out FILE``).
+In session 10's overlap runs every row where ``auto`` fell below 0.97x of sequential ran the
+plain path, and all but one were all-gather rows: the entry's plain all-gather + GEMM took
+4-9 us more host time per call than the benchmark's bare ``torch.empty`` + all-gather +
+``torch.mm`` (reduce-scatter and all-reduce entries took the same as their bare calls), at
+0.13-0.15 ms a call. This times, in alternation with the benchmark's ``sample_ms``, on the
+small-M guard shapes (Llama-3 70B attention-out, K = N = 8192, and 8B at M = 2048):
+
+* ``bench``: the benchmark's sequential (``commflow.dist.all_gather_tensor``, then ``mm``);
+* ``pg_single`` / ``pg_base``: the process group's ``all_gather_single`` / ``_allgather_base``
+  with blocking options built once (what ``commflow.overlap.plain`` may call), then ``mm``;
+* ``entry``: ``all_gather_matmul(mode="sequential")``, the entry's whole call.
+
+Medians in ms per call and host microseconds per call, slowest rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+
+ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+CASES = [(8192, 8192, 128), (8192, 8192, 256), (8192, 8192, 512), (4096, 4096, 2048)]  # (K, N global, M)
+
+
+def _worker(cfg: dict) -> dict:
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    from benchmarks.overlap import sample_ms
+    from benchmarks.timing import max_over_ranks
+    from commflow.dist import all_gather_tensor, init_distributed
+    from commflow.overlap import all_gather_matmul
+
+    info = init_distributed(device="cuda")
+    dev, world = info.device, info.world_size
+    pg = dist.group.WORLD
+    opts = c10d.AllgatherOptions()
+    if hasattr(opts, "asyncOp"):
+        opts.asyncOp = False
+    methods = {"pg_single": getattr(pg, "all_gather_single", None), "pg_base": pg._allgather_base}
+    rows = []
+    for k, n, m in CASES:
+        gen = torch.Generator(device=dev).manual_seed(11 + info.rank)
+        xs = torch.randn(m // world, k, device=dev, generator=gen).to(torch.bfloat16)
+        w = (torch.randn(k, n // world, device=dev, generator=gen) / math.sqrt(k)).to(torch.bfloat16)
+
+        def bench(xs=xs, w=w, m=m, k=k):
+            full = torch.empty(m, k, device=dev, dtype=torch.bfloat16)
+            all_gather_tensor(full, xs)
+            return torch.mm(full, w)
+
+        def direct(method, xs=xs, w=w, m=m, k=k):
+            full = torch.empty(m, k, device=dev, dtype=torch.bfloat16)
+            work = method(full, xs, opts)
+            if work is not None:
+                work.wait()
+            return torch.mm(full, w)
+
+        fns = {"bench": bench, "entry": lambda xs=xs, w=w: all_gather_matmul(xs, w, mode="sequential")}
+        fns.update({name: (lambda meth=meth: direct(meth)) for name, meth in methods.items() if meth is not None})
+        names = list(fns)
+        with torch.no_grad():
+            for _ in range(50):
+                for f in fns.values():
+                    f()
+            torch.cuda.synchronize(dev)
+            res = sample_ms([fns[x] for x in names], iters=cfg["rounds"], calls=4, device=dev)
+        row = {"K": k, "N": n, "m": m}
+        for name, (ms, host_us) in zip(names, res):
+            row[name] = {"ms": max_over_ranks(ms), "host_us": max_over_ranks(host_us)}
+        rows.append(row)
+        if info.rank == 0:
+            print(json.dumps(row), flush=True)
+    dist.barrier()
+    return {"rows": rows, "has_all_gather_single": methods["pg_single"] is not None,
+            "torch": torch.__version__}
+
+
+def main(argv=None) -> int:
+    from benchmarks.results import environment
+    from commflow.dist import spawn
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--nproc", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=60)
+    args = ap.parse_args(argv)
+    res = spawn(_worker, args.nproc, vars(args), backend=None, init=False, timeout_s=300, env=ENV)[0]
+    out = {"benchmark": "overlap_dispatch_probe", "env": environment(), "args": vars(args), "results": res}
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
