@@ -11,7 +11,9 @@ small-M guard shapes (Llama-3 70B attention-out, K = N = 8192, and 8B at M = 204
 * ``bench``: the benchmark's sequential (``commflow.dist.all_gather_tensor``, then ``mm``);
 * ``pg_single`` / ``pg_base``: the process group's ``all_gather_single`` / ``_allgather_base``
   with blocking options built once (what ``commflow.overlap.plain`` may call), then ``mm``;
-* ``entry``: ``all_gather_matmul(mode="sequential")``, the entry's whole call.
+* ``entry``: ``all_gather_matmul(mode="sequential")``, the entry's whole call;
+* ``entry_run``: the resolved entry's ``run`` alone (no signature lookup);
+* ``plain_closure``: ``commflow.overlap.plain.plain_all_gather``'s collective, then ``mm``.
 
 Medians in ms per call and host microseconds per call, slowest rank.
 """
@@ -36,7 +38,7 @@ def _worker(cfg: dict) -> dict:
     from benchmarks.overlap import sample_ms
     from benchmarks.timing import max_over_ranks
     from commflow.dist import all_gather_tensor, init_distributed
-    from commflow.overlap import all_gather_matmul
+    from commflow.overlap import all_gather_matmul, functional, plain
 
     info = init_distributed(device="cuda")
     dev, world = info.device, info.world_size
@@ -63,7 +65,18 @@ def _worker(cfg: dict) -> dict:
                 work.wait()
             return torch.mm(full, w)
 
-        fns = {"bench": bench, "entry": lambda xs=xs, w=w: all_gather_matmul(xs, w, mode="sequential")}
+        entry_call = lambda xs=xs, w=w: all_gather_matmul(xs, w, mode="sequential")  # noqa: E731
+        entry_call()
+        entry = functional._ENTRIES[functional._entry_key("ag", xs, w, None, 0, "sequential", None, "fp32")]
+        collective = plain.plain_all_gather(None)
+
+        def plain_closure(xs=xs, w=w, m=m, k=k):  # commflow.overlap.plain's collective, no entry
+            full = torch.empty(m, k, device=dev, dtype=torch.bfloat16)
+            collective(full, xs)
+            return torch.mm(full, w)
+
+        fns = {"bench": bench, "entry": entry_call, "entry_run": lambda xs=xs, w=w, e=entry: e.run(xs, w),
+               "plain_closure": plain_closure}
         fns.update({name: (lambda meth=meth: direct(meth)) for name, meth in methods.items() if meth is not None})
         names = list(fns)
         with torch.no_grad():
@@ -80,7 +93,7 @@ def _worker(cfg: dict) -> dict:
             print(json.dumps(row), flush=True)
     dist.barrier()
     return {"rows": rows, "has_all_gather_single": methods["pg_single"] is not None,
-            "torch": torch.__version__}
+            "untraced": plain._untraced(), "torch": torch.__version__}
 
 
 def main(argv=None) -> int:
