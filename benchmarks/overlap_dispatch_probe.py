@@ -70,7 +70,7 @@ def _worker(cfg: dict) -> dict:
         entry = functional._ENTRIES[functional._entry_key("ag", xs, w, None, 0, "sequential", None, "fp32")]
         collective = plain.plain_all_gather(None)
 
-        def plain_closure(xs=xs, w=w, m=m, k=k):  # commflow.overlap.plain's collective, no entry
+        def plain_closure(xs=xs, w=w, m=m, k=k, collective=collective):  # commflow.overlap.plain's collective, no entry
             full = torch.empty(m, k, device=dev, dtype=torch.bfloat16)
             collective(full, xs)
             return torch.mm(full, w)
