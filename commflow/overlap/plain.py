@@ -36,26 +36,19 @@ __all__ = ["plain_all_gather", "plain_all_reduce", "plain_reduce_scatter"]
 
 # The functions as imported, before any tracer could replace them. Kept in a tuple so
 # that the tracer (which swaps module attributes equal to these functions) leaves them be.
+# The runs below go the direct way only while these are still the functions in place (no
+# tracer has replaced them) and no coalescing block is open. They spell that test out inline,
+# as they wait inline on the work a collective returns (a blocking NCCL collective, asyncOp
+# False, torch >= 2.7, ran on the caller's stream and returns none; gloo returns one): on
+# the 4xH100 host a Python call costs about a microsecond, and the plain path of a 0.13 ms
+# guard shape has none to spare (docs/overlap.md, runs 11-12).
 _ORIGINAL = (dist.all_reduce, cdist.reduce_scatter_tensor, cdist.all_gather_tensor)
 # torch's per-group coalescing state (private); when it is missing, never coalescing.
 _COALESCING: dict = getattr(getattr(c10d, "_world", None), "pg_coalesce_state", {})
 
 
-def _untraced() -> bool:
-    """No tracer has replaced the public functions and no coalescing block is open."""
-    return (dist.all_reduce is _ORIGINAL[0] and cdist.reduce_scatter_tensor is _ORIGINAL[1]
-            and cdist.all_gather_tensor is _ORIGINAL[2] and not _COALESCING)
-
-
 def _pg(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     return group if group is not None else dist.group.WORLD
-
-
-def _wait(work) -> None:
-    # A blocking NCCL collective (asyncOp=False, torch >= 2.7) already ran on the caller's
-    # stream and returns no work; gloo returns one to wait on.
-    if work is not None:
-        work.wait()
 
 
 def _blocking(opts):
@@ -69,8 +62,10 @@ def _out_of_in(method, opts, public: Callable[[], Callable], group) -> Callable[
     function (looked up at call time: the tracer replaces it) with ``group``."""
 
     def run(out: torch.Tensor, inp: torch.Tensor) -> None:
-        if _untraced():
-            _wait(method(out, inp, opts))
+        if (dist.all_reduce, cdist.reduce_scatter_tensor, cdist.all_gather_tensor) == _ORIGINAL and not _COALESCING:
+            work = method(out, inp, opts)
+            if work is not None:
+                work.wait()
         else:
             public()(out, inp, group=group)
 
@@ -100,8 +95,10 @@ def plain_all_reduce(group: dist.ProcessGroup | None) -> Callable[[torch.Tensor]
     opts.reduceOp = dist.ReduceOp.SUM
 
     def run(t: torch.Tensor) -> None:
-        if _untraced():
-            _wait(pg.allreduce([t], opts))
+        if (dist.all_reduce, cdist.reduce_scatter_tensor, cdist.all_gather_tensor) == _ORIGINAL and not _COALESCING:
+            work = pg.allreduce([t], opts)
+            if work is not None:
+                work.wait()
         else:
             dist.all_reduce(t, group=group)
 
