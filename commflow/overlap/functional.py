@@ -237,10 +237,10 @@ def _entry_key(op: str, x, w, group, *options) -> tuple | None:
     (nothing to look up; building the entry then raises the operand check's ValueError).
 
     This and the few lines around it are every call's cost on top of the plain path, so
-    they call no helpers: on the 4xH100 host a Python call costs about a microsecond, and
-    the lookup in front of the plain all-gather measured 9-26 us there where the same lines
-    take 1.4 us on the 2-core CI machine (``benchmarks/overlap_dispatch_probe.py``,
-    docs/overlap.md, runs 11-12)."""
+    they call no more helpers than they must: the lookup in front of the plain all-gather
+    measured 9-26 us of host time on the 4xH100 host where the same lines take 1.4 us on
+    the 2-core CI machine (``benchmarks/overlap_dispatch_probe.py``, docs/overlap.md,
+    runs 11-12)."""
     if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)):
         return None
     # The group object itself (not None) so that a re-initialised default group is a new

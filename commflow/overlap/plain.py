@@ -39,9 +39,10 @@ __all__ = ["plain_all_gather", "plain_all_reduce", "plain_reduce_scatter"]
 # The runs below go the direct way only while these are still the functions in place (no
 # tracer has replaced them) and no coalescing block is open. They spell that test out inline,
 # as they wait inline on the work a collective returns (a blocking NCCL collective, asyncOp
-# False, torch >= 2.7, ran on the caller's stream and returns none; gloo returns one): on
-# the 4xH100 host a Python call costs about a microsecond, and the plain path of a 0.13 ms
-# guard shape has none to spare (docs/overlap.md, runs 11-12).
+# False, torch >= 2.7, ran on the caller's stream and returns none; gloo returns one): the
+# 4xH100 host runs Python several times slower than the CI machine (the op's lookup: 9-26 us
+# there, 1.4 us here), and the plain path of a 0.13 ms guard shape has no microsecond to
+# spare (docs/overlap.md, runs 11-12).
 _ORIGINAL = (dist.all_reduce, cdist.reduce_scatter_tensor, cdist.all_gather_tensor)
 # torch's per-group coalescing state (private); when it is missing, never coalescing.
 _COALESCING: dict = getattr(getattr(c10d, "_world", None), "pg_coalesce_state", {})
