@@ -19,7 +19,6 @@ Medians in ms per call, slowest rank; host microseconds per call for the bench p
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -127,19 +126,10 @@ def _worker(cfg: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    from benchmarks.results import environment
-    from commflow.dist import spawn
+    from benchmarks.results import probe_main
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=25)
-    args = ap.parse_args(argv)
-    res = spawn(_worker, args.nproc, vars(args), backend=None, init=False, timeout_s=600, env=ENV)[0]
-    out = {"benchmark": "overlap_autotune_probe", "env": environment(), "args": vars(args), "results": res}
-    with open(args.out, "w") as fh:
-        json.dump(out, fh, indent=1)
-    return 0
+    return probe_main("overlap_autotune_probe", _worker, argv, __doc__, nproc=2, options={"rounds": 25}, timeout_s=600,
+                      env=ENV)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Medians in ms per call and host microseconds per call, slowest rank.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -35,6 +34,7 @@ def _worker(cfg: dict) -> dict:
     import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d
 
+    import commflow.dist as cdist
     from benchmarks.overlap import sample_ms
     from benchmarks.timing import max_over_ranks
     from commflow.dist import all_gather_tensor, init_distributed
@@ -93,23 +93,15 @@ def _worker(cfg: dict) -> dict:
             print(json.dumps(row), flush=True)
     dist.barrier()
     return {"rows": rows, "has_all_gather_single": methods["pg_single"] is not None,
-            "untraced": plain._untraced(), "torch": torch.__version__}
+            "untraced": (dist.all_reduce, cdist.reduce_scatter_tensor, cdist.all_gather_tensor) == plain._ORIGINAL
+            and not plain._COALESCING, "torch": torch.__version__}
 
 
 def main(argv=None) -> int:
-    from benchmarks.results import environment
-    from commflow.dist import spawn
+    from benchmarks.results import probe_main
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--nproc", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=60)
-    args = ap.parse_args(argv)
-    res = spawn(_worker, args.nproc, vars(args), backend=None, init=False, timeout_s=300, env=ENV)[0]
-    out = {"benchmark": "overlap_dispatch_probe", "env": environment(), "args": vars(args), "results": res}
-    with open(args.out, "w") as fh:
-        json.dump(out, fh, indent=1)
-    return 0
+    return probe_main("overlap_dispatch_probe", _worker, argv, __doc__, nproc=4, options={"rounds": 60}, timeout_s=300,
+                      env=ENV)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ NCCL all-to-alls (an NCCL kernel's time includes its wait for the peers). Sessio
 
 from __future__ import annotations
 
-import argparse
 import collections
-import json
 import sys
 
 import torch
@@ -83,20 +81,10 @@ def _worker(cfg: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    from benchmarks.results import environment
-    from commflow.dist import spawn
+    from benchmarks.results import probe_main
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--nproc", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=131072)
-    ap.add_argument("--iters", type=int, default=4)
-    args = ap.parse_args(argv)
-    res = spawn(_worker, args.nproc, vars(args), backend=None, init=False, timeout_s=600, env=ENV)[0]
-    with open(args.out, "w") as fh:
-        json.dump({"benchmark": "sp_ulysses_profile", "env": environment(), "args": vars(args), "results": res},
-                  fh, indent=1)
-    return 0
+    return probe_main("sp_ulysses_profile", _worker, argv, __doc__, nproc=4, options={"seq": 131072, "iters": 4}, timeout_s=600,
+                      env=ENV)
 
 
 if __name__ == "__main__":
