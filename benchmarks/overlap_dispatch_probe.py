@@ -1,8 +1,8 @@
 """Probe: what the automatic path's plain all-gather + GEMM costs beyond the bare calls.
 
 Not a registered benchmark (``python -m benchmarks.overlap_dispatch_probe --nproc 4 --out FILE``).
-In session 10's overlap runs every row where ``auto`` fell below 0.97x of sequential ran the
-plain path, and all but one were all-gather rows: the entry's plain all-gather + GEMM took
+In session 10's overlap runs all but one of the rows where ``auto`` fell below 0.97x of
+sequential ran the plain path, and most were all-gather rows: the entry's plain all-gather + GEMM took
 4-9 us more host time per call than the benchmark's bare ``torch.empty`` + all-gather +
 ``torch.mm`` (reduce-scatter and all-reduce entries took the same as their bare calls), at
 0.13-0.15 ms a call. This times, in alternation with the benchmark's ``sample_ms``, on the

@@ -3,8 +3,8 @@
 Not a registered benchmark (``python -m benchmarks.sp_ulysses_profile --seq 131072 --out FILE``).
 Times fwd+bwd of ``ulysses_attention`` and of the local kernel alone at the per-GPU shape
 (``[1, S, H/W, D]``: the 1-GPU limit), then profiles one Ulysses step on rank 0 and sums the
-device time per kernel and per stream: the attention kernels, the packing copies and the
-NCCL all-to-alls (an NCCL kernel's time includes its wait for the peers). Session 10 found 2.98 ms of strided packing copies in a 128K step this way.
+device time per kernel: the attention kernels, the packing copies and the NCCL all-to-alls
+(an NCCL kernel's time includes its wait for the peers).
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 
 def _kernel_summary(prof) -> list[dict]:
-    """Device ms and calls per kernel name (the 20 largest) from a finished profile."""
+    """Device ms and calls per kernel (the 20 largest) from a finished profile, summed by the
+    full kernel name (template arguments tell the copy kernels apart), shown cut to 160."""
     per_kernel: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
     for ev in prof.events():
         for k in ev.kernels:
-            per_kernel[k.name[:90]][0] += 1
-            per_kernel[k.name[:90]][1] += k.duration / 1e3
-    rows = ({"name": n, "calls": c, "ms": ms} for n, (c, ms) in per_kernel.items())
+            per_kernel[k.name][0] += 1
+            per_kernel[k.name][1] += k.duration / 1e3
+    rows = ({"name": n[:160], "calls": c, "ms": ms} for n, (c, ms) in per_kernel.items())
     return sorted(rows, key=lambda r: -r["ms"])[:20]
 
 

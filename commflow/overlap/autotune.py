@@ -3,7 +3,7 @@
 The plan's model is only as good as its constants, and the one it guesses hardest is
 how much a GEMM and a collective slow each other down when they share the GPU. Where
 the model says "overlap" (or comes close), ``mode="auto"`` on CUDA times both paths
-on the first call with a new shape (two calls each, CUDA events, the slowest rank's
+on the first call with a new shape (samples of four calls, CUDA events, the slowest rank's
 time, agreed over the group so every rank takes the same path) and keeps the overlap
 only if it measured at least ``MEASURED_MARGIN`` faster. That check, not the model,
 is what keeps the automatic path from losing to the plain one. Decisions are cached
@@ -103,11 +103,12 @@ def _time_ms(fns: list[Callable[[], object]], device: torch.device, group, reps:
         for i in order:
             fn = fns[i]
             # The ranks line up the way the benchmark lines them up (a one-element all-reduce,
-            # then a device sync), not with dist.barrier: timed after NCCL's barrier the plain
-            # path (mm + NCCL) ran 10-25 % slower than after this line-up on 2 H100, for the
-            # same calls (overlap_autotune_probe_2xH100_20261126-s7.json), and on 4 H100 the
-            # autotune measured the plain path of 0.13-0.14 ms all-gather shapes at 0.20 ms
-            # and kept graph replays the benchmark then timed 15 % slower than it (run 11).
+            # then a device sync), not with dist.barrier: on 4 H100 the plain path (mm + NCCL)
+            # of the 70B all-gather guard shapes took 0.127-0.148 ms per call after the barrier
+            # and 0.084-0.127 ms after this line-up, the graph replay about the same under both
+            # (overlap_autotune_probe_4xH100_20261127-s10.json); timed the old way, the
+            # autotune kept graph replays that the benchmark then timed at 0.83-0.85x of the
+            # plain path (docs/overlap.md, run 11a).
             dist.all_reduce(flag, group=group)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

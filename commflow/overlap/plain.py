@@ -42,7 +42,8 @@ __all__ = ["plain_all_gather", "plain_all_reduce", "plain_reduce_scatter"]
 # False, torch >= 2.7, ran on the caller's stream and returns none; gloo returns one): the
 # 4xH100 host runs Python several times slower than the CI machine (the op's lookup: 9-26 us
 # there, 1.4 us here), and the plain path of a 0.13 ms guard shape has no microsecond to
-# spare (docs/overlap.md, runs 11-12).
+# spare (docs/overlap.md, runs 11-12). This collective itself measured within -2 to +4 us of
+# the process group's method there; what inlining saves is not measured yet.
 _ORIGINAL = (dist.all_reduce, cdist.reduce_scatter_tensor, cdist.all_gather_tensor)
 # torch's per-group coalescing state (private); when it is missing, never coalescing.
 _COALESCING: dict = getattr(getattr(c10d, "_world", None), "pg_coalesce_state", {})

@@ -63,10 +63,11 @@ def _words(x: torch.Tensor) -> torch.Tensor:
 
     The packing copies move rows of ``h * D`` elements between strided layouts, and
     torch's strided copy kernel costs per element: on H100 a bf16 pack ran at ~1.45 TB/s,
-    the copies of one Ulysses step at 128K on 4 GPUs summed to 3 ms (1.3 % of the step).
+    the copies of one Ulysses step at 128K on 4 GPUs summed to 3 ms (1.3 % of the step;
+    1.9 ms as words, benchmarks/results/sp_ulysses_profile_4xH100_20261127-s10*.json).
     Moved as int64 (bits, no arithmetic) the same bytes take a quarter of the elements."""
     size = x.element_size()
-    if size >= 8 or x.dim() == 0 or x.stride(-1) != 1 or (x.shape[-1] * size) % 8:
+    if size >= 8 or x.dim() == 0 or x.stride(-1) != 1 or (x.shape[-1] * size) % 8 or x.data_ptr() % 8:
         return x
     ratio = 8 // size
     if (x.storage_offset() % ratio) or any(st % ratio for st in x.stride()[:-1]):
@@ -83,7 +84,11 @@ def _contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def _copy_(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst.copy_(src)`` for equal dtypes and shapes, as 8-byte words where both allow it."""
+    """``dst.copy_(src)``, as 8-byte words where both allow it and the dtypes are equal (bits
+    are moved, never converted: a bf16 source into an fp16 destination takes the plain copy)."""
+    if dst.dtype != src.dtype:
+        dst.copy_(src)
+        return
     dw, sw = _words(dst), _words(src)
     if dw is dst or sw is src:
         dst.copy_(src)

@@ -95,3 +95,15 @@ def test_packing_copies_move_words_and_keep_every_bit():
         bits = {2: torch.int16, 4: torch.int32}[odd.element_size()]  # NaN != NaN: compare bits
         assert torch.equal(_contiguous(odd.transpose(0, 1)).view(bits), odd.transpose(0, 1).contiguous().view(bits))
     assert _words(x.double()).dtype == torch.float64  # already 8-byte elements
+
+
+def test_packing_copy_converts_between_dtypes_of_one_size():
+    """Words move bits: a bf16 source into an fp16 destination must take the converting copy."""
+    import torch
+
+    from commflow.sp.ulysses import _copy_
+
+    src = torch.linspace(-3, 3, 64).reshape(2, 4, 8).to(torch.bfloat16)
+    dst = torch.empty(4, 2, 8, dtype=torch.float16).transpose(0, 1)
+    _copy_(dst, src)
+    assert torch.equal(dst.float(), src.float())
