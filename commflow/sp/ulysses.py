@@ -13,7 +13,8 @@ What makes it fast (and what DeepSpeed's ``DistributedAttention`` does not do):
   all-to-all and arrive as dense ``[B, S, h, D]`` tensors (views of the receive
   buffer for ``B = 1``), the layout single-GPU SDPA takes; the kernel's output and
   its dq, dk, dv come back dense and are sent as they are. DeepSpeed copies before
-  and after every all-to-all.
+  and after every all-to-all. The copies that remain move 8-byte words (``_words``),
+  and each runs beside the previous tensor's transfer.
 * **overlap**: the local heads can be processed in ``head_chunks`` groups; the
   all-to-alls of group ``c + 1`` are queued before group ``c``'s kernel and the
   return of group ``c - 1`` right after it, so only the first and the last
