@@ -14,7 +14,8 @@ same buffers:
   variant: its ratio to ``sequential`` is the row's measurement noise, the resolution
   against which a few per cent (the 3 % guard) can be judged.
 
-Times are CUDA-event medians after warm-up, variants timed in alternation (every round
+Times are CUDA-event medians after warm-up (``commflow.overlap.autotune.sample_ms``, the
+sampler the autotune decides with), variants timed in alternation (every round
 times each once, in an order shuffled per round), ranks lined up before each sample, the
 slowest rank's number; a sample is ``--calls-per-sample`` calls back to back (per-call
 time = sample / calls), so the host's launch work overlaps the GPU as it does in a
@@ -154,75 +155,13 @@ def _graphed_call(op: str, x: torch.Tensor, w: torch.Tensor, dims: tuple[int, in
     return lambda: ops.all_gather_matmul_forward(x, w, g, 0, p, False)[0]
 
 
-def sample_ms(fns: list, *, iters: int, calls: int, device: torch.device, min_time_ms: float = 0.0,
-              max_rounds: int | None = None) -> list[tuple[float, float]]:
-    """(median ms per call, median host us per call) of each fn, measured in alternation.
-
-    At least ``iters`` rounds; then more while any fn has gathered less than
-    ``min_time_ms`` of timed calls, up to ``max_rounds`` (default ``10 * iters``). The
-    decision to go on is the slowest rank's (an all-reduce), so every rank runs the
-    same rounds.
-
-    Every round times every fn once, in an order shuffled per round (the same on every
-    rank: seeded by the round), so drift (clocks, other load) and the after-effects of the
-    variant timed just before (a rotation always put ``auto`` right after torch's fused op
-    in 4 of 5 rounds) hit all variants alike. One sample: the ranks line up (a tiny
-    all-reduce and a sync), then ``calls`` calls back to back between two CUDA events;
-    the host's launch cost is inside where the GPU would outrun it, as in a training
-    step of small layers. Host us: CPU time to issue the ``calls`` calls, per call.
-    """
-    import random
-    import statistics
-
-    import torch.distributed as dist
-
-    cuda = device.type == "cuda"
-    flag = torch.zeros(1, device=device)
-    times: list[list[float]] = [[] for _ in fns]
-    host: list[list[float]] = [[] for _ in fns]
-    max_rounds = max(iters, max_rounds if max_rounds is not None else 10 * iters)
-
-    def go_on(it: int) -> bool:
-        if it < iters:
-            return True
-        if it >= max_rounds or min_time_ms <= 0:
-            return False
-        short = torch.tensor([float(min(sum(t) * calls for t in times) < min_time_ms)], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(short, op=dist.ReduceOp.MAX)
-        return bool(short.item())
-
-    it = 0
-    while go_on(it):
-        order = list(range(len(fns)))
-        random.Random(it).shuffle(order)
-        it += 1
-        for i in order:
-            if dist.is_initialized():
-                dist.all_reduce(flag)
-            if cuda:
-                torch.cuda.synchronize(device)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fns[i]()
-            host[i].append((time.perf_counter() - t0) * 1e6 / calls)
-            if cuda:
-                end.record()
-                end.synchronize()
-                times[i].append(start.elapsed_time(end) / calls)
-            else:
-                times[i].append((time.perf_counter() - t0) * 1e3 / calls)
-    return [(statistics.median(t), statistics.median(h)) for t, h in zip(times, host)]
-
-
 def _measure_row(row: dict, variants: list[str], info, dtype, args, calibration) -> dict:
     import torch.distributed as dist
 
     from benchmarks.timing import max_over_ranks
     from commflow.dist import all_gather_tensor, reduce_scatter_tensor
     from commflow.overlap import all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter, plan
+    from commflow.overlap.autotune import sample_ms
 
     dev, world, op, m = info.device, info.world_size, row["op"], row["m"]
     big_k, n = row["K"], row["N"]

@@ -9,10 +9,11 @@ alternation, once right after two warm-up calls (as the autotune does at a shape
 first call) and once after many:
 
 * ``autotune``: :func:`commflow.overlap.autotune._time_ms` (4 calls per sample; since
-  session 10 the ranks line up as in the benchmark: all-reduce + sync);
+  session 10 the benchmark's own sampler, so this column and ``bench`` differ only by
+  run-to-run spread);
 * ``barrier``: the same with ``dist.barrier`` as the line-up (the autotune before session
   10; session 7's 2-GPU file has it under ``autotune_*``);
-* ``bench``: ``benchmarks.overlap.sample_ms`` (all-reduce + sync, 4 calls per sample).
+* ``bench``: ``commflow.overlap.autotune.sample_ms`` (all-reduce + sync, 4 calls per sample).
 
 Medians in ms per call, slowest rank; host microseconds per call for the bench protocol.
 """
@@ -62,11 +63,10 @@ def _time_after_barrier(fns, dev, rounds: int, reps: int = 4) -> list[float]:
 def _worker(cfg: dict) -> dict:
     import torch.distributed as dist
 
-    from benchmarks.overlap import sample_ms
     from benchmarks.timing import max_over_ranks
     from commflow.dist import init_distributed
     from commflow.overlap import functional, ops, plan
-    from commflow.overlap.autotune import _time_ms
+    from commflow.overlap.autotune import _time_ms, sample_ms
     from commflow.overlap.validate import check_group
 
     info = init_distributed(device="cuda")

@@ -35,10 +35,10 @@ def _worker(cfg: dict) -> dict:
     import torch.distributed.distributed_c10d as c10d
 
     import commflow.dist as cdist
-    from benchmarks.overlap import sample_ms
     from benchmarks.timing import max_over_ranks
     from commflow.dist import all_gather_tensor, init_distributed
     from commflow.overlap import all_gather_matmul, functional, plain
+    from commflow.overlap.autotune import sample_ms
 
     info = init_distributed(device="cuda")
     dev, world = info.device, info.world_size

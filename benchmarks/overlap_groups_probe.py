@@ -3,7 +3,7 @@
 Not a registered benchmark: ``python -m benchmarks.overlap_groups_probe --out DIR``.
 GEMM + all-reduce and GEMM + reduce-scatter (``commflow.overlap.symm``, eager) beside
 sequential (``torch.mm`` + ``dist.all_reduce``) and the GEMM alone, 10 samples of 4
-calls (``benchmarks.overlap.sample_ms``), slowest rank; then a CUDA kernel timeline of
+calls (``commflow.overlap.autotune.sample_ms``), slowest rank; then a CUDA kernel timeline of
 three calls of the two-group all-reduce at Llama-3 70B attention output, M = 16384
 (rank 0). Writes ``DIR/groups_probe.json`` and ``DIR/groups_profile.txt``. Session 7
 used it to see where the accumulate schedule's all-reduce loses time (docs/overlap.md).
@@ -27,10 +27,10 @@ def _worker(out_dir: str) -> int:
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.overlap import sample_ms
     from benchmarks.timing import max_over_ranks
     from commflow.dist import init_distributed
     from commflow.overlap import symm
+    from commflow.overlap.autotune import sample_ms
     from commflow.overlap.validate import check_group
 
     info = init_distributed(device="cuda")

@@ -30,7 +30,7 @@ from .plan import OverlapPlan
 from .validate import GroupInfo
 
 __all__ = ["MEASURED_MARGIN", "NOISE_US", "autotune_enabled", "keep_margin", "measured_choice", "measured_choices",
-           "rounds_for", "set_autotune"]
+           "rounds_for", "sample_ms", "set_autotune"]
 
 MEASURED_MARGIN = 0.03
 """Overlap must measure this much faster than the plain path to be kept..."""
@@ -85,46 +85,78 @@ def rounds_for(predicted_ms: float, reps: int = 4, budget_ms: float = 15.0) -> i
     return max(5, min(25, int(budget_ms / max(predicted_ms * reps, 1e-3))))
 
 
-def _time_ms(fns: list[Callable[[], object]], device: torch.device, group, reps: int = 4,
-             rounds: int = 5) -> list[float]:
-    """Median ms per call of each ``fn``, timed in alternation (round after round, every
-    fn once per round) so that drift in clocks or load hits all of them alike. Each
-    sample is ``reps`` calls back to back after the ranks line up (as in the benchmark's
-    ``sample_ms``, so the autotune and the benchmark time a path alike), so host launch cost
-    counts where the GPU would outrun the host, as in a training step."""
-    times: list[list[float]] = [[] for _ in fns]
+def sample_ms(fns: list[Callable[[], object]], *, iters: int, calls: int, device: torch.device, group=None,
+              min_time_ms: float = 0.0, max_rounds: int | None = None) -> list[tuple[float, float]]:
+    """(median ms per call, median host us per call) of each fn, measured in alternation:
+    the one protocol of the autotune and the overlap benchmark, so both time a path alike.
+
+    At least ``iters`` rounds; then more while any fn has gathered less than
+    ``min_time_ms`` of timed calls, up to ``max_rounds`` (default ``10 * iters``). The
+    decision to go on is the slowest rank's (an all-reduce), so every rank runs the
+    same rounds.
+
+    Every round times every fn once, in an order shuffled per round (the same on every
+    rank: seeded by the round): drift (clocks, other load) and the after-effects of the
+    fn timed just before hit all of them alike (a plain path timed right after a graph
+    replay ran 14-39 % slower on 2 H100 than alone,
+    benchmarks/results/overlap_autotune_probe_2xH100_20261126-s7.json). One sample: the
+    ranks of ``group`` line up, then ``calls`` calls back to back between two CUDA events;
+    the host's launch cost is inside where the GPU would outrun it, as in a training step
+    of small layers. Host us: CPU time to issue the ``calls`` calls, per call.
+
+    The line-up is a one-element all-reduce and a device sync, not ``dist.barrier``: on 4
+    H100 the plain path (mm + NCCL) of the 70B all-gather guard shapes took 0.127-0.148 ms
+    per call after the barrier and 0.084-0.127 ms after this line-up, the graph replay
+    about the same under both (overlap_autotune_probe_4xH100_20261127-s10.json); timed
+    the barrier's way, the autotune kept graph replays that the benchmark then timed at
+    0.83-0.85x of the plain path (docs/overlap.md, run 11a).
+    """
+    cuda = device.type == "cuda"
     flag = torch.zeros(1, device=device)
-    for r in range(rounds):
-        # A new order every round, the same on every rank: a plain path timed right after
-        # a graph replay ran 14-39 % slower on 2 H100 than alone (benchmarks/results/
-        # overlap_autotune_probe_2xH100_20261126-s7.json), so no path may always follow the same one.
+    times: list[list[float]] = [[] for _ in fns]
+    host: list[list[float]] = [[] for _ in fns]
+    max_rounds = max(iters, max_rounds if max_rounds is not None else 10 * iters)
+
+    def go_on(it: int) -> bool:
+        if it < iters:
+            return True
+        if it >= max_rounds or min_time_ms <= 0:
+            return False
+        short = torch.tensor([float(min(sum(t) * calls for t in times) < min_time_ms)], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(short, op=dist.ReduceOp.MAX, group=group)
+        return bool(short.item())
+
+    it = 0
+    while go_on(it):
         order = list(range(len(fns)))
-        random.Random(r).shuffle(order)
+        random.Random(it).shuffle(order)
+        it += 1
         for i in order:
-            fn = fns[i]
-            # The ranks line up the way the benchmark lines them up (a one-element all-reduce,
-            # then a device sync), not with dist.barrier: on 4 H100 the plain path (mm + NCCL)
-            # of the 70B all-gather guard shapes took 0.127-0.148 ms per call after the barrier
-            # and 0.084-0.127 ms after this line-up, the graph replay about the same under both
-            # (overlap_autotune_probe_4xH100_20261127-s10.json); timed the old way, the
-            # autotune kept graph replays that the benchmark then timed at 0.83-0.85x of the
-            # plain path (docs/overlap.md, run 11a).
-            dist.all_reduce(flag, group=group)
-            if device.type == "cuda":
+            if dist.is_initialized():
+                dist.all_reduce(flag, group=group)
+            if cuda:
                 torch.cuda.synchronize(device)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                for _ in range(reps):
-                    fn()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fns[i]()
+            host[i].append((time.perf_counter() - t0) * 1e6 / calls)
+            if cuda:
                 end.record()
                 end.synchronize()
-                times[i].append(start.elapsed_time(end) / reps)
+                times[i].append(start.elapsed_time(end) / calls)
             else:
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    fn()
-                times[i].append((time.perf_counter() - t0) * 1e3 / reps)
-    return [statistics.median(t) for t in times]
+                times[i].append((time.perf_counter() - t0) * 1e3 / calls)
+    return [(statistics.median(t), statistics.median(h)) for t, h in zip(times, host)]
+
+
+def _time_ms(fns: list[Callable[[], object]], device: torch.device, group, reps: int = 4,
+             rounds: int = 5) -> list[float]:
+    """Median ms per call of each ``fn`` over ``rounds`` rounds of ``reps``-call samples
+    (:func:`sample_ms`, the benchmark's protocol)."""
+    return [ms for ms, _ in sample_ms(fns, iters=rounds, calls=reps, device=device, group=group)]
 
 
 def pick_candidate(graphed: list[bool], times_ms: list[float]) -> int:

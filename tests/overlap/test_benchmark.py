@@ -80,7 +80,7 @@ def test_sample_ms_rounds_go_on_until_the_time_budget(min_time_ms, rounds):
     timed calls, never more than ``max_rounds`` (default 10 x iters)."""
     import torch
 
-    from benchmarks.overlap import sample_ms
+    from commflow.overlap.autotune import sample_ms
 
     counts = [0, 0]
 
