@@ -1,0 +1,167 @@
+"""Probe: how fast the copy-engine transfers of the symmetric-memory schedules run, and where
+the time of one GEMM + all-reduce goes.
+
+Not a registered benchmark (``python -m benchmarks.overlap_copy_probe --nproc 4 [--out FILE]``).
+Session 10's overlap runs had the copy-engine GEMM + all-reduce at 0.84 ms eager (0.92 ms
+graphed) on Llama-3 8B attention-out M=16384 over 4 H100, where GEMM time plus one pass of
+pushes, the fp32 sum and one pass of pulls at the calibrated copy rate add up to ~0.6 ms,
+and NCCL's all-reduce alone takes 0.66 ms. Two questions, every rank at once:
+
+* ``transfers``: ``bytes`` per peer moved by copy engine to (``push``) or from (``pull``)
+  every peer, the R - 1 copies issued one after another on one stream (``serial``, what
+  the schedules do) or on one stream per peer (``parallel``); beside NCCL's all-to-all of
+  the same bytes. GB/s per rank = (R - 1) * bytes / time (the symmetric-memory barrier in
+  front of each sample is timed alone and taken off).
+* ``timeline``: a profiler trace of ``symm.matmul_all_reduce`` (one group, eager) on rank 0:
+  each GPU kernel and copy with its start, duration and stream, for the shapes named in
+  ``SHAPES``.
+
+Medians over ``--rounds`` samples, slowest rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+
+import torch
+
+ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+SIZES_MB = (8, 32)
+SHAPES = [("llama3-8b-attn-out", 4096, 4096, 16384), ("llama3-70b-attn-out", 8192, 8192, 16384)]  # (name, K, N, M)
+
+
+def _median_ms(fn, device, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _transfer_row(g, dev, ws, streams, mb: int, rounds: int) -> dict:
+    import torch.distributed as dist
+
+    from benchmarks.timing import max_over_ranks
+
+    world, rank = g.world_size, g.rank
+    peers = [(rank + s) % world for s in range(1, world)]
+    main = torch.cuda.current_stream(dev)
+    n = (mb << 20) // 2
+    ws.ensure(world * n * 2)
+    local = torch.randn(world * n, device=dev).to(torch.bfloat16)
+
+    def slot(owner: int, j: int):
+        return ws.view(owner, (n,), torch.bfloat16, j * n)
+
+    def run(kind: str, parallel: bool):
+        ws.barrier()
+        for i, p in enumerate(peers):
+            s = streams[i] if parallel else streams[0]
+            s.wait_stream(main)
+            with torch.cuda.stream(s):
+                if kind == "push":  # this rank's piece for p into slot `rank` of p's buffer
+                    slot(p, rank).copy_(local[p * n:(p + 1) * n])
+                else:  # p's piece for this rank, from slot `rank` of p's buffer
+                    local[p * n:(p + 1) * n].copy_(slot(p, rank))
+        for s in streams:
+            main.wait_stream(s)
+
+    send = torch.randn(world * n, device=dev).to(torch.bfloat16)
+    recv = torch.empty_like(send)
+    fns = {"barrier": ws.barrier,
+           "push_serial": lambda: run("push", False), "push_parallel": lambda: run("push", True),
+           "pull_serial": lambda: run("pull", False), "pull_parallel": lambda: run("pull", True),
+           "nccl_all_to_all": lambda: dist.all_to_all_single(recv, send)}
+    for f in fns.values():
+        for _ in range(3):
+            f()
+    torch.cuda.synchronize(dev)
+    row = {"mb_per_peer": mb}
+    for name, f in fns.items():
+        dist.barrier()
+        torch.cuda.synchronize(dev)
+        row[name + "_ms"] = max_over_ranks(_median_ms(f, dev, rounds))
+    moved = (world - 1) * (mb << 20)
+    for name in fns:
+        if name != "barrier":
+            t = row[name + "_ms"] - (row["barrier_ms"] if name != "nccl_all_to_all" else 0.0)
+            row[name + "_gbps"] = moved / max(t, 1e-6) / 1e6
+    return row
+
+
+def _transfers(g, dev, rounds: int) -> list[dict]:
+    from commflow.overlap import symm
+
+    streams = [torch.cuda.Stream(dev, priority=-1) for _ in range(g.world_size - 1)]
+    ws = symm.workspace(g, "copy_probe", dev)
+    return [_transfer_row(g, dev, ws, streams, mb, rounds) for mb in SIZES_MB]
+
+
+def _timeline(g, dev) -> list[dict]:
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    from commflow.overlap import symm
+
+    world = g.world_size
+    out = []
+    for name, k, n, m in SHAPES:
+        gen = torch.Generator(device=dev).manual_seed(5 + g.rank)
+        x = torch.randn(m, k // world, device=dev, generator=gen).to(torch.bfloat16)
+        w = (torch.randn(k // world, n, device=dev, generator=gen) / math.sqrt(k)).to(torch.bfloat16)
+        with torch.no_grad():
+            for _ in range(3):
+                symm.matmul_all_reduce(x, w, g)
+            torch.cuda.synchronize(dev)
+            dist.barrier()
+            torch.cuda.synchronize(dev)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(2):
+                    symm.matmul_all_reduce(x, w, g)
+                torch.cuda.synchronize(dev)
+        if g.rank:
+            continue
+        evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+        half = len(evs) // 2  # the second call
+        evs = evs[half:]
+        t0 = evs[0].time_range.start if evs else 0
+        out.append({"shape": name, "K": k, "N": n, "M": m, "events": [
+            {"start_us": round(e.time_range.start - t0, 1), "us": round(e.time_range.end - e.time_range.start, 1),
+             "stream": getattr(e, "device_resource_id", None), "name": e.name[:80]} for e in evs[:120]]})
+    return out
+
+
+def _worker(cfg: dict) -> dict:
+    import torch.distributed as dist
+
+    from commflow.dist import init_distributed
+    from commflow.overlap.validate import check_group
+
+    info = init_distributed(device="cuda")
+    g = check_group(None, info.device)
+    res = {"transfers": _transfers(g, info.device, cfg["rounds"]), "torch": torch.__version__}
+    if info.rank == 0:
+        for row in res["transfers"]:
+            print(json.dumps({k: round(v, 3) for k, v in row.items()}), flush=True)
+    res["timeline"] = _timeline(g, info.device)
+    dist.barrier()
+    return res
+
+
+def main(argv=None) -> int:
+    from benchmarks.results import probe_main
+
+    return probe_main("overlap_copy_probe", _worker, argv, __doc__, nproc=4, options={"rounds": 20}, timeout_s=300,
+                      env=ENV)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
