@@ -12,9 +12,9 @@ and NCCL's all-reduce alone takes 0.66 ms. Two questions, every rank at once:
   the schedules do) or on one stream per peer (``parallel``); beside NCCL's all-to-all of
   the same bytes. GB/s per rank = (R - 1) * bytes / time (the symmetric-memory barrier in
   front of each sample is timed alone and taken off).
-* ``timeline``: a profiler trace of ``symm.matmul_all_reduce`` (one group, eager) on rank 0:
-  each GPU kernel and copy with its start, duration and stream, for the shapes named in
-  ``SHAPES``.
+* ``cases``: the copy-engine GEMM + all-reduce / reduce-scatter of ``CASES`` (row groups,
+  eager or graphed, the all-reduce's sum in pieces), each timed beside sequential (mm, then
+  NCCL) and traced once on rank 0 (each GPU kernel and copy: start, duration, stream).
 
 Medians over ``--rounds`` samples, slowest rank.
 """
@@ -30,7 +30,15 @@ import torch
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 SIZES_MB = (8, 32)
-SHAPES = [("llama3-8b-attn-out", 4096, 4096, 16384), ("llama3-70b-attn-out", 8192, 8192, 16384)]  # (name, K, N, M)
+_8B, _70B = ("llama3-8b-attn-out", 4096, 4096), ("llama3-70b-attn-out", 8192, 8192)
+CASES = [  # (shape, K, N, M, op, row groups, graphed, pieces of the all-reduce's sum)
+    (*_8B, 16384, "ar", 1, False, 1), (*_8B, 16384, "ar", 1, False, 2), (*_8B, 16384, "ar", 1, True, 1),
+    (*_8B, 16384, "ar", 1, True, 2), (*_8B, 16384, "ar", 2, True, 1),
+    (*_70B, 16384, "ar", 1, False, 1), (*_70B, 16384, "ar", 1, False, 2), (*_70B, 16384, "ar", 2, False, 1),
+    (*_70B, 16384, "ar", 2, False, 2), (*_70B, 16384, "ar", 1, True, 2),
+    (*_8B, 8192, "ar", 1, True, 1), (*_8B, 8192, "ar", 1, True, 2),
+    (*_8B, 8192, "rs", 1, True, 1), (*_8B, 8192, "rs", 2, True, 1), (*_8B, 8192, "rs", 1, False, 1),
+]
 
 
 def _median_ms(fn, device, rounds: int) -> float:
@@ -104,38 +112,73 @@ def _transfers(g, dev, rounds: int) -> list[dict]:
     return [_transfer_row(g, dev, ws, streams, mb, rounds) for mb in SIZES_MB]
 
 
-def _timeline(g, dev) -> list[dict]:
+def _variant(g, op: str, x, w, groups: int, graphed: bool, pieces: int):
+    """A call of the copy-engine schedule ``op`` with ``groups`` row groups (eager or graphed)."""
+    from commflow.overlap import graphs, symm
+
+    rows = x.shape[0] // g.world_size
+    sizes = tuple([rows // groups] * groups)
+    if op == "ar":
+        fn = lambda a, b: symm.matmul_all_reduce(a, b, g, sizes, pieces=pieces)  # noqa: E731
+    else:
+        fn = lambda a, b: symm.matmul_reduce_scatter(a, b, g, sizes)  # noqa: E731
+    if not graphed:
+        return lambda: fn(x, w)
+    ws = symm.workspace(g, op, x.device)
+    return lambda: graphs.graphed_call(op, fn, (x,), (w,), ws, (sizes, pieces))
+
+
+def _timeline(g, dev, rounds: int) -> list[dict]:
+    """Each case of ``CASES`` timed beside sequential (mm, then NCCL), and a profiler trace of
+    its second call on rank 0."""
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from commflow.overlap import symm
+    from benchmarks.timing import max_over_ranks
+    from commflow.overlap.autotune import sample_ms
 
     world = g.world_size
     out = []
-    for name, k, n, m in SHAPES:
+    for shape, k, n, m, op, groups, graphed, pieces in CASES:
         gen = torch.Generator(device=dev).manual_seed(5 + g.rank)
         x = torch.randn(m, k // world, device=dev, generator=gen).to(torch.bfloat16)
         w = (torch.randn(k // world, n, device=dev, generator=gen) / math.sqrt(k)).to(torch.bfloat16)
+        call = _variant(g, op, x, w, groups, graphed, pieces)
+
+        def sequential(x=x, w=w, op=op):
+            y = torch.mm(x, w)
+            if op == "ar":
+                dist.all_reduce(y)
+                return y
+            o = torch.empty(y.shape[0] // world, y.shape[1], device=dev, dtype=y.dtype)
+            dist.reduce_scatter_tensor(o, y)
+            return o
+
         with torch.no_grad():
             for _ in range(3):
-                symm.matmul_all_reduce(x, w, g)
+                call()
+                sequential()
             torch.cuda.synchronize(dev)
+            (t_call, _), (t_seq, _) = sample_ms([call, sequential], iters=rounds, calls=4, device=dev)
             dist.barrier()
             torch.cuda.synchronize(dev)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(2):
-                    symm.matmul_all_reduce(x, w, g)
+                    call()
                 torch.cuda.synchronize(dev)
-        if g.rank:
-            continue
-        evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                     key=lambda e: e.time_range.start)
-        half = len(evs) // 2  # the second call
-        evs = evs[half:]
-        t0 = evs[0].time_range.start if evs else 0
-        out.append({"shape": name, "K": k, "N": n, "M": m, "events": [
-            {"start_us": round(e.time_range.start - t0, 1), "us": round(e.time_range.end - e.time_range.start, 1),
-             "stream": getattr(e, "device_resource_id", None), "name": e.name[:80]} for e in evs[:120]]})
+        row = {"shape": shape, "K": k, "N": n, "M": m, "op": op, "groups": groups, "graphed": graphed,
+               "pieces": pieces, "ms": max_over_ranks(t_call), "sequential_ms": max_over_ranks(t_seq)}
+        row["speedup"] = row["sequential_ms"] / row["ms"]
+        if g.rank == 0:
+            print(json.dumps({k2: v for k2, v in row.items() if k2 not in ("K", "N")}), flush=True)
+            evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                         key=lambda e: e.time_range.start)
+            evs = evs[len(evs) // 2:]  # the second call
+            t0 = evs[0].time_range.start if evs else 0
+            row["events"] = [
+                {"start_us": round(e.time_range.start - t0, 1), "us": round(e.time_range.end - e.time_range.start, 1),
+                 "stream": getattr(e, "device_resource_id", None), "name": e.name[:80]} for e in evs[:160]]
+        out.append(row)
     return out
 
 
@@ -151,7 +194,7 @@ def _worker(cfg: dict) -> dict:
     if info.rank == 0:
         for row in res["transfers"]:
             print(json.dumps({k: round(v, 3) for k, v in row.items()}), flush=True)
-    res["timeline"] = _timeline(g, info.device)
+    res["cases"] = _timeline(g, info.device, cfg["rounds"])
     dist.barrier()
     return res
 

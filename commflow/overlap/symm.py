@@ -355,7 +355,7 @@ def matmul_reduce_scatter(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, size
 
 
 def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tuple[int, ...] | None = None,
-                      *, direct: bool = False) -> torch.Tensor:
+                      *, direct: bool = False, pieces: int = 1) -> torch.Tensor:
     """``x2d [M, K/R] @ w [K/R, N]`` summed over ranks, ``[M, N]`` on every rank.
 
     Rows go in groups of ``R * sizes[i]`` (``sizes`` sums to ``M/R``; default one
@@ -410,14 +410,23 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
         red = base + world * block  # this rank's reduced block in this copy, pulled by the peers
         if i >= 2:
             comm.wait_event(pulled_barrier[i - 1])
-        torch.sum(slots, dim=0, out=ws.view(rank, (rows, n), dtype, red))
-        pull.wait_stream(comm)
-        with _on(pull):
-            ws.barrier(channel=1)  # every rank's reduced block of this group is ready
-            pulled_barrier.append(pull.record_event())
-            for step in range(world):
-                p = (rank + step) % world
-                out[g0 + p * rows:g0 + (p + 1) * rows].copy_(ws.view(p, (rows, n), dtype, red))
+        step_rows = -(-rows // max(1, min(pieces, rows)))
+        for a in range(0, rows, step_rows):
+            # Piece by piece: the peers pull piece j while piece j + 1 is summed.
+            r = min(step_rows, rows - a)
+            torch.sum(slots[:, a:a + r], dim=0, out=ws.view(rank, (r, n), dtype, red + a * n))
+            pull.wait_stream(comm)
+            with _on(pull):
+                ws.barrier(channel=1)  # every rank's piece of its reduced block is ready
+                if a == 0:
+                    pulled_barrier.append(pull.record_event())
+                for step in range(1, world):
+                    p = (rank + step) % world
+                    out[g0 + p * rows + a:g0 + p * rows + a + r].copy_(ws.view(p, (r, n), dtype, red + a * n))
+        # The own block on the push stream, beside the pulls (on the pull stream it sat in
+        # front of them: 19 us of 0.76 ms at Llama-3 8B attn-out M=16384 on 4 H100,
+        # benchmarks/results/overlap_copy_probe_4xH100_20261127-s11.json).
+        out[g0 + rank * rows:g0 + (rank + 1) * rows].copy_(ws.view(rank, (rows, n), dtype, red))
 
     keep = _reduce_scatter_groups(x2d, w, g, ws, sizes, lambda d, i: world * starts[i] + d * sizes[i], after_sum,
                                   direct=direct)
