@@ -10,7 +10,9 @@ one launch.
 
 What it costs: the input is copied into the graph's static buffer before each replay and
 the output copied out after (the graph's buffers are reused by the next replay), one pass
-over ``x`` and one over ``y``; and one capture per signature.
+over ``x`` and one over ``y``; and one capture per signature. The reduce-scatter and
+all-reduce of one row group skip the copy out: their last step (the sum; the pulls of
+the reduced blocks) runs after the replay, straight into new memory (``split``, symm.py).
 
 Signature: the op, the workspace (and its size: growing it replaces its buffer) and the
 parity of its step counter (the two halves of
@@ -115,7 +117,10 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
     is used in place and its address is part of the signature. ``ws`` is the symmetric
     workspace whose step counter ``fn`` advances. ``extra``: anything else the schedule
     depends on (chunk sizes, flags). Returns what ``fn`` returns (tensors, or a tuple of
-    tensors and None), never aliasing the graph's buffers.
+    tensors and None), never aliasing the graph's buffers: copied out of them, unless
+    ``fn`` returns a callable (a schedule run with ``split=True``, symm.splits): then only
+    the steps before it are captured, and the callable, run after every replay, makes the
+    result in new memory (no copy).
     """
     key = _signature(op, ws, ws.counter & 1, inputs, fixed, extra)
     if key in _GRAPHS:
@@ -127,12 +132,14 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
             static.copy_(t)
         hit.graph.replay()
         ws.counter += hit.steps
-        return _copy_out(hit.output)
+        return hit.output() if callable(hit.output) else _copy_out(hit.output)
     # First call: run it eagerly (this call's result; it also warms cuBLAS, the allocator
     # and the workspace's size, none of which may happen inside a capture), then capture
     # the same steps from the same counter parity for the next calls.
     start = ws.counter
     out = fn(*inputs, *fixed)
+    if callable(out):
+        out = out()
     steps = ws.counter - start
     after = ws.counter
     ws.counter = start

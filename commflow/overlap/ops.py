@@ -93,7 +93,9 @@ def _symm(op: str, schedule, x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, p
     sizes = plan.chunk_sizes
     if not plan.graphed:
         return schedule(x2d, w, g, sizes, *extra)
-    return graphs.graphed_call(op, lambda a, b: schedule(a, b, g, sizes, *extra), (x2d.contiguous(),), (w,),
+    # The reduce-scatter and all-reduce end outside the graph, in new memory (symm.splits).
+    kw = {"split": True} if op in ("rs", "ar") else {}
+    return graphs.graphed_call(op, lambda a, b: schedule(a, b, g, sizes, *extra, **kw), (x2d.contiguous(),), (w,),
                                symm.workspace(g, op, x2d.device), (sizes, *extra))
 
 

@@ -64,8 +64,8 @@ import torch.distributed as dist
 from .pipeline import cached_stream
 from .validate import GroupInfo
 
-__all__ = ["accumulates", "all_gather_matmul", "available", "matmul_all_reduce", "matmul_reduce_scatter", "workspace",
-           "workspace_bytes"]
+__all__ = ["accumulates", "all_gather_matmul", "available", "matmul_all_reduce", "matmul_reduce_scatter", "splits",
+           "workspace", "workspace_bytes"]
 
 _AVAILABLE: dict[tuple, bool] = {}
 
@@ -272,6 +272,23 @@ def _reduce_scatter_groups(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, ws:
     return keep
 
 
+def splits(world_size: int, groups: int, direct: bool = False) -> bool:
+    """Whether the reduce-scatter / all-reduce schedules honour ``split=True`` for ``groups``
+    row groups: one group on the slot-and-sum path.
+
+    Why split: a CUDA graph writes its output into a buffer of its own, which the next
+    replay overwrites, so a graphed call must copy its output out (graphs.py): one more
+    pass over ``[M/R, N]`` (reduce-scatter) or ``[M, N]`` (all-reduce), 89 us of a 0.90 ms
+    graphed all-reduce at Llama-3 8B attention-out M=16384 on 4 H100
+    (benchmarks/results/overlap_copy_probe_4xH100_20261127-s11.json). Split, the graph
+    ends where every input of the last step sits in the symmetric workspace (the slots; the
+    reduced block), and ``finish``, run after each replay, writes the result straight into a
+    new tensor: the sum for the reduce-scatter (one launch, as the copy was), the pulls for
+    the all-reduce.
+    """
+    return groups == 1 and not accumulates(world_size, groups, direct)
+
+
 def accumulates(world_size: int, groups: int, direct: bool = False) -> bool:
     """Whether the reduce-scatter / all-reduce schedules take the two-rank accumulate
     path (:func:`_pair_accumulate`) for ``groups`` row groups."""
@@ -319,7 +336,7 @@ def _pair_accumulate(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, ws: _Work
 
 
 def matmul_reduce_scatter(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tuple[int, ...] | None = None,
-                          *, direct: bool = False) -> torch.Tensor:
+                          *, direct: bool = False, split: bool = False):
     """``x2d [M, K/R] @ w [K/R, N]`` summed over ranks, row block ``g.rank`` ``[M/R, N]``.
 
     ``sizes``: rows of each group within every destination block (sum ``M/R``; default
@@ -328,13 +345,16 @@ def matmul_reduce_scatter(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, size
     (:func:`_pair_accumulate`).
     ``direct``: the GEMM writes each peer's partial straight into the peer's slot (NVLink
     stores from the GEMM) instead of computing it locally for the copy engine to push.
+    ``split``: with one group of rows, stop before the sum and return ``finish``, a callable
+    that sums the slots into a new tensor (see :func:`splits`).
     """
     world = g.world_size
     m, n, dtype, dev = x2d.shape[0], w.shape[1], x2d.dtype, x2d.device
     mr = m // world
     sizes = sizes or (mr,)
     ws = workspace(g, "rs", dev)
-    out = torch.empty(mr, n, dtype=dtype, device=dev)
+    split = split and splits(world, len(sizes), direct)
+    out = None if split else torch.empty(mr, n, dtype=dtype, device=dev)
     starts = _offsets(sizes)
     if accumulates(world, len(sizes), direct):
         ws.ensure(2 * mr * n * dtype.itemsize)  # per half: this rank's partials for the peer
@@ -343,6 +363,18 @@ def matmul_reduce_scatter(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, size
         _streams(dev)[0].wait_stream(_streams(dev)[1])
         return out
     ws.ensure(2 * world * max(sizes) * n * dtype.itemsize)
+    if split:
+        landed: list[torch.Tensor] = []
+        keep = _reduce_scatter_groups(x2d, w, g, ws, sizes, lambda d, i: d * mr, lambda i, slots, base:
+                                      landed.append(slots), direct=direct)
+        _streams(dev)[0].wait_stream(_streams(dev)[1])
+        del keep
+        slots = landed[0]
+
+        def finish() -> torch.Tensor:  # on the caller's stream, after the barrier: every slot has landed
+            return torch.sum(slots, dim=0)  # fp32 accumulation, rounded once, into a new tensor
+
+        return finish
 
     def after_sum(i: int, slots: torch.Tensor, base: int) -> None:
         # One pass over the R partials, accumulated in fp32, rounded once.
@@ -355,7 +387,7 @@ def matmul_reduce_scatter(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, size
 
 
 def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tuple[int, ...] | None = None,
-                      *, direct: bool = False, pieces: int = 1) -> torch.Tensor:
+                      *, direct: bool = False, split: bool = False):
     """``x2d [M, K/R] @ w [K/R, N]`` summed over ranks, ``[M, N]`` on every rank.
 
     Rows go in groups of ``R * sizes[i]`` (``sizes`` sums to ``M/R``; default one
@@ -369,6 +401,10 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
     pull-side barrier of group ``i - 1``, which every peer reaches after those pulls.
     (Across calls the push-side barrier of the new group already orders it: a rank
     reaches it after the caller's stream waited for all of its pulls.)
+
+    ``split``: with one group,
+    stop after the sum and return ``finish``, a callable that pulls every reduced block
+    into a new tensor (see :func:`splits`).
     """
     world, rank = g.world_size, g.rank
     m, n, dtype, dev = x2d.shape[0], w.shape[1], x2d.dtype, x2d.device
@@ -378,7 +414,8 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
     ws = workspace(g, "ar", dev)
     main, comm = _streams(dev)
     pull = pull_stream(dev)
-    out = torch.empty(m, n, dtype=dtype, device=dev)
+    split = split and splits(world, len(sizes), direct)
+    out = None if split else torch.empty(m, n, dtype=dtype, device=dev)
     if accumulates(world, len(sizes), direct):
         mr = m // world
         ws.ensure(2 * 2 * mr * n * dtype.itemsize)  # per half: partials for the peer, then the reduced rows
@@ -404,28 +441,49 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
         return out
     ws.ensure(2 * (world + 1) * block * dtype.itemsize)  # per copy: R slots, then the reduced block
     pulled_barrier: list[torch.cuda.Event] = []
+    if split:
+        reduced: list[int] = []
+
+        def sum_only(i: int, slots: torch.Tensor, base: int) -> None:  # on the push stream
+            red = base + world * block
+            torch.sum(slots, dim=0, out=ws.view(rank, (sizes[0], n), dtype, red))
+            reduced.append(red)
+
+        keep = _reduce_scatter_groups(x2d, w, g, ws, sizes, lambda d, i: d * sizes[0], sum_only, direct=direct)
+        main.wait_stream(comm)
+        del keep
+        rows, red = sizes[0], reduced[0]
+
+        def finish() -> torch.Tensor:  # after the sum, on the caller's stream: the all-gather
+            full = torch.empty(m, n, dtype=dtype, device=dev)
+            pull.wait_stream(main)
+            with _on(pull):
+                ws.barrier(channel=1)  # every rank's reduced block is ready
+                for step in range(1, world):
+                    p = (rank + step) % world
+                    full[p * rows:(p + 1) * rows].copy_(ws.view(p, (rows, n), dtype, red))
+            full[rank * rows:(rank + 1) * rows].copy_(ws.view(rank, (rows, n), dtype, red))
+            main.wait_stream(pull)
+            return full
+
+        return finish
 
     def after_sum(i: int, slots: torch.Tensor, base: int) -> None:  # on the push stream
         rows, g0 = sizes[i], world * starts[i]
         red = base + world * block  # this rank's reduced block in this copy, pulled by the peers
         if i >= 2:
             comm.wait_event(pulled_barrier[i - 1])
-        step_rows = -(-rows // max(1, min(pieces, rows)))
-        for a in range(0, rows, step_rows):
-            # Piece by piece: the peers pull piece j while piece j + 1 is summed.
-            r = min(step_rows, rows - a)
-            torch.sum(slots[:, a:a + r], dim=0, out=ws.view(rank, (r, n), dtype, red + a * n))
-            pull.wait_stream(comm)
-            with _on(pull):
-                ws.barrier(channel=1)  # every rank's piece of its reduced block is ready
-                if a == 0:
-                    pulled_barrier.append(pull.record_event())
-                for step in range(1, world):
-                    p = (rank + step) % world
-                    out[g0 + p * rows + a:g0 + p * rows + a + r].copy_(ws.view(p, (r, n), dtype, red + a * n))
+        torch.sum(slots, dim=0, out=ws.view(rank, (rows, n), dtype, red))
+        pull.wait_stream(comm)
+        with _on(pull):
+            ws.barrier(channel=1)  # every rank's reduced block of this group is ready
+            pulled_barrier.append(pull.record_event())
+            for step in range(1, world):
+                p = (rank + step) % world
+                out[g0 + p * rows:g0 + (p + 1) * rows].copy_(ws.view(p, (rows, n), dtype, red))
         # The own block on the push stream, beside the pulls (on the pull stream it sat in
         # front of them: 19 us of 0.76 ms at Llama-3 8B attn-out M=16384 on 4 H100,
-        # benchmarks/results/overlap_copy_probe_4xH100_20261127-s11.json).
+        # benchmarks/results/overlap_copy_probe_4xH100_20261127-s11-first.json).
         out[g0 + rank * rows:g0 + (rank + 1) * rows].copy_(ws.view(rank, (rows, n), dtype, red))
 
     keep = _reduce_scatter_groups(x2d, w, g, ws, sizes, lambda d, i: world * starts[i] + d * sizes[i], after_sum,

@@ -120,8 +120,12 @@ def test_reduce_scatter_and_all_reduce(ranks, world):
                 errs.append(_rel(symm.matmul_reduce_scatter(x, w, g, sizes, direct=direct),
                                  ref.matmul_reduce_scatter_reference(X, W, world, g.rank)))
                 errs.append(_rel(symm.matmul_all_reduce(x, w, g, sizes, direct=direct), X @ W))
-            for pieces in (2, 5, 100):  # the reduced block summed and pulled piece by piece (uneven, > rows)
-                errs.append(_rel(symm.matmul_all_reduce(x, w, g, sizes, pieces=pieces), X @ W))
+            for direct in (False, True):  # split: one group returns its last step as a callable
+                rs = symm.matmul_reduce_scatter(x, w, g, sizes, direct=direct, split=True)
+                ar = symm.matmul_all_reduce(x, w, g, sizes, direct=direct, split=True)
+                assert callable(rs) == callable(ar) == symm.splits(world, len(sizes or (1,)), direct)
+                errs.append(_rel(rs() if callable(rs) else rs, ref.matmul_reduce_scatter_reference(X, W, world, g.rank)))
+                errs.append(_rel(ar() if callable(ar) else ar, X @ W))
         return errs
 
     for errs in ranks(world, fn):
