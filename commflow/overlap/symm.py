@@ -454,16 +454,19 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
         del keep
         rows, red = sizes[0], reduced[0]
 
-        def finish() -> torch.Tensor:  # after the sum, on the caller's stream: the all-gather
+        def finish() -> torch.Tensor:  # after the sum: the all-gather
+            # The stream of *this* call, looked up now: under a CUDA graph ``main`` above was
+            # the capture's stream, and waiting on it would let the pulls run ahead of the replay.
+            caller = _streams(dev)[0]
             full = torch.empty(m, n, dtype=dtype, device=dev)
-            pull.wait_stream(main)
+            pull.wait_stream(caller)
             with _on(pull):
                 ws.barrier(channel=1)  # every rank's reduced block is ready
                 for step in range(1, world):
                     p = (rank + step) % world
                     full[p * rows:(p + 1) * rows].copy_(ws.view(p, (rows, n), dtype, red))
             full[rank * rows:(rank + 1) * rows].copy_(ws.view(rank, (rows, n), dtype, red))
-            main.wait_stream(pull)
+            caller.wait_stream(pull)
             return full
 
         return finish

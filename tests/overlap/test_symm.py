@@ -225,3 +225,40 @@ def test_two_ranks_with_row_groups_accumulate_in_the_gemm(ranks, monkeypatch):
     for errs in ranks(2, fn):
         assert all(e <= TOL for e in errs), errs
     assert sorted(calls) == [2, 2, 2, 2, 3, 3, 3, 3], calls  # 2 ranks x (RS, AR) x the two accumulating splits
+
+
+def test_split_all_reduce_finishes_on_the_stream_it_is_called_from(ranks, monkeypatch):
+    """The all-reduce's ``finish`` runs after a graph replay, on the caller's stream of that
+    call: it must order its pulls after that stream, not after the stream the schedule was
+    captured on (on the GPU that let the pulls read the reduced block before the replay had
+    summed it)."""
+    log: list[tuple[str, str]] = []
+
+    class Rec:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append((self.name, other.name))
+
+        def wait_event(self, event):
+            pass
+
+        def record_event(self):
+            return None
+
+    current, comm, pull = [Rec("capture")], Rec("comm"), Rec("pull")
+    x, w = torch.randn(8, 4), torch.randn(4, 3)
+
+    def fn(g):
+        monkeypatch.setattr(symm, "_streams", lambda device: (current[0], comm))
+        monkeypatch.setattr(symm, "pull_stream", lambda device: pull)
+        finish = symm.matmul_all_reduce(x, w, g, split=True)
+        current[0] = Rec("caller")  # a later replay's stream
+        log.clear()
+        return finish()
+
+    (y,) = ranks(1, fn)
+    torch.testing.assert_close(y, x @ w)
+    assert ("pull", "caller") in log and ("caller", "pull") in log
+    assert not any("capture" in pair for pair in log), log
