@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import sys
 
 import torch
@@ -44,22 +43,10 @@ CASES = [  # (shape, K, N, M, op, row groups, graphed)
 ]
 
 
-def _median_ms(fn, device, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def _transfer_row(g, dev, ws, streams, mb: int, rounds: int) -> dict:
     import torch.distributed as dist
 
-    from benchmarks.timing import max_over_ranks
+    from benchmarks.timing import max_over_ranks, time_ms
 
     world, rank = g.world_size, g.rank
     peers = [(rank + s) % world for s in range(1, world)]
@@ -98,7 +85,7 @@ def _transfer_row(g, dev, ws, streams, mb: int, rounds: int) -> dict:
     for name, f in fns.items():
         dist.barrier()
         torch.cuda.synchronize(dev)
-        row[name + "_ms"] = max_over_ranks(_median_ms(f, dev, rounds))
+        row[name + "_ms"] = max_over_ranks(time_ms(f, warmup=0, iters=rounds, device=dev)["median_ms"])
     moved = (world - 1) * (mb << 20)
     for name in fns:
         if name != "barrier":
