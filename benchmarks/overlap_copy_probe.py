@@ -13,14 +13,18 @@ and NCCL's all-reduce alone takes 0.66 ms. Two questions, every rank at once:
   the same bytes. GB/s per rank = (R - 1) * bytes / time (the symmetric-memory barrier in
   front of each sample is timed alone and taken off).
 * ``cases``: the copy-engine GEMM + all-reduce / reduce-scatter of ``CASES`` (row groups,
-  eager or graphed, the all-reduce's transfers on one copy stream or two), each timed beside sequential (mm, then
+  eager or graphed), each timed beside sequential (mm, then
   NCCL) and traced once on rank 0 (each GPU kernel and copy: start, duration, stream).
   Graphed cases end outside the graph as the library's do (``split``, symm.splits); the
   session-11 file ``overlap_copy_probe_4xH100_20261127-s11.json`` predates that (its graphed
   traces end with the copy out of the graph's buffer) and also timed the all-reduce's sum in
   two pieces, each pulled while the next was summed (``pieces``, since removed: 0.840 vs
   0.818 ms eager at 8B attn-out M=16384, 1.636 vs 1.602 ms at 70B; two graphed cases 1-3 %
-  faster, within the spread).
+  faster, within the spread). ``-s11-onestream.json`` (``cccfdfa``) timed an all-reduce with
+  every transfer of a call on one copy stream (pushes of group g, barrier, pulls of group
+  g - 1, ...; since removed): correct, slower on every case (70B attn-out M=16384: 1.85 ms
+  graphed with 2 groups vs 1.67 ms for one group eager; its trace shows the link idle while
+  the GEMMs of the next group run and the pulls of both groups at the end).
 
 Medians over ``--rounds`` samples, slowest rank.
 """
@@ -36,15 +40,10 @@ import torch
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 SIZES_MB = (8, 32)
 _8B, _70B = ("llama3-8b-attn-out", 4096, 4096), ("llama3-70b-attn-out", 8192, 8192)
-_8F, _70F = ("llama3-8b-fc2", 14336, 4096), ("llama3-70b-fc2", 28672, 8192)
-CASES = [  # (shape, K, N, M, op, row groups, graphed, all-reduce transfers on one copy stream)
-    (*_70B, 16384, "ar", 1, False, False), (*_70B, 16384, "ar", 2, False, True), (*_70B, 16384, "ar", 4, False, True),
-    (*_70B, 16384, "ar", 2, True, True), (*_70B, 16384, "ar", 4, True, True),
-    (*_8B, 16384, "ar", 1, False, False), (*_8B, 16384, "ar", 2, False, True), (*_8B, 16384, "ar", 2, True, True),
-    (*_8B, 16384, "ar", 4, True, True),
-    (*_8F, 16384, "ar", 1, True, False), (*_8F, 16384, "ar", 2, False, True), (*_8F, 16384, "ar", 4, True, True),
-    (*_70F, 16384, "ar", 4, True, False), (*_70F, 16384, "ar", 4, True, True), (*_70F, 16384, "ar", 2, False, True),
-    (*_70B, 8192, "ar", 1, True, False), (*_70B, 8192, "ar", 2, True, True),
+CASES = [  # (shape, K, N, M, op, row groups, graphed)
+    (*_8B, 16384, "ar", 1, False), (*_8B, 16384, "ar", 1, True), (*_8B, 16384, "ar", 2, True),
+    (*_70B, 16384, "ar", 1, False), (*_70B, 16384, "ar", 2, False), (*_70B, 16384, "ar", 1, True),
+    (*_8B, 8192, "ar", 1, True), (*_8B, 8192, "rs", 1, True), (*_8B, 8192, "rs", 2, True), (*_8B, 8192, "rs", 1, False),
 ]
 
 
@@ -107,20 +106,20 @@ def _transfers(g, dev, rounds: int) -> list[dict]:
     return [_transfer_row(g, dev, ws, streams, mb, rounds) for mb in SIZES_MB]
 
 
-def _variant(g, op: str, x, w, groups: int, graphed: bool, one_stream: bool = False):
+def _variant(g, op: str, x, w, groups: int, graphed: bool):
     """A call of the copy-engine schedule ``op`` with ``groups`` row groups (eager or graphed)."""
     from commflow.overlap import graphs, symm
 
     rows = x.shape[0] // g.world_size
     sizes = tuple([rows // groups] * groups)
     if op == "ar":
-        fn = lambda a, b: symm.matmul_all_reduce(a, b, g, sizes, split=graphed, one_copy_stream=one_stream)  # noqa: E731
+        fn = lambda a, b: symm.matmul_all_reduce(a, b, g, sizes, split=graphed)  # noqa: E731
     else:
         fn = lambda a, b: symm.matmul_reduce_scatter(a, b, g, sizes, split=graphed)  # noqa: E731
     if not graphed:
         return lambda: fn(x, w)
     ws = symm.workspace(g, op, x.device)
-    return lambda: graphs.graphed_call(op, fn, (x,), (w,), ws, (sizes, one_stream))
+    return lambda: graphs.graphed_call(op, fn, (x,), (w,), ws, sizes)
 
 
 def _timeline(g, dev, rounds: int) -> list[dict]:
@@ -134,11 +133,11 @@ def _timeline(g, dev, rounds: int) -> list[dict]:
 
     world = g.world_size
     out = []
-    for shape, k, n, m, op, groups, graphed, one_stream in CASES:
+    for shape, k, n, m, op, groups, graphed in CASES:
         gen = torch.Generator(device=dev).manual_seed(5 + g.rank)
         x = torch.randn(m, k // world, device=dev, generator=gen).to(torch.bfloat16)
         w = (torch.randn(k // world, n, device=dev, generator=gen) / math.sqrt(k)).to(torch.bfloat16)
-        call = _variant(g, op, x, w, groups, graphed, one_stream)
+        call = _variant(g, op, x, w, groups, graphed)
 
         def sequential(x=x, w=w, op=op):
             y = torch.mm(x, w)
@@ -166,8 +165,7 @@ def _timeline(g, dev, rounds: int) -> list[dict]:
                     call()
                 torch.cuda.synchronize(dev)
         row = {"shape": shape, "K": k, "N": n, "M": m, "op": op, "groups": groups, "graphed": graphed,
-               "one_copy_stream": one_stream, "ms": max_over_ranks(t_call), "sequential_ms": max_over_ranks(t_seq),
-               "rel_diff": max_over_ranks(diff)}
+               "ms": max_over_ranks(t_call), "sequential_ms": max_over_ranks(t_seq), "rel_diff": max_over_ranks(diff)}
         row["speedup"] = row["sequential_ms"] / row["ms"]
         if g.rank == 0:
             print(json.dumps({k2: v for k2, v in row.items() if k2 not in ("K", "N")}), flush=True)

@@ -386,82 +386,8 @@ def matmul_reduce_scatter(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, size
     return out
 
 
-def _all_reduce_on_one_copy_stream(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo,
-                                   sizes: tuple[int, ...]) -> torch.Tensor:
-    """GEMM + all-reduce with every transfer of the call on one copy stream, in the order
-    pushes(g), barrier(g), pulls(g - 1), pushes(g + 1), ...; the sums on the push stream.
-
-    Why: copy-engine pushes and pulls issued on two streams share the NVLink rate and each
-    runs at about half speed (overlap_copy_probe_4xH100_20261127-s11.json: 2 groups 2.06 ms
-    vs 1 group 1.60 ms at 70B attn-out M=16384 on 4 H100), so the all-gather of group g
-    never ran *under* anything. Here the link does one thing at a time, in an order that
-    keeps it busy: group g - 1's pulls go right after group g's partials have landed (its
-    sum ran meanwhile), then group g + 1's pushes, whose GEMMs ran meanwhile. What stays
-    exposed after the last GEMM is one group's sum and pulls.
-
-    Buffers: every group has its own slots and reduced block in this call's half of the
-    workspace, so nothing is reused within a call; across calls the halves alternate, and a
-    rank reaches the first barrier of a call only after its copy stream finished the last
-    call's pulls (which waited for the last call's sums).
-    """
-    world, rank = g.world_size, g.rank
-    m, n, dtype, dev = x2d.shape[0], w.shape[1], x2d.dtype, x2d.device
-    mr = m // world
-    starts = _offsets(sizes)
-    ws = workspace(g, "ar", dev)
-    ws.ensure(2 * (world + 1) * mr * n * dtype.itemsize)  # per half: R slots and the reduced rows of every group
-    base = ws.next_copy(dtype)
-    main, sums = _streams(dev)
-    copies = pull_stream(dev)
-    out = torch.empty(m, n, dtype=dtype, device=dev)
-    keep: list = []
-    summed: list[torch.cuda.Event] = []
-
-    def slots(i: int, owner: int) -> torch.Tensor:  # [R, rows, N]: group i's partials for `owner`
-        return ws.view(owner, (world, sizes[i], n), dtype, base + world * starts[i] * n)
-
-    def reduced(i: int, owner: int) -> torch.Tensor:
-        return ws.view(owner, (sizes[i], n), dtype, base + (world * mr + starts[i]) * n)
-
-    def pulls(i: int) -> None:  # on the copy stream: group i's reduced blocks of every peer
-        rows, g0 = sizes[i], world * starts[i]
-        copies.wait_event(summed[i])
-        ws.barrier(channel=1)  # every rank's reduced block of group i is ready
-        for step in range(1, world):
-            p = (rank + step) % world
-            out[g0 + p * rows:g0 + (p + 1) * rows].copy_(reduced(i, p))
-
-    for i, rows in enumerate(sizes):
-        g0 = world * starts[i]
-        for step in range(1, world):
-            d = (rank + step) % world
-            part = torch.mm(x2d[g0 + d * rows:g0 + (d + 1) * rows], w)
-            keep.append(part)
-            copies.wait_stream(main)
-            with _on(copies):
-                slots(i, d)[rank].copy_(part)
-        torch.mm(x2d[g0 + rank * rows:g0 + (rank + 1) * rows], w, out=slots(i, rank)[rank])
-        copies.wait_stream(main)
-        with _on(copies):
-            ws.barrier()  # every partial of group i has landed
-            landed = copies.record_event()
-            if i:
-                pulls(i - 1)
-        sums.wait_event(landed)
-        with _on(sums):
-            torch.sum(slots(i, rank), dim=0, out=reduced(i, rank))  # fp32 accumulation, rounded once
-            summed.append(sums.record_event())
-            out[g0 + rank * rows:g0 + (rank + 1) * rows].copy_(reduced(i, rank))
-    with _on(copies):
-        pulls(len(sizes) - 1)
-    main.wait_stream(copies)
-    main.wait_stream(sums)
-    del keep
-    return out
-
-
 def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tuple[int, ...] | None = None,
-                      *, direct: bool = False, split: bool = False, one_copy_stream: bool = False):
+                      *, direct: bool = False, split: bool = False):
     """``x2d [M, K/R] @ w [K/R, N]`` summed over ranks, ``[M, N]`` on every rank.
 
     Rows go in groups of ``R * sizes[i]`` (``sizes`` sums to ``M/R``; default one
@@ -478,9 +404,7 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
 
     ``split``: with one group,
     stop after the sum and return ``finish``, a callable that pulls every reduced block
-    into a new tensor (see :func:`splits`). ``one_copy_stream``: every transfer on one
-    stream (:func:`_all_reduce_on_one_copy_stream`; not with ``direct``, not on the
-    two-rank accumulate path; a split call of one group takes the split path).
+    into a new tensor (see :func:`splits`).
     """
     world, rank = g.world_size, g.rank
     m, n, dtype, dev = x2d.shape[0], w.shape[1], x2d.dtype, x2d.device
@@ -491,8 +415,6 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
     main, comm = _streams(dev)
     pull = pull_stream(dev)
     split = split and splits(world, len(sizes), direct)
-    if one_copy_stream and not (direct or split or accumulates(world, len(sizes))):
-        return _all_reduce_on_one_copy_stream(x2d, w, g, sizes)
     out = None if split else torch.empty(m, n, dtype=dtype, device=dev)
     if accumulates(world, len(sizes), direct):
         mr = m // world
