@@ -127,7 +127,8 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
         hit = _GRAPHS[key]
         _GRAPHS.move_to_end(key)
         if hit is None:  # capture failed once for this signature: eager
-            return fn(*inputs, *fixed)
+            out = fn(*inputs, *fixed)
+            return out() if callable(out) else out
         for static, t in zip(hit.inputs, inputs):
             static.copy_(t)
         hit.graph.replay()

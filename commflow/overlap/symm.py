@@ -44,6 +44,9 @@ copies of the buffer alternate: a peer can only write into copy ``i % 2`` of ste
 ``i + 2`` after the barrier of step ``i + 1``, which this rank reaches after it
 finished reading step ``i``. The all-reduce's reduced block alternates the same way
 between groups, guarded by the pull stream's barrier (see :func:`matmul_all_reduce`).
+A split call (``split=True``, :func:`splits`) reads its last buffers in ``finish``, on the
+caller's stream; the same argument holds because the next call's first transfer waits for
+that stream: consecutive calls on one workspace come from one stream (as graph replays do).
 The two copies are the two fixed halves of the workspace, and the step counter runs on
 across calls: a call with other shapes than the last one must not lay its copy 0 over
 the last call's copy 1, which a slower peer may still be reading (the GPU test
@@ -402,9 +405,8 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
     (Across calls the push-side barrier of the new group already orders it: a rank
     reaches it after the caller's stream waited for all of its pulls.)
 
-    ``split``: with one group,
-    stop after the sum and return ``finish``, a callable that pulls every reduced block
-    into a new tensor (see :func:`splits`).
+    ``split``: with one group, stop after the sum and return ``finish``, a callable that
+    pulls every reduced block into a new tensor (see :func:`splits`).
     """
     world, rank = g.world_size, g.rank
     m, n, dtype, dev = x2d.shape[0], w.shape[1], x2d.dtype, x2d.device

@@ -85,8 +85,8 @@ def test_split_schedules_finish_after_each_replay_in_new_memory(fake_capture):
     w = torch.randn(4, 3)
     ws.buffer = torch.full((5, 3), float("nan"))  # the symmetric workspace the captured part writes
 
-    def fn(x, w):  # like symm's split=True: the graphed part ends in the workspace
-        ws.counter += 2
+    def fn(x, w):  # like symm's split=True: one step, the graphed part ends in the workspace
+        ws.counter += 1
         torch.mm(x, w, out=ws.buffer)
         return lambda: ws.buffer * 2  # the last step, outside the graph, into new memory
 
@@ -97,7 +97,7 @@ def test_split_schedules_finish_after_each_replay_in_new_memory(fake_capture):
         assert isinstance(y, torch.Tensor)  # the first (eager) call finishes too
         torch.testing.assert_close(y, 2 * (x @ w))
         outs.append(y)
-    assert ws.counter == 8 and len(made) == 1 and made[0].replays == 3
+    assert ws.counter == 4 and len(made) == 2 and sorted(g.replays for g in made) == [1, 1]  # the parities alternate
     assert len({o.data_ptr() for o in outs} | {ws.buffer.data_ptr()}) == len(outs) + 1
 
 
@@ -135,15 +135,22 @@ def test_a_failed_capture_falls_back_to_eager_once_warned(monkeypatch):
 
     monkeypatch.setattr(graphs, "_capture", broken)
     graphs.clear()
-    fn = _schedule(ws, 2)
+    plain = _schedule(ws, 2)
+
+    def split(x, w):  # a split schedule (symm.splits) hands back its last step
+        y = plain(x, w)
+        return lambda: y
+
     w = torch.randn(4, 3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
             x = torch.randn(5, 4)
-            torch.testing.assert_close(graphs.graphed_call("ar", fn, (x,), (w,), ws), x @ w)
-    assert len(calls) == 1 and ws.counter == 6
+            torch.testing.assert_close(graphs.graphed_call("ar", plain, (x,), (w,), ws), x @ w)
+            torch.testing.assert_close(graphs.graphed_call("rs", split, (x,), (w,), ws), x @ w)
+    assert len(calls) == 2 and ws.counter == 12
     assert sum("capture of ar failed" in str(c.message) for c in caught) == 1
+    assert sum("capture of rs failed" in str(c.message) for c in caught) == 1
     graphs.clear()
 
 
