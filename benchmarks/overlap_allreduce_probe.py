@@ -36,6 +36,7 @@ def _worker(cfg: dict) -> dict:
     import torch.distributed as dist
     import torch.distributed._symmetric_memory as symm_mem
 
+    from benchmarks.overlap_probe import gemm_chunks_reduced
     from benchmarks.timing import max_over_ranks
     from commflow.dist import init_distributed
     from commflow.overlap.autotune import sample_ms
@@ -62,16 +63,9 @@ def _worker(cfg: dict) -> dict:
             dist.all_reduce(y)
             return y
 
-        def pipeline(c: int, x=x, w=w, buf=buf, m=m):
-            main = torch.cuda.current_stream(dev)
-            step = m // c
-            for i in range(c):
-                torch.mm(x[i * step:(i + 1) * step], w, out=buf[i * step:(i + 1) * step])
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    two_shot(buf[i * step:(i + 1) * step], "sum", group_name)
-            main.wait_stream(side)
-            return buf  # the caller's copy out of the shared buffer is timed apart ("copy_out")
+        def pipeline(c: int, x=x, w=w, buf=buf):
+            # The result stays in the shared buffer; the caller's copy out is timed apart ("copy_out").
+            return gemm_chunks_reduced(x, w, buf, c, side, lambda part: two_shot(part, "sum", group_name))
 
         fns = {"sequential": sequential, "gemm": lambda x=x, w=w: torch.mm(x, w), "copy_out": buf.clone}
         chunks = CHUNKS

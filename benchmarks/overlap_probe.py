@@ -252,15 +252,7 @@ def _variants(op, x, w, info, groups, side):
 
         def nccl_chunks(chunks, pg):
             out = torch.empty(m, n, device=dev, dtype=x.dtype)
-            main = torch.cuda.current_stream(dev)
-            mc = m // chunks
-            for c in range(chunks):
-                torch.mm(x[c * mc:(c + 1) * mc], w, out=out[c * mc:(c + 1) * mc])
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    dist.all_reduce(out[c * mc:(c + 1) * mc], group=pg)
-            main.wait_stream(side)
-            return out
+            return gemm_chunks_reduced(x, w, out, chunks, side, lambda part: dist.all_reduce(part, group=pg))
 
         for key, pg in groups.items():
             for chunks in (2, 4):
@@ -282,6 +274,21 @@ def _variants(op, x, w, info, groups, side):
         calls["symm_g2"] = lambda: symm.all_gather_matmul(x, w, g, _split(ms, 2))[0]
         calls["auto"] = lambda: all_gather_matmul(x, w)
     return calls
+
+
+def gemm_chunks_reduced(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, chunks: int, side, reduce) -> torch.Tensor:
+    """``out = x @ w`` in ``chunks`` row chunks, ``reduce(chunk)`` of each on the ``side`` stream as
+    soon as the chunk exists (the NCCL-per-chunk pipeline the probes compare against)."""
+    main = torch.cuda.current_stream(x.device)
+    step = x.shape[0] // chunks
+    for c in range(chunks):
+        part = out[c * step:(c + 1) * step]
+        torch.mm(x[c * step:(c + 1) * step], w, out=part)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            reduce(part)
+    main.wait_stream(side)
+    return out
 
 
 def _split(total: int, parts: int) -> tuple[int, ...]:
