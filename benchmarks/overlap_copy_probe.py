@@ -22,8 +22,9 @@ and NCCL's all-reduce alone takes 0.66 ms. Two questions, every rank at once:
   0.818 ms eager at 8B attn-out M=16384, 1.636 vs 1.602 ms at 70B; two graphed cases 1-3 %
   faster, within the spread). ``-s11-onestream.json`` (``cccfdfa``) timed an all-reduce with
   every transfer of a call on one copy stream (pushes of group g, barrier, pulls of group
-  g - 1, ...; since removed): correct, slower on every case (70B attn-out M=16384: 1.85 ms
-  graphed with 2 groups vs 1.67 ms for one group eager; its trace shows the link idle while
+  g - 1, ...; since removed): correct, slower on every shape but 8B attn-out M=16384, where
+  that run's one-group eager case was unusually slow (70B attn-out M=16384: 1.85 ms graphed
+  with 2 groups vs 1.67 ms for one group eager; its trace shows the link idle while
   the GEMMs of the next group run and the pulls of both groups at the end).
 
 Medians over ``--rounds`` samples, slowest rank.
