@@ -108,19 +108,22 @@ def _transfers(g, dev, rounds: int) -> list[dict]:
 
 
 def _variant(g, op: str, x, w, groups: int, graphed: bool):
-    """A call of the copy-engine schedule ``op`` with ``groups`` row groups (eager or graphed)."""
-    from commflow.overlap import graphs, symm
+    """The library's copy-engine ``op`` forward (what ``commflow.overlap`` runs, split graphs
+    included), forced to overlap with ``groups`` row groups, eager or replayed as a CUDA graph."""
+    from dataclasses import replace
 
+    from commflow.overlap import ops
+    from commflow.overlap.functional import resolve_plan
+
+    name = {"ar": "matmul_all_reduce", "rs": "matmul_reduce_scatter"}[op]
+    p = resolve_plan(name, x.shape[0], w.shape[1], w.shape[0], g, x, "overlap", None, "fp32")
+    if p.transport != "symm":
+        raise RuntimeError("the copy-engine transport is unavailable here (see symm.unavailable_reason)")
     rows = x.shape[0] // g.world_size
-    sizes = tuple([rows // groups] * groups)
+    p = replace(p, n_chunks=groups, chunk_sizes=tuple([rows // groups] * groups), graphed=graphed)
     if op == "ar":
-        fn = lambda a, b: symm.matmul_all_reduce(a, b, g, sizes, split=graphed)  # noqa: E731
-    else:
-        fn = lambda a, b: symm.matmul_reduce_scatter(a, b, g, sizes, split=graphed)  # noqa: E731
-    if not graphed:
-        return lambda: fn(x, w)
-    ws = symm.workspace(g, op, x.device)
-    return lambda: graphs.graphed_call(op, fn, (x,), (w,), ws, sizes)
+        return lambda: ops.matmul_all_reduce_forward(x, w, g, p)
+    return lambda: ops.matmul_reduce_scatter_forward(x, w, g, 0, p)
 
 
 def _timeline(g, dev, rounds: int) -> list[dict]:

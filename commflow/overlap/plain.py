@@ -43,7 +43,9 @@ __all__ = ["plain_all_gather", "plain_all_reduce", "plain_reduce_scatter"]
 # 4xH100 host runs Python several times slower than the CI machine (the op's lookup: 9-26 us
 # there, 1.4 us here), and the plain path of a 0.13 ms guard shape has no microsecond to
 # spare (docs/overlap.md, runs 11-12). This collective itself measured within -2 to +4 us of
-# the process group's method there; what inlining saves is not measured yet.
+# the process group's method there; with the lines inline the whole plain all-gather call came
+# within -1 to +5 us of the benchmark's bare sequential (lookup 7-12 us; session 11,
+# benchmarks/results/overlap_dispatch_probe_4xH100_20261127-s11.json).
 _ORIGINAL = (dist.all_reduce, cdist.reduce_scatter_tensor, cdist.all_gather_tensor)
 # torch's per-group coalescing state (private); when it is missing, never coalescing.
 _COALESCING: dict = getattr(getattr(c10d, "_world", None), "pg_coalesce_state", {})
