@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 
@@ -52,6 +53,13 @@ def test_overlap_benchmark_tiny_cpu_and_report(dist_pool, tmp_path, monkeypatch)
     summary = summarize(res["rows"])
     assert set(summary) == {"rs/2", "ar/2", "ag/2"} and summary["rs/2"]["rows"] == 2
     assert all(entry["sequential_control"]["worst_speedup_all"] > 0 for entry in summary.values())  # the noise row
+    main_rs = [r for r in res["rows"] if r["op"] == "rs" and not r["guard"]]
+    ideal = [(r["times_ms"]["gemm"] + r["times_ms"]["comm"]) / max(r["times_ms"]["gemm"], r["times_ms"]["comm"])
+             for r in main_rs]
+    assert summary["rs/2"]["ideal_geomean_main"] == pytest.approx(ideal[0])  # one main row: its own ideal
+    geo = summary["rs/2"]["auto"]["geomean_speedup_main"]
+    if ideal[0] > 1:
+        assert summary["rs/2"]["auto"]["share_of_ideal_main"] == pytest.approx(math.log(geo) / math.log(ideal[0]))
     rs_auto = [r["speedup_vs_sequential"]["auto"] for r in res["rows"] if r["op"] == "rs"]
     assert summary["rs/2"]["auto"]["rows_below_guard"] == sum(1 for v in rs_auto if v < 0.97)
 
@@ -61,7 +69,7 @@ def test_overlap_benchmark_tiny_cpu_and_report(dist_pool, tmp_path, monkeypatch)
     path.write_text(json.dumps(record))
     text = report(path, tmp_path / "r.md", tmp_path / "img")
     assert "## matmul_reduce_scatter, 2 ranks" in text and "## Summary" in text and "| ours auto |" in text
-    assert "seq again (noise)" in text and "rows < 0.97x" in text
+    assert "seq again (noise)" in text and "rows < 0.97x" in text and "| ideal | share |" in text
     assert (tmp_path / "img" / "overlap_2x.png").stat().st_size > 1000
 
 
@@ -94,3 +102,11 @@ def test_sample_ms_rounds_go_on_until_the_time_budget(min_time_ms, rounds):
                     max_rounds=max_rounds)
     assert counts == [rounds * 2, rounds * 2]
     assert len(out) == 2 and all(t > 0 and h > 0 for t, h in out)
+
+
+def test_ideal_speedup_is_perfect_overlap_at_standalone_speeds():
+    from benchmarks.overlap import ideal_speedup
+
+    assert ideal_speedup({"times_ms": {"gemm": 1.0, "comm": 3.0}}) == pytest.approx(4 / 3)
+    assert ideal_speedup({"times_ms": {"gemm": 2.0, "comm": 2.0}}) == pytest.approx(2.0)
+    assert ideal_speedup({"times_ms": {"gemm": 2.0}}) is None  # a row that failed before its comm was timed
