@@ -18,6 +18,16 @@ attention loop is timed per phase on the compute stream:
 
 Rank 0 samples ``nvidia-smi`` (SM clock, power draw, active clock-event reasons of every GPU)
 every 50 ms; each phase reports the medians over its middle 60 %.
+
+Found (session 12, 4x H100 at the 700 W limit, ``overlap_power_probe_4xH100_20261127-s12.json``):
+idle GPUs sit at 1980 MHz; a sustained GEMM or attention loop alone at 1410-1440 MHz and
+695-702 W with the software power cap active (reason 0x4), and runs 15 % (GEMM) / 3 %
+(attention) slower than the same call timed in a short burst. Beside copy-engine pushes at
+~235 GB/s per rank the GEMM runs 14 % and the attention kernel 28 % slower than alone
+(sustained), while their clocks stay level or *rise* (attention: 1530-1620 MHz at 654-671 W):
+the copies cost the kernels memory-side, not clock; the copies themselves keep 96 % of their
+rate. Beside NCCL's all-to-all the GEMM runs 32 % and the attention 60 % slower, and NCCL
+moves half its bytes (168 / 159 vs 319 GB/s).
 """
 
 from __future__ import annotations
