@@ -46,15 +46,6 @@ CASES = [  # (shape, K, N, M, op, row groups, graphed)
     (*_70B, 16384, "ar", 1, False), (*_70B, 16384, "ar", 2, False), (*_70B, 16384, "ar", 1, True),
     (*_8B, 8192, "ar", 1, True), (*_8B, 8192, "rs", 1, True), (*_8B, 8192, "rs", 2, True), (*_8B, 8192, "rs", 1, False),
 ]
-_70B_FC2, _8B_FC2 = ("llama3-70b-fc2", 28672, 8192), ("llama3-8b-fc2", 14336, 4096)
-DEFER_CASES = [  # ``--defer-ab 1``: graphed all-reduces, pulls issued before / after the next group's pushes
-    (*_70B, 16384, "ar", 1, True, False), (*_70B, 16384, "ar", 2, True, False), (*_70B, 16384, "ar", 2, True, True),
-    (*_70B, 16384, "ar", 4, True, False), (*_70B, 16384, "ar", 4, True, True),
-    (*_70B_FC2, 16384, "ar", 1, True, False), (*_70B_FC2, 16384, "ar", 4, True, False),
-    (*_70B_FC2, 16384, "ar", 4, True, True),
-    (*_8B_FC2, 16384, "ar", 1, True, False), (*_8B_FC2, 16384, "ar", 2, True, False),
-    (*_8B_FC2, 16384, "ar", 2, True, True),
-]
 
 
 def _transfer_row(g, dev, ws, streams, mb: int, rounds: int) -> dict:
@@ -135,7 +126,7 @@ def _variant(g, op: str, x, w, groups: int, graphed: bool):
     return lambda: ops.matmul_reduce_scatter_forward(x, w, g, 0, p)
 
 
-def _timeline(g, dev, rounds: int, cases=None) -> list[dict]:
+def _timeline(g, dev, rounds: int) -> list[dict]:
     """Each case of ``CASES`` timed beside sequential (mm, then NCCL), and a profiler trace of
     its second call on rank 0."""
     import torch.distributed as dist
@@ -146,11 +137,7 @@ def _timeline(g, dev, rounds: int, cases=None) -> list[dict]:
 
     world = g.world_size
     out = []
-    from commflow.overlap import graphs, symm
-
-    for shape, k, n, m, op, groups, graphed, *defer in (cases or CASES):
-        symm.DEFER_PULLS = bool(defer and defer[0])
-        graphs.clear()  # a cached graph keeps the pull order it was captured with
+    for shape, k, n, m, op, groups, graphed in CASES:
         gen = torch.Generator(device=dev).manual_seed(5 + g.rank)
         x = torch.randn(m, k // world, device=dev, generator=gen).to(torch.bfloat16)
         w = (torch.randn(k // world, n, device=dev, generator=gen) / math.sqrt(k)).to(torch.bfloat16)
@@ -182,7 +169,6 @@ def _timeline(g, dev, rounds: int, cases=None) -> list[dict]:
                     call()
                 torch.cuda.synchronize(dev)
         row = {"shape": shape, "K": k, "N": n, "M": m, "op": op, "groups": groups, "graphed": graphed,
-               "defer_pulls": symm.DEFER_PULLS,
                "ms": max_over_ranks(t_call), "sequential_ms": max_over_ranks(t_seq), "rel_diff": max_over_ranks(diff)}
         row["speedup"] = row["sequential_ms"] / row["ms"]
         if g.rank == 0:
@@ -206,10 +192,6 @@ def _worker(cfg: dict) -> dict:
 
     info = init_distributed(device="cuda")
     g = check_group(None, info.device)
-    if cfg.get("defer_ab"):
-        res = {"torch": torch.__version__, "cases": _timeline(g, info.device, cfg["rounds"], DEFER_CASES)}
-        dist.barrier()
-        return res
     res = {"transfers": _transfers(g, info.device, cfg["rounds"]), "torch": torch.__version__}
     if info.rank == 0:
         for row in res["transfers"]:
@@ -222,8 +204,7 @@ def _worker(cfg: dict) -> dict:
 def main(argv=None) -> int:
     from benchmarks.results import probe_main
 
-    return probe_main("overlap_copy_probe", _worker, argv, __doc__, nproc=4, options={"rounds": 20, "defer_ab": 0},
-                      timeout_s=300,
+    return probe_main("overlap_copy_probe", _worker, argv, __doc__, nproc=4, options={"rounds": 20}, timeout_s=300,
                       env=ENV)
 
 

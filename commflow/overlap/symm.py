@@ -72,12 +72,6 @@ __all__ = ["accumulates", "all_gather_matmul", "available", "matmul_all_reduce",
 
 _AVAILABLE: dict[tuple, bool] = {}
 
-DEFER_PULLS = os.environ.get("COMMFLOW_AR_DEFER_PULLS", "0") == "1"
-"""Experiment (session 12): issue the all-reduce's pulls of row group ``g`` after the pushes of
-group ``g + 1`` instead of before them (the copy engine runs one peer-to-peer copy at a time, in
-issue order; see docs/overlap.md). Read at call time; cached graphs keep the order they were
-captured with, so clear ``graphs`` when changing it."""
-
 
 def _process_group(g: GroupInfo) -> dist.ProcessGroup:
     return g.group if g.group is not None else dist.group.WORLD
@@ -479,31 +473,19 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
 
         return finish
 
-    pending: list[tuple] = []  # with DEFER_PULLS: the group whose pulls are not issued yet
-
-    def issue_pulls(copies: list[tuple[torch.Tensor, torch.Tensor]], summed: torch.cuda.Event) -> None:
-        pull.wait_event(summed)
-        with _on(pull):
-            ws.barrier(channel=1)  # every rank's reduced block of this group is ready
-            pulled_barrier.append(pull.record_event())
-            for dst, src in copies:
-                dst.copy_(src)
-
     def after_sum(i: int, slots: torch.Tensor, base: int) -> None:  # on the push stream
         rows, g0 = sizes[i], world * starts[i]
         red = base + world * block  # this rank's reduced block in this copy, pulled by the peers
-        if pending:  # the previous group's pulls, issued after this group's pushes
-            issue_pulls(*pending.pop())
         if i >= 2:
             comm.wait_event(pulled_barrier[i - 1])
         torch.sum(slots, dim=0, out=ws.view(rank, (rows, n), dtype, red))
-        summed = comm.record_event()
-        copies = [(out[g0 + p * rows:g0 + (p + 1) * rows], ws.view(p, (rows, n), dtype, red))
-                  for p in ((rank + step) % world for step in range(1, world))]
-        if DEFER_PULLS:
-            pending.append((copies, summed))
-        else:
-            issue_pulls(copies, summed)
+        pull.wait_stream(comm)
+        with _on(pull):
+            ws.barrier(channel=1)  # every rank's reduced block of this group is ready
+            pulled_barrier.append(pull.record_event())
+            for step in range(1, world):
+                p = (rank + step) % world
+                out[g0 + p * rows:g0 + (p + 1) * rows].copy_(ws.view(p, (rows, n), dtype, red))
         # The own block on the push stream, beside the pulls (on the pull stream it sat in
         # front of them: 19 us of 0.76 ms at Llama-3 8B attn-out M=16384 on 4 H100,
         # benchmarks/results/overlap_copy_probe_4xH100_20261127-s11-first.json).
@@ -511,8 +493,6 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
 
     keep = _reduce_scatter_groups(x2d, w, g, ws, sizes, lambda d, i: world * starts[i] + d * sizes[i], after_sum,
                                   direct=direct)
-    if pending:
-        issue_pulls(*pending.pop())
     main.wait_stream(comm)
     main.wait_stream(pull)
     del keep
