@@ -26,6 +26,11 @@ and NCCL's all-reduce alone takes 0.66 ms. Two questions, every rank at once:
   that run's one-group eager case was unusually slow (70B attn-out M=16384: 1.85 ms graphed
   with 2 groups vs 1.67 ms for one group eager; its trace shows the link idle while
   the GEMMs of the next group run and the pulls of both groups at the end).
+  ``-s12-defer.json`` (``b3462a5``, reverted) timed graphed all-reduces of 2 and 4 row groups with
+  each group's pulls issued after the next group's pushes instead of before them (the copy engine
+  runs peer copies one at a time in issue order): 1 % or less apart on 70B attention-out with 2
+  groups (1.83 ms both) and 8B FC2 (1.20 vs 1.19 ms), 70B FC2 4 groups 3.46 vs 3.50 ms, 70B
+  attention-out 4 groups 2.05 vs 2.14 ms; one group stayed best there (1.64 ms); dropped.
 
 Medians over ``--rounds`` samples, slowest rank.
 """

@@ -167,18 +167,19 @@ def test_growing_workspace_keeps_results(ranks):
         assert all(e <= TOL for e in errs), errs
 
 
-def test_consecutive_steps_use_disjoint_bytes_whatever_the_shapes(ranks):
+@pytest.mark.parametrize("world", [2, 4])
+def test_consecutive_steps_use_disjoint_bytes_whatever_the_shapes(ranks, world):
     """A peer may still read step s's copy while this rank writes step s + 1's: the two
     must not share a byte, also when calls alternate shapes (the first symmetric-memory
     layout put a call's copy 0 over the last call's copy 1 when the rows shrank or grew)."""
-    world = 2
     g0 = torch.Generator().manual_seed(3)
     X, W = torch.randn(96, 8, generator=g0, dtype=torch.float64), torch.randn(8, 6, generator=g0, dtype=torch.float64)
     XC, WC = torch.randn(48, 8, generator=g0, dtype=torch.float64), torch.randn(8, 12, generator=g0, dtype=torch.float64)
 
     def fn(g):
         errs = []
-        for rows, sizes in ((96, None), (32, (4, 4, 8)), (96, (24, 24)), (64, None), (96, None)):
+        calls = ((96, None), (32, (4, 4, 8)), (96, (24, 24)), (64, None), (96, None))  # sizes sum to rows / 2
+        for rows, sizes in ((r, s and tuple(v * 2 // world for v in s)) for r, s in calls):
             x, w = (t.float() for t in ref.row_parallel_shards(X[:rows], W, world, g.rank))
             errs.append(_rel(symm.matmul_reduce_scatter(x, w, g, sizes), (X[:rows] @ W).chunk(world)[g.rank]))
             errs.append(_rel(symm.matmul_all_reduce(x, w, g, sizes), X[:rows] @ W))
