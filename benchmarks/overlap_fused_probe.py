@@ -17,6 +17,14 @@ design that could move the all-reduce goal. Before building one, two questions:
 
 Medians of alternating samples (``commflow.overlap.autotune.sample_ms``), slowest rank; every
 variant checked against sequential first (``rel_diff``).
+
+Found (session 12, 4x H100, ``overlap_fused_probe_4xH100_20261127-s12.json``, Triton 3.6): the
+Triton GEMM runs at 0.76-0.91 of cuBLAS (best of four tile configurations, 256x128x64 on every
+shape); sending the tiles from the epilogue adds 0.12-0.26 ms over storing them locally, which is
+about the barrier and the fp32 sum of the slots alone on the compute-heavy shapes; the fused
+reduce-scatter runs 1.05-1.26x of sequential where the library's copy-engine one runs 1.12-1.43x,
+behind it on every shape by about the Triton GEMM's deficit. Not built further: it would need a
+cuBLAS-class GEMM with a custom epilogue, which PyTorch does not expose.
 """
 
 from __future__ import annotations
