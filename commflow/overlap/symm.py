@@ -443,6 +443,14 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
         return out
     ws.ensure(2 * (world + 1) * block * dtype.itemsize)  # per copy: R slots, then the reduced block
     pulled_barrier: list[torch.cuda.Event] = []
+
+    def pull_peers(dst: torch.Tensor, rows: int, red: int) -> None:
+        """Every peer's reduced ``rows`` (element offset ``red`` of its buffer) into its rows of
+        ``dst`` (the group's ``[R * rows, N]`` rows of the output)."""
+        for step in range(1, world):
+            p = (rank + step) % world
+            dst[p * rows:(p + 1) * rows].copy_(ws.view(p, (rows, n), dtype, red))
+
     if split:
         reduced: list[int] = []
 
@@ -464,9 +472,7 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
             pull.wait_stream(caller)
             with _on(pull):
                 ws.barrier(channel=1)  # every rank's reduced block is ready
-                for step in range(1, world):
-                    p = (rank + step) % world
-                    full[p * rows:(p + 1) * rows].copy_(ws.view(p, (rows, n), dtype, red))
+                pull_peers(full, rows, red)
             full[rank * rows:(rank + 1) * rows].copy_(ws.view(rank, (rows, n), dtype, red))
             caller.wait_stream(pull)
             return full
@@ -483,9 +489,7 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
         with _on(pull):
             ws.barrier(channel=1)  # every rank's reduced block of this group is ready
             pulled_barrier.append(pull.record_event())
-            for step in range(1, world):
-                p = (rank + step) % world
-                out[g0 + p * rows:g0 + (p + 1) * rows].copy_(ws.view(p, (rows, n), dtype, red))
+            pull_peers(out[g0:g0 + world * rows], rows, red)
         # The own block on the push stream, beside the pulls (on the pull stream it sat in
         # front of them: 19 us of 0.76 ms at Llama-3 8B attn-out M=16384 on 4 H100,
         # benchmarks/results/overlap_copy_probe_4xH100_20261127-s11-first.json).
