@@ -137,8 +137,12 @@ def _torch_fused(op: str, group_name: str):
     return None
 
 
-def _graphed_call(op: str, x: torch.Tensor, w: torch.Tensor, dims: tuple[int, int, int]):
-    """``op`` forced to overlap on the copy-engine transport, replayed as a CUDA graph."""
+def symm_call(op: str, x: torch.Tensor, w: torch.Tensor, dims: tuple[int, int, int], *, groups: int | None = None,
+              graphed: bool = True):
+    """The library's forward of ``op`` (``"rs"``, ``"ar"``, ``"ag"``; plan dims ``(m, n, k)``)
+    forced to overlap on the copy-engine transport, replayed as a CUDA graph unless
+    ``graphed=False``; ``groups`` (reduce-scatter / all-reduce) pins that many equal row
+    groups instead of the plan's. Also what the overlap probes time."""
     from dataclasses import replace
 
     from commflow.overlap import ops
@@ -149,7 +153,10 @@ def _graphed_call(op: str, x: torch.Tensor, w: torch.Tensor, dims: tuple[int, in
     p = resolve_plan(OPS[op], *dims, g, x, "overlap", None, "fp32")
     if p.transport != "symm":
         raise RuntimeError("the copy-engine transport is unavailable here (see symm.unavailable_reason)")
-    p = replace(p, graphed=True)
+    p = replace(p, graphed=graphed)
+    if groups is not None:
+        rows = x.shape[0] // g.world_size
+        p = replace(p, n_chunks=groups, chunk_sizes=tuple([rows // groups] * groups))
     if op == "rs":
         return lambda: ops.matmul_reduce_scatter_forward(x, w, g, 0, p)
     if op == "ar":
@@ -229,7 +236,7 @@ def _measure_row(row: dict, variants: list[str], info, dtype, args, calibration)
         # The forced schedule replayed as a CUDA graph (commflow.overlap.graphs), beside
         # "overlap" (the same schedule launched op by op).
         try:
-            calls["overlap_graphed"] = _graphed_call(op, x, w, dims)
+            calls["overlap_graphed"] = symm_call(op, x, w, dims)
         except Exception as e:  # noqa: BLE001 - recorded, the row goes on
             out["errors"]["overlap_graphed"] = f"{type(e).__name__}: {e}"[:500]
     if dev.type == "cuda" and op in ("rs", "ag"):

@@ -112,31 +112,13 @@ def _transfers(g, dev, rounds: int) -> list[dict]:
     return [_transfer_row(g, dev, ws, streams, mb, rounds) for mb in SIZES_MB]
 
 
-def _variant(g, op: str, x, w, groups: int, graphed: bool):
-    """The library's copy-engine ``op`` forward (what ``commflow.overlap`` runs, split graphs
-    included), forced to overlap with ``groups`` row groups, eager or replayed as a CUDA graph."""
-    from dataclasses import replace
-
-    from commflow.overlap import ops
-    from commflow.overlap.functional import resolve_plan
-
-    name = {"ar": "matmul_all_reduce", "rs": "matmul_reduce_scatter"}[op]
-    p = resolve_plan(name, x.shape[0], w.shape[1], w.shape[0], g, x, "overlap", None, "fp32")
-    if p.transport != "symm":
-        raise RuntimeError("the copy-engine transport is unavailable here (see symm.unavailable_reason)")
-    rows = x.shape[0] // g.world_size
-    p = replace(p, n_chunks=groups, chunk_sizes=tuple([rows // groups] * groups), graphed=graphed)
-    if op == "ar":
-        return lambda: ops.matmul_all_reduce_forward(x, w, g, p)
-    return lambda: ops.matmul_reduce_scatter_forward(x, w, g, 0, p)
-
-
 def _timeline(g, dev, rounds: int) -> list[dict]:
     """Each case of ``CASES`` timed beside sequential (mm, then NCCL), and a profiler trace of
     its second call on rank 0."""
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
+    from benchmarks.overlap import symm_call
     from benchmarks.timing import max_over_ranks
     from commflow.overlap.autotune import sample_ms
 
@@ -146,7 +128,7 @@ def _timeline(g, dev, rounds: int) -> list[dict]:
         gen = torch.Generator(device=dev).manual_seed(5 + g.rank)
         x = torch.randn(m, k // world, device=dev, generator=gen).to(torch.bfloat16)
         w = (torch.randn(k // world, n, device=dev, generator=gen) / math.sqrt(k)).to(torch.bfloat16)
-        call = _variant(g, op, x, w, groups, graphed)
+        call = symm_call(op, x, w, (m, n, k // world), groups=groups, graphed=graphed)
 
         def sequential(x=x, w=w, op=op):
             y = torch.mm(x, w)

@@ -92,7 +92,7 @@ def _row(g, ws, name: str, k_full: int, n: int, m: int, rounds: int) -> dict:
     """One shape: every variant checked against sequential, then timed in alternation."""
     import torch.distributed as dist
 
-    from benchmarks.overlap_copy_probe import _variant
+    from benchmarks.overlap import symm_call
     from benchmarks.timing import max_over_ranks
     from commflow.overlap.autotune import sample_ms
 
@@ -124,7 +124,7 @@ def _row(g, ws, name: str, k_full: int, n: int, m: int, rounds: int) -> dict:
         return o
 
     fns = {"cublas": lambda: torch.mm(x, w), "triton_local": lambda: launch(False), "fused_rs": fused_rs,
-           "library_rs": _variant(g, "rs", x, w, 1, True), "sequential": sequential}
+           "library_rs": symm_call("rs", x, w, (m, n, k), groups=1), "sequential": sequential}
     with torch.no_grad():
         for fn in fns.values():  # warm-up (Triton tunes on its first calls, every rank alike)
             for _ in range(3):

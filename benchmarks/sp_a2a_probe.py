@@ -139,6 +139,7 @@ def _worker(cfg: dict) -> dict:
     from commflow.dist import init_distributed
     from commflow.overlap import symm
     from commflow.overlap.validate import check_group
+    from commflow.sp._common import group_info
     from commflow.sp.kernels import attention_forward
     from commflow.sp.ulysses import _all_to_all_many, _full_sequence
 
@@ -157,11 +158,10 @@ def _worker(cfg: dict) -> dict:
     comm = symm.comm_stream(dev)
     main = torch.cuda.current_stream(dev)
 
-    def pack_nccl(c=0):
-        recvs, works = _all_to_all_many([t[:, :, :, c].permute(2, 0, 1, 3, 4) for t in six], g_info)
-        return recvs, works
+    sp_group = group_info(g.group)  # what Ulysses' helpers take
 
-    g_info = info_for_sp(g)
+    def pack_nccl(c=0):
+        return _all_to_all_many([t[:, :, :, c].permute(2, 0, 1, 3, 4) for t in six], sp_group)
 
     def nccl_done(c=0):
         recvs, works = pack_nccl(c)
@@ -236,13 +236,6 @@ def _worker(cfg: dict) -> dict:
         print(json.dumps(row), flush=True)
     dist.barrier()
     return {"rows": [row], "torch": torch.__version__}
-
-
-def info_for_sp(g):
-    """The ``info`` object Ulysses' helpers take (``.group``), from the overlap group."""
-    from commflow.sp._common import group_info
-
-    return group_info(g.group)
 
 
 def main(argv=None) -> int:
