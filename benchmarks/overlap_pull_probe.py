@@ -8,9 +8,7 @@ issue order, so a push whose data is ready waits behind pulls still waiting for 
 kernel of ``ctas`` CTAs on the pull stream the copy engine only pushes. Question: does that make
 two or four row groups pay, and by how much beside sequential (``torch.mm`` + NCCL)?
 
-First the pull alone (``transfers``): GB/s per rank of the copy engine and of the kernel in
-several (CTAs, words per step, warps) configurations. Then, per shape, every (row groups, pull)
-variant of the library's all-reduce forced to overlap as a
+Per shape, every (row groups, CTAs) variant of the library's all-reduce forced to overlap as a
 CUDA graph (``benchmarks.overlap.symm_call``; CTAs 0 = the copy engine), checked against
 sequential on a negated input after warm-up, then all timed in alternation
 (``commflow.overlap.autotune.sample_ms``, medians, slowest rank). Rank 0 also records a kernel
@@ -27,51 +25,14 @@ import torch
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 SHAPES = [  # (name, K, N, M): row-parallel, x [M, K/R] @ w [K/R, N]
-    ("llama3-70b-attn-out", 8192, 8192, 16384), ("llama3-8b-attn-out", 4096, 4096, 16384),
-    ("llama3-70b-fc2", 28672, 8192, 16384), ("llama3-8b-fc2", 14336, 4096, 8192),
+    ("llama3-70b-attn-out", 8192, 8192, 16384), ("llama3-70b-attn-out", 8192, 8192, 4096),
+    ("llama3-8b-attn-out", 4096, 4096, 16384), ("llama3-8b-attn-out", 4096, 4096, 8192),
+    ("llama3-70b-fc2", 28672, 8192, 16384), ("llama3-8b-fc2", 14336, 4096, 16384),
+    ("llama3-8b-fc2", 14336, 4096, 8192),
 ]
 GROUPS = (1, 2, 4)
-PULLS = {"ce": (0, 8192, 16), "k16": (16, 16384, 16), "k32": (32, 8192, 16)}  # symm.set_pull_ctas arguments
-TRACED = ((2, "ce"), (2, "k32"))
-KERNELS = [(c, b, w) for c in (8, 16, 32, 64, 132) for b, w in ((2048, 8), (8192, 16), (16384, 16))]
-PULL_MB = (16, 64)  # per peer
-
-
-def _transfer_row(g, dev, ws, mb: int) -> dict:
-    """The pull alone: every rank reads ``mb`` MB from each peer's buffer into a local tensor,
-    all ranks at once, by copy engine or by the kernel in each configuration of KERNELS."""
-    import torch.distributed as dist
-
-    from benchmarks.timing import max_over_ranks
-    from commflow.overlap import peer_pull
-
-    world, rank, n = g.world_size, g.rank, 4096
-    rows = (mb << 20) // (2 * n)
-    ws.ensure(rows * n * 2)
-    ws.view(rank, (rows, n), torch.bfloat16, 0).fill_(float(rank + 1))
-    dst = torch.zeros(world * rows, n, dtype=torch.bfloat16, device=dev)
-    torch.cuda.synchronize(dev)
-    dist.barrier()
-    fns = {"ce": lambda: peer_pull.pull_reference(dst, lambda p: ws.view(p, (rows, n), torch.bfloat16, 0), rank,
-                                                  world, rows)}
-    fns.update({f"k{c}_b{b}_w{w}": (lambda c=c, b=b, w=w: peer_pull.pull(dst, ws.table, 0, rank, world, rows, c, b, w))
-                for c, b, w in KERNELS})
-    row = {"mb_per_peer": mb, "gbps_per_rank": {}}
-    for key, f in fns.items():
-        f()
-        ok = all(bool((dst[p * rows:(p + 1) * rows] == p + 1).all()) for p in range(world) if p != rank)
-        dst.zero_()
-        torch.cuda.synchronize(dev)
-        dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(5):
-            f()
-        end.record()
-        torch.cuda.synchronize(dev)
-        ms = max_over_ranks(start.elapsed_time(end) / 5)
-        row["gbps_per_rank"][key] = round((world - 1) * mb * 2**20 / ms / 1e6, 1) if ok else "wrong"
-    return row
+CTAS = (0, 16, 32, 64)
+TRACED = ((2, 0), (2, 32))
 
 
 def _trace(call, dev) -> list[dict]:
@@ -109,16 +70,16 @@ def _row(g, dev, name: str, k_full: int, n: int, m: int, rounds: int, traces: li
         dist.all_reduce(y)
         return y
 
-    def variant(groups: int, pull: str):
+    def variant(groups: int, ctas: int):
         call = symm_call("ar", x, w, (m, n, k), groups=groups, graphed=True)
 
         def run():
-            symm.set_pull_ctas(*PULLS[pull])  # the graph's signature holds it: each variant replays its own
+            symm.set_pull_ctas(ctas)  # the graph's signature holds it: each variant replays its own
             return call()
         return run
 
     fns = {"sequential": sequential}
-    fns.update({f"g{gr}_{pull}": variant(gr, pull) for gr in GROUPS for pull in PULLS})
+    fns.update({f"g{gr}_ctas{c}": variant(gr, c) for gr in GROUPS for c in CTAS})
     row = {"shape": name, "K": k_full, "N": n, "M": m, "ms": {}, "rel_diff": {}}
     with torch.no_grad():
         for _ in range(3):
@@ -135,10 +96,10 @@ def _row(g, dev, name: str, k_full: int, n: int, m: int, rounds: int, traces: li
             row["ms"][key] = max_over_ranks(ms)
         if not traces:
             dist.barrier()
-            for gr, pull in TRACED:
-                events = _trace(fns[f"g{gr}_{pull}"], dev)
+            for gr, c in TRACED:
+                events = _trace(fns[f"g{gr}_ctas{c}"], dev)
                 if g.rank == 0:
-                    traces.append({"shape": name, "M": m, "groups": gr, "pull": pull, "events": events})
+                    traces.append({"shape": name, "M": m, "groups": gr, "ctas": c, "events": events})
     symm.set_pull_ctas(0)
     seq = row["ms"]["sequential"]
     row["speedup"] = {key: seq / t for key, t in row["ms"].items()}
@@ -149,20 +110,10 @@ def _worker(cfg: dict) -> dict:
     import torch.distributed as dist
 
     from commflow.dist import init_distributed
-    from commflow.overlap import graphs
     from commflow.overlap.validate import check_group
 
     info = init_distributed(device="cuda")
     g = check_group(None, info.device)
-    # Every variant keeps its graphs (two parities each) through the alternating samples.
-    graphs.MAX_GRAPHS = 64
-    from commflow.overlap import symm
-
-    ws = symm.workspace(g, "pull_probe", info.device)
-    transfers = [_transfer_row(g, info.device, ws, mb) for mb in PULL_MB]
-    if info.rank == 0:
-        for row in transfers:
-            print(json.dumps(row), flush=True)
     rows, traces = [], []
     for name, k, n, m in SHAPES:
         row = _row(g, info.device, name, k, n, m, cfg["rounds"], traces)
@@ -174,13 +125,13 @@ def _worker(cfg: dict) -> dict:
     dist.barrier()
     import triton
 
-    return {"transfers": transfers, "rows": rows, "traces": traces, "torch": torch.__version__, "triton": triton.__version__}
+    return {"rows": rows, "traces": traces, "torch": torch.__version__, "triton": triton.__version__}
 
 
 def main(argv=None) -> int:
     from benchmarks.results import probe_main
 
-    return probe_main("overlap_pull_probe", _worker, argv, __doc__, nproc=4, options={"rounds": 10}, timeout_s=420,
+    return probe_main("overlap_pull_probe", _worker, argv, __doc__, nproc=4, options={"rounds": 15}, timeout_s=420,
                       env=ENV)
 
 

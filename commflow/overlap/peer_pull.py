@@ -61,10 +61,8 @@ if triton is not None:
 
 
 def pull(dst: torch.Tensor, table: torch.Tensor, offset: int, rank: int, world: int, rows: int, ctas: int,
-         block: int = 8192, warps: int = 16) -> None:
-    """The kernel form of :func:`pull_reference`, on the current stream with ``ctas`` CTAs of
-    ``warps`` warps, each moving ``block`` words per step (loads over NVLink take microseconds:
-    a CTA moves about what it has in flight per round trip, so few CTAs need big steps).
+         block: int = 2048) -> None:
+    """The kernel form of :func:`pull_reference`, on the current stream with ``ctas`` CTAs.
 
     ``table``: int64 CUDA tensor of every rank's buffer base address (``handle.buffer_ptrs``);
     ``offset``: element offset of the block in each buffer (in ``dst``'s dtype).
@@ -72,4 +70,4 @@ def pull(dst: torch.Tensor, table: torch.Tensor, offset: int, rank: int, world: 
     per_word = _WORD.itemsize // dst.element_size()
     words = rows * dst.shape[1] // per_word
     _pull_kernel[(ctas,)](dst.view(_WORD), table, offset // per_word, words, rank, WORLD=world, BLOCK=block,
-                          num_warps=warps)
+                          num_warps=8)

@@ -69,32 +69,28 @@ from .pipeline import cached_stream
 from .validate import GroupInfo
 
 __all__ = ["accumulates", "all_gather_matmul", "available", "matmul_all_reduce", "matmul_reduce_scatter",
-           "pull_config", "set_pull_ctas", "splits", "workspace", "workspace_bytes"]
+           "pull_ctas", "set_pull_ctas", "splits", "workspace", "workspace_bytes"]
 
 _AVAILABLE: dict[tuple, bool] = {}
 
-# How the all-reduce pulls its peers' reduced blocks: (CTAs, words per CTA per step, warps) of
-# the kernel in peer_pull.py, or CTAs 0 for the copy engine (the default). set_pull_ctas.
-_PULL = (0, 8192, 16)
+# CTAs of the kernel that pulls the all-reduce's reduced blocks (peer_pull.py); 0: the copy
+# engine. Set with set_pull_ctas (or COMMFLOW_OVERLAP_PULL_CTAS before the first call).
+_PULL_CTAS = int(os.environ.get("COMMFLOW_OVERLAP_PULL_CTAS", "0"))
 
 
-def set_pull_ctas(ctas: int, block: int = 8192, warps: int = 16) -> None:
-    """Pull the all-reduce's reduced blocks with a ``ctas``-CTA kernel (0: the copy engine),
-    each CTA moving ``block`` 8-byte words per step with ``warps`` warps.
+def set_pull_ctas(ctas: int) -> None:
+    """Pull the all-reduce's reduced blocks with a ``ctas``-CTA kernel (0: the copy engine).
 
     Captured graphs embed the choice in force at capture; it is part of their signature."""
-    global _PULL
-    for name, v, low in (("ctas", ctas, 0), ("block", block, 1), ("warps", warps, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-    if block & (block - 1) or warps & (warps - 1):
-        raise ValueError(f"block and warps must be powers of two, got {block} and {warps}")
-    _PULL = (ctas, block, warps)
+    global _PULL_CTAS
+    if isinstance(ctas, bool) or not isinstance(ctas, int) or ctas < 0:
+        raise ValueError(f"ctas must be an int >= 0 (0: the copy engine pulls), got {ctas!r}")
+    _PULL_CTAS = ctas
 
 
-def pull_config() -> tuple[int, int, int]:
-    """(CTAs, block, warps) of the all-reduce's pull kernel; CTAs 0: the copy engine pulls."""
-    return _PULL
+def pull_ctas() -> int:
+    """CTAs of the all-reduce's pull kernel (0: the copy engine pulls)."""
+    return _PULL_CTAS
 
 
 def _process_group(g: GroupInfo) -> dist.ProcessGroup:
@@ -475,9 +471,8 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
         """Every peer's reduced ``rows`` (element offset ``red`` of its buffer) into its rows of
         ``dst`` (the group's ``[R * rows, N]`` rows of the output): by copy engine, or by a
         few CTAs (set_pull_ctas) so the pulls do not queue with the pushes on the copy engine."""
-        ctas, words, warps = _PULL
-        if ctas and peer_pull.supported(dst, rows, red):
-            peer_pull.pull(dst, ws.table, red, rank, world, rows, ctas, words, warps)
+        if _PULL_CTAS and peer_pull.supported(dst, rows, red):
+            peer_pull.pull(dst, ws.table, red, rank, world, rows, _PULL_CTAS)
         else:
             peer_pull.pull_reference(dst, lambda p: ws.view(p, (rows, n), dtype, red), rank, world, rows)
 

@@ -23,18 +23,14 @@ def test_kernel_is_refused_off_cuda_and_for_partial_words():
     assert not peer_pull.supported(meta, 4, 0)
 
 
-def test_pull_switch_checks_its_arguments():
-    before = symm.pull_config()
+def test_pull_ctas_switch_checks_its_argument():
+    before = symm.pull_ctas()
     try:
-        symm.set_pull_ctas(16, block=4096, warps=8)
-        assert symm.pull_config() == (16, 4096, 8)
+        symm.set_pull_ctas(16)
+        assert symm.pull_ctas() == 16
         for bad in (-1, 2.5, True, "16"):
             with pytest.raises(ValueError, match="ctas must be an int >= 0"):
                 symm.set_pull_ctas(bad)
-        with pytest.raises(ValueError, match="block must be an int >= 1"):
-            symm.set_pull_ctas(16, block=0)
-        with pytest.raises(ValueError, match="powers of two"):
-            symm.set_pull_ctas(16, block=3000)
-        assert symm.pull_config() == (16, 4096, 8)
+        assert symm.pull_ctas() == 16
     finally:
-        symm.set_pull_ctas(*before)
+        symm.set_pull_ctas(before)
