@@ -88,10 +88,7 @@ def _signature(op: str, ws, parity: int, inputs: tuple[torch.Tensor, ...], fixed
                extra) -> tuple:
     # The workspace's size too: growing it replaces its buffer, and a graph captured
     # before points at the freed one (it is never replayed again; the LRU drops it).
-    # And how the all-reduce pulls (copy engine or a kernel): a capture embeds it.
-    from .symm import pull_ctas
-
-    return (op, id(ws), getattr(ws, "nbytes", 0), parity, extra, pull_ctas(),
+    return (op, id(ws), getattr(ws, "nbytes", 0), parity, extra,
             tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs),
             tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in fixed))
 

@@ -64,33 +64,13 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import peer_pull
 from .pipeline import cached_stream
 from .validate import GroupInfo
 
-__all__ = ["accumulates", "all_gather_matmul", "available", "matmul_all_reduce", "matmul_reduce_scatter",
-           "pull_ctas", "set_pull_ctas", "splits", "workspace", "workspace_bytes"]
+__all__ = ["accumulates", "all_gather_matmul", "available", "matmul_all_reduce", "matmul_reduce_scatter", "splits",
+           "workspace", "workspace_bytes"]
 
 _AVAILABLE: dict[tuple, bool] = {}
-
-# CTAs of the kernel that pulls the all-reduce's reduced blocks (peer_pull.py); 0: the copy
-# engine. Set with set_pull_ctas (or COMMFLOW_OVERLAP_PULL_CTAS before the first call).
-_PULL_CTAS = int(os.environ.get("COMMFLOW_OVERLAP_PULL_CTAS", "0"))
-
-
-def set_pull_ctas(ctas: int) -> None:
-    """Pull the all-reduce's reduced blocks with a ``ctas``-CTA kernel (0: the copy engine).
-
-    Captured graphs embed the choice in force at capture; it is part of their signature."""
-    global _PULL_CTAS
-    if isinstance(ctas, bool) or not isinstance(ctas, int) or ctas < 0:
-        raise ValueError(f"ctas must be an int >= 0 (0: the copy engine pulls), got {ctas!r}")
-    _PULL_CTAS = ctas
-
-
-def pull_ctas() -> int:
-    """CTAs of the all-reduce's pull kernel (0: the copy engine pulls)."""
-    return _PULL_CTAS
 
 
 def _process_group(g: GroupInfo) -> dist.ProcessGroup:
@@ -168,7 +148,6 @@ class _Workspace:
         self.tensor: torch.Tensor | None = None
         self.handle = None
         self.views: dict[tuple, torch.Tensor] = {}
-        self.table: torch.Tensor | None = None  # every rank's buffer address, for peer_pull
         self.counter = 0  # calls (or groups of rows) so far: picks which copy of a buffer is used
 
     def ensure(self, nbytes: int) -> None:
@@ -195,8 +174,6 @@ class _Workspace:
         self.tensor = symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
         self.handle = symm_mem.rendezvous(self.tensor, self.group_name)
         self.nbytes = nbytes
-        # Made here, not at first use: a first use may be inside a CUDA-graph capture.
-        self.table = torch.tensor(self.handle.buffer_ptrs, dtype=torch.int64, device=self.device)
 
     def next_copy(self, dtype: torch.dtype) -> int:
         """Element offset (in ``dtype``) of the half of the buffer the next step uses; advances the step."""
@@ -469,12 +446,10 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
 
     def pull_peers(dst: torch.Tensor, rows: int, red: int) -> None:
         """Every peer's reduced ``rows`` (element offset ``red`` of its buffer) into its rows of
-        ``dst`` (the group's ``[R * rows, N]`` rows of the output): by copy engine, or by a
-        few CTAs (set_pull_ctas) so the pulls do not queue with the pushes on the copy engine."""
-        if _PULL_CTAS and peer_pull.supported(dst, rows, red):
-            peer_pull.pull(dst, ws.table, red, rank, world, rows, _PULL_CTAS)
-        else:
-            peer_pull.pull_reference(dst, lambda p: ws.view(p, (rows, n), dtype, red), rank, world, rows)
+        ``dst`` (the group's ``[R * rows, N]`` rows of the output)."""
+        for step in range(1, world):
+            p = (rank + step) % world
+            dst[p * rows:(p + 1) * rows].copy_(ws.view(p, (rows, n), dtype, red))
 
     if split:
         reduced: list[int] = []

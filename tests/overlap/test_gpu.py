@@ -142,15 +142,6 @@ def _gpu_checks(tmpdir: str) -> dict:
         o, full = symm.all_gather_matmul(xs, wc, g, sizes, return_gathered=True)
         note("symm ag", _rel(o, exp_ag))
         note("symm ag gathered", _rel(full, X))
-    # The all-reduce's pulls by a kernel of a few CTAs (peer_pull.py) instead of the copy engine.
-    for ctas in (1, 16):
-        symm.set_pull_ctas(ctas)
-        for sizes in (None, (512, 512), (384, 320, 320)):
-            poison()
-            note("symm ar kernel pulls", _rel(symm.matmul_all_reduce(x, w, g, sizes), exp_ar))
-        poison()
-        note("symm ar kernel pulls split", _rel(symm.matmul_all_reduce(x, w, g, split=True)(), exp_ar))
-    symm.set_pull_ctas(0)
     outs = [(symm.matmul_reduce_scatter(x, w, g, (256,) * 4), symm.all_gather_matmul(xs, wc, g)[0],
              symm.matmul_all_reduce(x, w, g, (512, 512)), symm.matmul_reduce_scatter(x, w, g)) for _ in range(5)]
     for a, b, c, d in outs:
@@ -180,9 +171,6 @@ def _gpu_checks(tmpdir: str) -> dict:
             note("graph ag", _rel(o, exp_ag * scale))
             note("graph ag gathered", _rel(full, X * scale))
             note("graph then eager rs", _rel(symm.matmul_reduce_scatter(x, w, g, sizes), exp_rs))
-            symm.set_pull_ctas(8)  # a graph of its own (the pull mode is in the signature)
-            note("graph ar kernel pulls", _rel(ops.matmul_all_reduce_forward(x * scale, w, g, p_ar), exp_ar * scale))
-            symm.set_pull_ctas(0)
     from commflow.overlap import graphs as _graphs
 
     out["graphs captured"] = sum(v is not None for v in _graphs._GRAPHS.values())
