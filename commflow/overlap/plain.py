@@ -36,8 +36,10 @@ __all__ = ["plain_all_gather", "plain_all_reduce", "plain_reduce_scatter"]
 
 # The functions as imported, before any tracer could replace them. Kept in a tuple so
 # that the tracer (which swaps module attributes equal to these functions) leaves them be.
-# The runs below go the direct way only while these are still the functions in place (no
-# tracer has replaced them) and no coalescing block is open. They spell that test out inline,
+# Each run below goes the direct way only while the public function it stands for is still
+# the one in place (no tracer has replaced it) and no coalescing block is open. They spell
+# that test out inline (one attribute and one identity test: the three-function tuple
+# compared here before cost 2-3 times that),
 # as they wait inline on the work a collective returns (a blocking NCCL collective, asyncOp
 # False, torch >= 2.7, ran on the caller's stream and returns none; gloo returns one): the
 # 4xH100 host runs Python several times slower than the CI machine (the op's lookup: 9-26 us
@@ -61,17 +63,18 @@ def _blocking(opts):
     return opts
 
 
-def _out_of_in(method, opts, public: Callable[[], Callable], group) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """``fn(out, inp)`` calling ``method(out, inp, opts)`` untraced, else ``public()``'s
-    function (looked up at call time: the tracer replaces it) with ``group``."""
+def _out_of_in(method, opts, public: str, group) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """``fn(out, inp)`` calling ``method(out, inp, opts)`` untraced, else ``commflow.dist``'s
+    function ``public`` (looked up at call time: the tracer replaces it) with ``group``."""
+    original = _ORIGINAL[1] if public == "reduce_scatter_tensor" else _ORIGINAL[2]
 
     def run(out: torch.Tensor, inp: torch.Tensor) -> None:
-        if (dist.all_reduce, cdist.reduce_scatter_tensor, cdist.all_gather_tensor) == _ORIGINAL and not _COALESCING:
+        if getattr(cdist, public) is original and not _COALESCING:
             work = method(out, inp, opts)
             if work is not None:
                 work.wait()
         else:
-            public()(out, inp, group=group)
+            getattr(cdist, public)(out, inp, group=group)
 
     return run
 
@@ -82,14 +85,14 @@ def plain_reduce_scatter(group: dist.ProcessGroup | None) -> Callable[[torch.Ten
     opts = _blocking(c10d.ReduceScatterOptions())
     opts.reduceOp = dist.ReduceOp.SUM
     return _out_of_in(getattr(pg, "reduce_scatter_single", None) or pg._reduce_scatter_base, opts,
-                      lambda: cdist.reduce_scatter_tensor, group)
+                      "reduce_scatter_tensor", group)
 
 
 def plain_all_gather(group: dist.ProcessGroup | None) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """``fn(out [M, K], inp [M/R, K])``: all-gather along dim 0 (contiguous tensors)."""
     pg = _pg(group)
     return _out_of_in(getattr(pg, "all_gather_single", None) or pg._allgather_base,
-                      _blocking(c10d.AllgatherOptions()), lambda: cdist.all_gather_tensor, group)
+                      _blocking(c10d.AllgatherOptions()), "all_gather_tensor", group)
 
 
 def plain_all_reduce(group: dist.ProcessGroup | None) -> Callable[[torch.Tensor], None]:
@@ -99,7 +102,7 @@ def plain_all_reduce(group: dist.ProcessGroup | None) -> Callable[[torch.Tensor]
     opts.reduceOp = dist.ReduceOp.SUM
 
     def run(t: torch.Tensor) -> None:
-        if (dist.all_reduce, cdist.reduce_scatter_tensor, cdist.all_gather_tensor) == _ORIGINAL and not _COALESCING:
+        if dist.all_reduce is _ORIGINAL[0] and not _COALESCING:
             work = pg.allreduce([t], opts)
             if work is not None:
                 work.wait()

@@ -176,12 +176,26 @@ def _resolved_once() -> dict:
         matmul_reduce_scatter(x[:1], w)  # bad input: refused, never stored
     except ValueError:
         out["bad input not stored"] = len(functional._ENTRIES) == 0
+    try:
+        matmul_all_reduce(x, w, n_chunks=[2])  # unhashable option: the check's error, not the lookup's
+    except ValueError as e:
+        out["unhashable option refused"] = "n_chunks" in str(e) and len(functional._ENTRIES) == 0
+    # The ops build their lookup key inline; it must be _entry_key's, which the dispatch probe uses.
+    xs, wc = ref.column_parallel_shards(X, W, world, r, 0)
+    with torch.no_grad():
+        matmul_reduce_scatter(x, w, mode="sequential")
+        all_gather_matmul(xs, wc, mode="sequential")
+        matmul_all_reduce(x, w, mode="sequential")
+    keys = [functional._entry_key("rs", x, w, None, 0, "sequential", None, "fp32"),
+            functional._entry_key("ag", xs, wc, None, 0, "sequential", None, "fp32"),
+            functional._entry_key("ar", x, w, None, "sequential", None, "fp32")]
+    out["inline keys are _entry_key's"] = all(k in functional._ENTRIES for k in keys) and len(functional._ENTRIES) == 3
     return out
 
 
 def test_signature_is_resolved_once(dist_pool):
     for flags in dist_pool(2).run(_resolved_once):
-        assert all(flags.values()) and len(flags) == 7, flags
+        assert all(flags.values()) and len(flags) == 9, flags
 
 
 def _plain_path_traced_and_untraced() -> dict:
