@@ -47,7 +47,8 @@ __all__ = ["plain_all_gather", "plain_all_reduce", "plain_reduce_scatter"]
 # spare (docs/overlap.md, runs 11-12). This collective itself measured within -2 to +4 us of
 # the process group's method there; with the lines inline the whole plain all-gather call came
 # within -1 to +5 us of the benchmark's bare sequential (lookup 7-12 us; session 11,
-# benchmarks/results/overlap_dispatch_probe_4xH100_20261127-s11.json).
+# benchmarks/results/overlap_dispatch_probe_4xH100_20261127-s11.json), and -1.5 to +0.7 us
+# after the lookup was inlined (session 13, overlap_dispatch_probe_4xH100_20261127-s13.json).
 _ORIGINAL = (dist.all_reduce, cdist.reduce_scatter_tensor, cdist.all_gather_tensor)
 # torch's per-group coalescing state (private); when it is missing, never coalescing.
 _COALESCING: dict = getattr(getattr(c10d, "_world", None), "pg_coalesce_state", {})
