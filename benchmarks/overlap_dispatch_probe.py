@@ -16,6 +16,11 @@ small-M guard shapes (Llama-3 70B attention-out, K = N = 8192, and 8B at M = 204
 * ``plain_closure``: ``commflow.overlap.plain.plain_all_gather``'s collective, then ``mm``.
 
 Medians in ms per call and host microseconds per call, slowest rank.
+
+Found: session 11 (``overlap_dispatch_probe_4xH100_20261127-s11.json``, ``b973d17``) ``entry``
+-1 to +5 us of host time against ``bench``, the lookup (``entry`` - ``entry_run``) 7-12 us;
+session 13, after the ops build their key inline (``overlap_dispatch_probe_4xH100_20261127-s13.json``,
+``ead9196``, a faster host) ``entry`` -1.5 to +0.7 us against ``bench``, the lookup ~7 us.
 """
 
 from __future__ import annotations
