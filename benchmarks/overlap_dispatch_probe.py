@@ -98,7 +98,8 @@ def _worker(cfg: dict) -> dict:
             print(json.dumps(row), flush=True)
     dist.barrier()
     return {"rows": rows, "has_all_gather_single": methods["pg_single"] is not None,
-            "untraced": (dist.all_reduce, cdist.reduce_scatter_tensor, cdist.all_gather_tensor) == plain._ORIGINAL
+            "untraced": (dist.all_reduce, cdist.reduce_scatter_tensor, cdist.all_gather_tensor)
+            == tuple(plain._ORIGINAL.values())
             and not plain._COALESCING, "torch": torch.__version__}
 
 

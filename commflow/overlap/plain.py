@@ -34,8 +34,9 @@ import commflow.dist as cdist
 
 __all__ = ["plain_all_gather", "plain_all_reduce", "plain_reduce_scatter"]
 
-# The functions as imported, before any tracer could replace them. Kept in a tuple so
-# that the tracer (which swaps module attributes equal to these functions) leaves them be.
+# The functions as imported, before any tracer could replace them, by their name in
+# commflow.dist / torch.distributed. Kept in a dict so that the tracer (which swaps module
+# attributes equal to these functions) leaves them be.
 # Each run below goes the direct way only while the public function it stands for is still
 # the one in place (no tracer has replaced it) and no coalescing block is open. They spell
 # that test out inline (one attribute and one identity test: the three-function tuple
@@ -49,7 +50,8 @@ __all__ = ["plain_all_gather", "plain_all_reduce", "plain_reduce_scatter"]
 # within -1 to +5 us of the benchmark's bare sequential (lookup 7-12 us; session 11,
 # benchmarks/results/overlap_dispatch_probe_4xH100_20261127-s11.json), and -1.5 to +0.7 us
 # after the lookup was inlined (session 13, overlap_dispatch_probe_4xH100_20261127-s13.json).
-_ORIGINAL = (dist.all_reduce, cdist.reduce_scatter_tensor, cdist.all_gather_tensor)
+_ORIGINAL = {"all_reduce": dist.all_reduce, "reduce_scatter_tensor": cdist.reduce_scatter_tensor,
+             "all_gather_tensor": cdist.all_gather_tensor}
 # torch's per-group coalescing state (private); when it is missing, never coalescing.
 _COALESCING: dict = getattr(getattr(c10d, "_world", None), "pg_coalesce_state", {})
 
@@ -67,7 +69,7 @@ def _blocking(opts):
 def _out_of_in(method, opts, public: str, group) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """``fn(out, inp)`` calling ``method(out, inp, opts)`` untraced, else ``commflow.dist``'s
     function ``public`` (looked up at call time: the tracer replaces it) with ``group``."""
-    original = _ORIGINAL[1] if public == "reduce_scatter_tensor" else _ORIGINAL[2]
+    original = _ORIGINAL[public]
 
     def run(out: torch.Tensor, inp: torch.Tensor) -> None:
         if getattr(cdist, public) is original and not _COALESCING:
@@ -101,9 +103,10 @@ def plain_all_reduce(group: dist.ProcessGroup | None) -> Callable[[torch.Tensor]
     pg = _pg(group)
     opts = _blocking(c10d.AllreduceOptions())
     opts.reduceOp = dist.ReduceOp.SUM
+    original = _ORIGINAL["all_reduce"]
 
     def run(t: torch.Tensor) -> None:
-        if dist.all_reduce is _ORIGINAL[0] and not _COALESCING:
+        if dist.all_reduce is original and not _COALESCING:
             work = pg.allreduce([t], opts)
             if work is not None:
                 work.wait()
