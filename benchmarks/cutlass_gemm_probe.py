@@ -18,10 +18,13 @@ accumulate, two tile shapes) behind a C ABI, loaded here with ``ctypes``.
 Each shape: the output first filled with NaN (a stale block must not pass), checked against
 ``torch.mm`` on ``x`` and on ``-x``, then the median of 30 event-timed calls of each.
 
-Found (session 13, one H100 of a 4x H100 host, ``cutlass_gemm_probe_1xH100_20261127-s13.json``;
-library built with CUDA 13.0 wheels and CUTLASS 4.7): bit-equal to cuBLAS on every shape; the
-128x256 tile at 0.85-1.07x of cuBLAS, the better of the two tiles 0.88-1.10x (70B FC2 at M = 8192,
-K = 7168 the worst, 0.88x). Compare Triton's 0.76-0.91x in the session-12 probe.
+Found (session 13, one H100 of a 4x H100 host, ``cutlass_gemm_probe_1xH100_20261127-s13.json``,
+``d38afb0``; library built with CUDA 13.0 wheels and CUTLASS 4.7 on the 2-core CI machine in 66 s,
+1.2 MB): bit-equal to cuBLAS on every shape, on ``x`` and ``-x``; the 128x256 tile at 0.86-1.10x of
+cuBLAS, the better of the two tiles 0.87-1.10x (70B attention-out at M = 4096 and 70B FC2 the
+worst, 0.87x; 8B FC2 and the 8192^3 square faster than cuBLAS). Two earlier runs of the same kernel
+from a scratch script the same session: 0.85-1.07x and 0.88-1.10x. Compare Triton's 0.76-0.91x in
+the session-12 probe.
 """
 
 from __future__ import annotations
