@@ -44,10 +44,14 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["MAX_GRAPHS", "clear", "graphed_call", "graphs_enabled", "set_graphs"]
+__all__ = ["MAX_GRAPHS", "THRASH_RECAPTURES", "clear", "graphed_call", "graphs_enabled", "set_graphs"]
 
 MAX_GRAPHS = 16
 """Captured graphs kept (least recently used evicted): each holds its own memory pool."""
+
+THRASH_RECAPTURES = 4
+"""Recaptures of evicted graphs of one kind (op and shapes, whatever the weight) after which
+that kind runs its eager schedule: more weights of one shape take turns than the cache holds."""
 
 _OVERRIDE: bool | None = None
 
@@ -77,11 +81,28 @@ class _Captured:
 
 
 _GRAPHS: OrderedDict[tuple, _Captured | None] = OrderedDict()
+# Why a guard: a graph's signature holds its weight's address, so a model whose layers share
+# a shape needs a graph per layer. With more of them in turn than MAX_GRAPHS, the LRU evicts
+# each graph before its layer comes round again, and every call would pay an eager run and a
+# capture, slower than either path alone. Signatures evicted so far (bounded), recaptures
+# per kind, and the kinds sent back to eager:
+_EVICTED: OrderedDict[tuple, None] = OrderedDict()
+_RECAPTURES: dict[tuple, int] = {}
+_EAGER_KINDS: set[tuple] = set()
 
 
 def clear() -> None:
-    """Drop every captured graph (and its memory pool)."""
+    """Drop every captured graph (and its memory pool), and forget evictions."""
     _GRAPHS.clear()
+    _EVICTED.clear()
+    _RECAPTURES.clear()
+    _EAGER_KINDS.clear()
+
+
+def _kind(key: tuple) -> tuple:
+    """A signature without its counter parity and weight addresses: one kind per op and shapes."""
+    op, ws_id, nbytes, _parity, extra, inputs, fixed = key
+    return op, ws_id, nbytes, extra, inputs, tuple(f[1:] for f in fixed)
 
 
 def _signature(op: str, ws, parity: int, inputs: tuple[torch.Tensor, ...], fixed: tuple[torch.Tensor, ...],
@@ -145,6 +166,9 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
     after = ws.counter
     ws.counter = start
     key = _signature(op, ws, start & 1, inputs, fixed, extra)  # the eager call may have grown the workspace
+    if not _worth_capturing(op, key):
+        ws.counter = after
+        return out
     try:
         statics = [t.clone() for t in inputs]
         graph, output = _capture(fn, statics, fixed)
@@ -156,5 +180,27 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
     finally:
         ws.counter = after
     while len(_GRAPHS) > MAX_GRAPHS:
-        _GRAPHS.popitem(last=False)
+        _EVICTED[_GRAPHS.popitem(last=False)[0]] = None
+        while len(_EVICTED) > 4 * MAX_GRAPHS:
+            _EVICTED.popitem(last=False)
     return out
+
+
+def _worth_capturing(op: str, key: tuple) -> bool:
+    """False for a kind that thrashes the cache (see _EVICTED): it stays eager, with one warning."""
+    kind = _kind(key)
+    if kind in _EAGER_KINDS:
+        return False
+    if key in _EVICTED:
+        del _EVICTED[key]
+        _RECAPTURES[kind] = n = _RECAPTURES.get(kind, 0) + 1
+        if n >= THRASH_RECAPTURES:
+            _EAGER_KINDS.add(kind)
+            warnings.warn(
+                f"commflow.overlap: the CUDA graphs of {op} for one shape are evicted before their weight comes "
+                f"round again ({n} recaptures): more weights of this shape take turns than MAX_GRAPHS="
+                f"{MAX_GRAPHS} graphs hold, so calls of this shape now run the eager schedule. Raise "
+                "commflow.overlap.graphs.MAX_GRAPHS (each graph holds a memory pool of its own) to keep them, "
+                "or set COMMFLOW_OVERLAP_GRAPHS=0", RuntimeWarning, stacklevel=3)
+            return False
+    return True

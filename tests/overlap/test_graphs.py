@@ -203,3 +203,34 @@ def test_a_first_call_that_grows_the_workspace_is_keyed_by_the_new_size(fake_cap
     for _ in range(3):
         torch.testing.assert_close(graphs.graphed_call("ar", fn, (x,), (w,), ws), x @ w)
     assert len(made) == 1 and made[0].replays == 2
+
+
+def test_weights_taking_turns_beyond_the_cache_go_eager_once_warned(fake_capture, monkeypatch):
+    """A model's layers share a shape but not a weight: with more of them in turn than the
+    cache holds, each graph is evicted before its layer comes again. After a few recaptures
+    that kind runs eagerly (one warning) instead of capturing on every call; another kind
+    keeps its graphs."""
+    ws, made = fake_capture
+    monkeypatch.setattr(graphs, "MAX_GRAPHS", 3)
+    monkeypatch.setattr(graphs, "THRASH_RECAPTURES", 2)
+    fn = _schedule(ws, 2)
+    layers = [torch.randn(4, 3) for _ in range(5)]
+    other_w, other_x = torch.randn(6, 2), torch.randn(5, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(6):
+            for w in layers:
+                x = torch.randn(5, 4)
+                torch.testing.assert_close(graphs.graphed_call("rs", fn, (x,), (w,), ws), x @ w)
+    thrash = [c for c in caught if "evicted before their weight comes round again" in str(c.message)]
+    assert len(thrash) == 1 and "MAX_GRAPHS=3" in str(thrash[0].message)
+    # 5 first captures, one recapture of an evicted graph; the second recapture (the limit)
+    # sends the kind to eager, and nothing is captured after that.
+    assert len(made) == 6
+    assert ws.counter == 6 * 5 * 2
+    # A kind of another shape is still captured and replayed.
+    for _ in range(3):
+        torch.testing.assert_close(graphs.graphed_call("rs", fn, (other_x,), (other_w,), ws), other_x @ other_w)
+    assert len(made) == 7 and made[-1].replays == 2
+    graphs.clear()
+    assert not graphs._EAGER_KINDS and not graphs._EVICTED

@@ -1,0 +1,102 @@
+"""Probe: many layers of one shape through the automatic path, as a model calls them.
+
+Not a registered benchmark (``python -m benchmarks.overlap_layers_probe --nproc 4 [--layers 24]
+[--steps 8] [--out FILE]``). A CUDA graph of a copy-engine schedule is keyed by its weight's
+address (graphs.py), so a model whose layers share a shape needs one graph per layer; with more
+layers than ``graphs.MAX_GRAPHS`` the LRU evicts each graph before its layer comes round again.
+Per step, every rank calls ``matmul_reduce_scatter(x, w_l)`` for each of ``--layers`` weights of
+one shape (Llama-3 8B attention-out, M = 8192, where the plan replays a graph on 4 H100), and
+the step is timed (median over ``--steps`` after two warm-up steps, slowest rank) for:
+
+* ``sequential``: ``mode="sequential"`` (torch.mm + NCCL);
+* ``auto_no_guard``: ``mode="auto"`` with the thrash guard off (``THRASH_RECAPTURES`` huge):
+  the behaviour before session 13, every call an eager run plus a capture once the layers
+  outnumber the cache;
+* ``auto``: the library as it is (the guard sends the shape to eager after a few recaptures);
+* ``auto_big_cache``: ``mode="auto"`` with ``MAX_GRAPHS`` above the layer count.
+
+Also the graphs captured during the timed steps of each variant (``captures``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+
+import torch
+
+ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+K_FULL, N, M = 4096, 4096, 8192
+
+
+def _worker(cfg: dict) -> dict:
+    import torch.distributed as dist
+
+    from benchmarks.timing import max_over_ranks
+    from commflow.dist import init_distributed
+    from commflow.overlap import functional, graphs, matmul_reduce_scatter
+
+    info = init_distributed(device="cuda")
+    dev, world = info.device, info.world_size
+    k = K_FULL // world
+    gen = torch.Generator(device=dev).manual_seed(3 + info.rank)
+    x = torch.randn(M, k, device=dev, generator=gen).bfloat16()
+    weights = [(torch.randn(k, N, device=dev, generator=gen) / math.sqrt(K_FULL)).bfloat16()
+               for _ in range(cfg["layers"])]
+    default_max, default_thrash = graphs.MAX_GRAPHS, graphs.THRASH_RECAPTURES
+    variants = {"sequential": ("sequential", default_max, default_thrash),
+                "auto_no_guard": ("auto", default_max, 10**9),
+                "auto": ("auto", default_max, default_thrash),
+                "auto_big_cache": ("auto", 4 * cfg["layers"] + 8, default_thrash)}
+    captures_of = graphs._capture
+    out = {"layers": cfg["layers"], "M": M, "K": K_FULL, "N": N, "max_graphs_default": default_max, "variants": {}}
+    for name, (mode, max_graphs, thrash) in variants.items():
+        graphs.clear()
+        functional.clear_caches()
+        graphs.MAX_GRAPHS, graphs.THRASH_RECAPTURES = max_graphs, thrash
+        count = [0]
+
+        def counting(*a, count=count, **kw):
+            count[0] += 1
+            return captures_of(*a, **kw)
+
+        graphs._capture = counting
+        times, captured_before = [], 0
+        with torch.no_grad():
+            for step in range(cfg["steps"] + 2):
+                if step == 2:
+                    captured_before = count[0]
+                dist.barrier()
+                torch.cuda.synchronize(dev)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for w in weights:
+                    matmul_reduce_scatter(x, w, mode=mode)
+                end.record()
+                torch.cuda.synchronize(dev)
+                if step >= 2:
+                    times.append(start.elapsed_time(end))
+        graphs._capture = captures_of
+        plan = functional._ENTRIES and next(iter(functional._ENTRIES.values())).plan
+        out["variants"][name] = {"step_ms": max_over_ranks(statistics.median(times)),
+                                 "captures_in_timed_steps": count[0] - captured_before,
+                                 "plan": None if not plan else f"{plan.decision}/{plan.n_chunks}/graphed={plan.graphed}"}
+        if info.rank == 0:
+            print(json.dumps({name: out["variants"][name]}), flush=True)
+    graphs.MAX_GRAPHS, graphs.THRASH_RECAPTURES = default_max, default_thrash
+    graphs.clear()
+    dist.barrier()
+    return out
+
+
+def main(argv=None) -> int:
+    from benchmarks.results import probe_main
+
+    return probe_main("overlap_layers_probe", _worker, argv, __doc__, nproc=4, options={"layers": 24, "steps": 8},
+                      timeout_s=300, env=ENV)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
