@@ -16,6 +16,12 @@ the step is timed (median over ``--steps`` after two warm-up steps, slowest rank
 * ``auto_big_cache``: ``mode="auto"`` with ``MAX_GRAPHS`` above the layer count.
 
 Also the graphs captured during the timed steps of each variant (``captures``).
+
+Found (session 13, 4x H100, ``overlap_layers_probe_4xH100_20261127-s13.json``, ``c422741``, 24
+layers): sequential 7.16 ms a step; ``auto_no_guard`` 118.8 ms (192 captures in 8 steps: every
+call); ``auto`` 9.07 ms (no capture after the guard: the eager schedule, 0.79x sequential);
+``auto_big_cache`` 6.04 ms (1.19x). After this run the plans gained ``eager_fallback`` (the plain
+path where the eager schedule timed slower than it), not yet timed here.
 """
 
 from __future__ import annotations

@@ -239,6 +239,13 @@ def measured_choice(p: OverlapPlan, run: Callable[[OverlapPlan], object], g: Gro
                f"model said: {p.reason}")
     chosen = replace(candidates[best] if keep else sequential, reason=verdict, measured_sequential_ms=t_seq,
                      measured_overlap_ms=t_ovl)
+    if keep and chosen.graphed:
+        # Without its graph (graphs.py evicts the graphs of a shape with more layers than it
+        # holds) the schedule runs eagerly, host-bound: keep that only where it was timed faster.
+        t_eager = t_cands[best - len(candidates) // 2]  # its eager twin: same split, listed first
+        fallback = "overlap" if t_eager <= t_seq * (1.0 - keep_margin(t_seq)) else "sequential"
+        chosen = replace(chosen, eager_fallback=fallback,
+                         reason=f"{verdict}; without its graph: {fallback} ({t_eager:.3f} ms eager)")
     _CHOICES[key] = chosen
     return chosen
 

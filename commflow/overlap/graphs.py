@@ -131,7 +131,7 @@ def _capture(fn: Callable, statics: list[torch.Tensor], fixed: tuple[torch.Tenso
 
 
 def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed: tuple[torch.Tensor, ...], ws,
-                 extra=None):
+                 extra=None, fallback: Callable | None = None):
     """``fn(*inputs, *fixed)`` through a CUDA graph of it (captured on the first call).
 
     ``inputs`` are copied into static buffers before each replay; ``fixed`` (the weight)
@@ -142,6 +142,9 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
     ``fn`` returns a callable (a schedule run with ``split=True``, symm.splits): then only
     the steps before it are captured, and the callable, run after every replay, makes the
     result in new memory (no copy).
+
+    ``fallback(*inputs, *fixed)``: what runs instead of ``fn`` once the graphs of this kind
+    cannot be kept (``THRASH_RECAPTURES``); None runs ``fn`` eagerly.
     """
     key = _signature(op, ws, ws.counter & 1, inputs, fixed, extra)
     if key in _GRAPHS:
@@ -155,6 +158,11 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
         hit.graph.replay()
         ws.counter += hit.steps
         return hit.output() if callable(hit.output) else _copy_out(hit.output)
+    if _EAGER_KINDS and _kind(key) in _EAGER_KINDS:
+        if fallback is not None:
+            return fallback(*inputs, *fixed)
+        out = fn(*inputs, *fixed)
+        return out() if callable(out) else out
     # First call: run it eagerly (this call's result; it also warms cuBLAS, the allocator
     # and the workspace's size, none of which may happen inside a capture), then capture
     # the same steps from the same counter parity for the next calls.
@@ -187,10 +195,8 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
 
 
 def _worth_capturing(op: str, key: tuple) -> bool:
-    """False for a kind that thrashes the cache (see _EVICTED): it stays eager, with one warning."""
+    """False once a kind thrashes the cache (see _EVICTED): it goes eager, with one warning."""
     kind = _kind(key)
-    if kind in _EAGER_KINDS:
-        return False
     if key in _EVICTED:
         del _EVICTED[key]
         _RECAPTURES[kind] = n = _RECAPTURES.get(kind, 0) + 1
@@ -199,7 +205,8 @@ def _worth_capturing(op: str, key: tuple) -> bool:
             warnings.warn(
                 f"commflow.overlap: the CUDA graphs of {op} for one shape are evicted before their weight comes "
                 f"round again ({n} recaptures): more weights of this shape take turns than MAX_GRAPHS="
-                f"{MAX_GRAPHS} graphs hold, so calls of this shape now run the eager schedule. Raise "
+                f"{MAX_GRAPHS} graphs hold, so calls of this shape now run without a graph (the schedule "
+                "eagerly, or the plain path where the autotune timed that faster). Raise "
                 "commflow.overlap.graphs.MAX_GRAPHS (each graph holds a memory pool of its own) to keep them, "
                 "or set COMMFLOW_OVERLAP_GRAPHS=0", RuntimeWarning, stacklevel=3)
             return False

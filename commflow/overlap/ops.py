@@ -89,14 +89,32 @@ def _bounds(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
 
 def _symm(op: str, schedule, x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, plan: OverlapPlan, *extra):
     """``schedule(x2d, w, g, plan.chunk_sizes, *extra)`` (a copy-engine schedule of symm.py),
-    replayed as a CUDA graph where the plan says so (graphs.py)."""
+    replayed as a CUDA graph where the plan says so (graphs.py); where the graphs of this shape
+    cannot be kept, the plan's ``eager_fallback``."""
     sizes = plan.chunk_sizes
     if not plan.graphed:
         return schedule(x2d, w, g, sizes, *extra)
     # The reduce-scatter and all-reduce end outside the graph, in new memory (symm.splits).
     kw = {"split": True} if op in ("rs", "ar") else {}
+    plain = (lambda a, b: _sequential(op, a, b, g, *extra)) if plan.eager_fallback == "sequential" else None
     return graphs.graphed_call(op, lambda a, b: schedule(a, b, g, sizes, *extra, **kw), (x2d.contiguous(),), (w,),
-                               symm.workspace(g, op, x2d.device), (sizes, *extra))
+                               symm.workspace(g, op, x2d.device), (sizes, *extra), fallback=plain)
+
+
+def _sequential(op: str, x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, *extra):
+    """The plain path in the form ``_symm``'s schedule returns: GEMM, then the collective
+    (all-gather first, for ``"ag"``, whose ``extra`` is ``return_gathered``)."""
+    if op == "ag":
+        full = torch.empty(x2d.shape[0] * g.world_size, x2d.shape[1], dtype=x2d.dtype, device=x2d.device)
+        all_gather_tensor(full, x2d, group=g.group)
+        return torch.mm(full, w), (full if extra and extra[0] else None)
+    y = torch.mm(x2d, w)
+    if op == "ar":
+        dist.all_reduce(y, group=g.group)
+        return y
+    out = torch.empty(y.shape[0] // g.world_size, y.shape[1], dtype=y.dtype, device=y.device)
+    reduce_scatter_tensor(out, y, group=g.group)
+    return out
 
 
 def matmul_reduce_scatter_forward(

@@ -106,6 +106,10 @@ class OverlapPlan:
     graphed: bool = False
     """The copy-engine schedule replays as a CUDA graph (:mod:`commflow.overlap.graphs`):
     chosen only by the autotune, where graphs are enabled and measured faster."""
+    eager_fallback: Literal["overlap", "sequential"] = "overlap"
+    """What a graphed plan runs where its graphs cannot be kept (graphs.py's thrash guard: more
+    layers of one shape than the cache holds): the same schedule without a graph, or the plain
+    path. The autotune sets it from the times it measured for both."""
     t_overlap_device_ms: float | None = None
     """``symm``: the fastest candidate's schedule on the device alone, without the host's
     launch bound: what a CUDA graph replay of it could reach, by the model (reported; on

@@ -169,7 +169,7 @@ def test_two_and_four_groups_are_timed_beside_the_models_one(dist_pool, candidat
     assert res["device_ms"] is not None and res["device_ms"] <= res["host_ms"], res
 
 
-def _gate(graphs: bool) -> dict:
+def _gate(graphs: bool, eager_ms: float = 1.2) -> dict:
     """A four-rank copy-engine plan the model rejects (device time 3x the plain path's):
     timed anyway where graphs replay the schedule, left to the model where they do not."""
     from commflow.overlap import graphs as graphs_mod
@@ -188,26 +188,31 @@ def _gate(graphs: bool) -> dict:
     try:
         def run(q):
             seen.append((q.decision, q.graphed))
-            return 1.0 if q.decision == "sequential" else (0.8 if q.graphed else 1.2)
+            return 1.0 if q.decision == "sequential" else (0.8 if q.graphed else eager_ms)
 
         chosen = at.measured_choice(rejected, run, GroupInfo(group=None, rank=0, world_size=1),
                                     torch.device("cpu"), 0)
     finally:
         at._time_ms, graphs_mod.graphs_enabled = real_time, real_enabled
         at._CHOICES.clear()
-    return {"timed": sorted(set(seen)), "decision": chosen.decision, "graphed": chosen.graphed, "reason": chosen.reason}
+    return {"timed": sorted(set(seen)), "decision": chosen.decision, "graphed": chosen.graphed, "reason": chosen.reason,
+            "eager_fallback": chosen.eager_fallback}
 
 
-def _gates() -> tuple[dict, dict]:
-    return _gate(True), _gate(False)
+def _gates() -> tuple[dict, dict, dict]:
+    return _gate(True), _gate(False), _gate(True, eager_ms=0.85)
 
 
 def test_with_graphs_a_shape_the_model_rejects_is_still_timed(dist_pool):
-    with_graphs, without = dist_pool(1).run(_gates)[0]
+    with_graphs, without, eager_fast = dist_pool(1).run(_gates)[0]
     assert with_graphs["timed"] == [("overlap", False), ("overlap", True), ("sequential", False)], with_graphs
     assert with_graphs["decision"] == "overlap" and with_graphs["graphed"], with_graphs
     assert "measured overlap 0.800 ms vs sequential 1.000 ms" in with_graphs["reason"], with_graphs
     assert without["timed"] == [] and without["decision"] == "sequential", without  # the model's word
+    # Without its graph the schedule ran 1.2 ms against the plain path's 1.0: the plain path is
+    # what runs where the graphs cannot be kept; an eager run faster than the plain path stays.
+    assert with_graphs["eager_fallback"] == "sequential" and "without its graph: sequential" in with_graphs["reason"]
+    assert eager_fast["graphed"] and eager_fast["eager_fallback"] == "overlap", eager_fast
 
 
 def test_small_shapes_get_more_timing_rounds():

@@ -234,3 +234,32 @@ def test_weights_taking_turns_beyond_the_cache_go_eager_once_warned(fake_capture
     assert len(made) == 7 and made[-1].replays == 2
     graphs.clear()
     assert not graphs._EAGER_KINDS and not graphs._EVICTED
+
+
+def test_a_thrashing_kind_runs_the_fallback_where_one_is_given(fake_capture, monkeypatch):
+    """The plan's eager_fallback="sequential" reaches graphed_call as ``fallback``: once the
+    kind goes eager, the fallback runs instead of the schedule (and advances no counter)."""
+    ws, made = fake_capture
+    monkeypatch.setattr(graphs, "MAX_GRAPHS", 2)
+    monkeypatch.setattr(graphs, "THRASH_RECAPTURES", 1)
+    fn = _schedule(ws, 2)
+    plain_calls = []
+
+    def plain(x, w):
+        plain_calls.append(1)
+        return x @ w
+
+    layers = [torch.randn(4, 3) for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            for w in layers:
+                x = torch.randn(5, 4)
+                torch.testing.assert_close(graphs.graphed_call("ag", fn, (x,), (w,), ws, fallback=plain), x @ w)
+    # Round 1 captures all 4 (the first two are evicted). Round 2: layer 0 would be a recapture,
+    # which reaches the limit (that call's eager run is its result, nothing captured); layer 1
+    # runs the fallback; layers 2 and 3 still replay their cached graphs. Round 3: layers 0 and
+    # 1 the fallback, 2 and 3 their graphs.
+    assert len(made) == 4
+    assert len(plain_calls) == 3
+    assert [g.replays for g in made] == [0, 0, 2, 2]
