@@ -131,7 +131,7 @@ class OverlapPlan:
             f"reduction={self.reduction}, transport={self.transport})",
             f"  decision: {self.decision}"
             + (f" with {self.n_chunks} chunks of {list(self.chunk_sizes)}" if self.overlap else "")
-            + (" (CUDA graph)" if self.graphed else ""),
+            + (f" (CUDA graph; without it: {self.eager_fallback})" if self.graphed else ""),
             f"  predicted: gemm {self.t_gemm_ms:.3f} ms, comm {self.t_comm_ms:.3f} ms, "
             f"sequential {self.t_sequential_ms:.3f} ms"
             + (f", overlapped {self.t_overlap_ms:.3f} ms" if self.t_overlap_ms is not None else ""),
