@@ -84,9 +84,11 @@ _GRAPHS: OrderedDict[tuple, _Captured | None] = OrderedDict()
 # Why a guard: a graph's signature holds its weight's address, so a model whose layers share
 # a shape needs a graph per layer. With more of them in turn than MAX_GRAPHS, the LRU evicts
 # each graph before its layer comes round again, and every call would pay an eager run and a
-# capture, slower than either path alone. Signatures evicted so far (bounded), recaptures
-# per kind, and the kinds sent back to eager:
-_EVICTED: OrderedDict[tuple, None] = OrderedDict()
+# capture, slower than either path alone. Signatures captured so far per kind (a second
+# capture of one is a recapture: it was evicted; a set per kind, not a bounded list of
+# evictions, so that a model of any depth is caught), recaptures per kind, and the kinds
+# sent back to eager:
+_CAPTURED: dict[tuple, set[tuple]] = {}
 _RECAPTURES: dict[tuple, int] = {}
 _EAGER_KINDS: set[tuple] = set()
 
@@ -94,7 +96,7 @@ _EAGER_KINDS: set[tuple] = set()
 def clear() -> None:
     """Drop every captured graph (and its memory pool), and forget evictions."""
     _GRAPHS.clear()
-    _EVICTED.clear()
+    _CAPTURED.clear()
     _RECAPTURES.clear()
     _EAGER_KINDS.clear()
 
@@ -188,17 +190,17 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
     finally:
         ws.counter = after
     while len(_GRAPHS) > MAX_GRAPHS:
-        _EVICTED[_GRAPHS.popitem(last=False)[0]] = None
-        while len(_EVICTED) > 4 * MAX_GRAPHS:
-            _EVICTED.popitem(last=False)
+        _GRAPHS.popitem(last=False)
     return out
 
 
 def _worth_capturing(op: str, key: tuple) -> bool:
-    """False once a kind thrashes the cache (see _EVICTED): it goes eager, with one warning."""
+    """False once a kind thrashes the cache (see _CAPTURED): it goes eager, with one warning."""
     kind = _kind(key)
-    if key in _EVICTED:
-        del _EVICTED[key]
+    seen = _CAPTURED.setdefault(kind, set())
+    if key not in seen:
+        seen.add(key)
+    else:  # captured before, so evicted since
         _RECAPTURES[kind] = n = _RECAPTURES.get(kind, 0) + 1
         if n >= THRASH_RECAPTURES:
             _EAGER_KINDS.add(kind)

@@ -233,7 +233,7 @@ def test_weights_taking_turns_beyond_the_cache_go_eager_once_warned(fake_capture
         torch.testing.assert_close(graphs.graphed_call("rs", fn, (other_x,), (other_w,), ws), other_x @ other_w)
     assert len(made) == 7 and made[-1].replays == 2
     graphs.clear()
-    assert not graphs._EAGER_KINDS and not graphs._EVICTED
+    assert not graphs._EAGER_KINDS and not graphs._CAPTURED
 
 
 def test_a_thrashing_kind_runs_the_fallback_where_one_is_given(fake_capture, monkeypatch):
@@ -263,3 +263,19 @@ def test_a_thrashing_kind_runs_the_fallback_where_one_is_given(fake_capture, mon
     assert len(made) == 4
     assert len(plain_calls) == 3
     assert [g.replays for g in made] == [0, 0, 2, 2]
+
+
+def test_a_model_much_deeper_than_the_cache_is_caught_too(fake_capture, monkeypatch):
+    """Recaptures are found however many other graphs were evicted in between."""
+    ws, made = fake_capture
+    monkeypatch.setattr(graphs, "MAX_GRAPHS", 2)
+    monkeypatch.setattr(graphs, "THRASH_RECAPTURES", 3)
+    fn = _schedule(ws, 2)
+    layers = [torch.randn(4, 3) for _ in range(40)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            for w in layers:
+                graphs.graphed_call("rs", fn, (torch.randn(5, 4),), (w,), ws)
+    assert len(made) == 40 + 2  # the third recapture is refused; none after
+    assert sum("evicted before their weight" in str(c.message) for c in caught) == 1
