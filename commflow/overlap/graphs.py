@@ -51,7 +51,8 @@ MAX_GRAPHS = 16
 
 THRASH_RECAPTURES = 4
 """Recaptures of evicted graphs of one kind (op and shapes, whatever the weight) after which
-that kind runs its eager schedule: more weights of one shape take turns than the cache holds."""
+that kind runs without a graph (``graphed_call``'s fallback): more weights of one shape take
+turns than the cache holds."""
 
 _OVERRIDE: bool | None = None
 
@@ -94,7 +95,7 @@ _EAGER_KINDS: set[tuple] = set()
 
 
 def clear() -> None:
-    """Drop every captured graph (and its memory pool), and forget evictions."""
+    """Drop every captured graph (and its memory pool), and forget the thrash guard's counts."""
     _GRAPHS.clear()
     _CAPTURED.clear()
     _RECAPTURES.clear()
