@@ -1,0 +1,157 @@
+"""Probe: GEMM + reduce-scatter with CUTLASS storing every destination's block into its owner.
+
+Not a registered benchmark; **not run yet** (written in session 13 after the device time was
+spent; the next GPU session runs it first). Build the library without a GPU
+(``CUTLASS_DIR=... bash benchmarks/cutlass/build.sh``), then ``python -m
+benchmarks.overlap_cutlass_rs_probe --nproc 4 [--rounds 20] [--out FILE]`` (on the device machine,
+carry ``benchmarks/cutlass/libcf_gemm.so``).
+
+The fused-epilogue probe (``overlap_fused_probe``, session 12) had a Triton GEMM store each tile
+into its owner's symmetric buffer: cheap stores, but a GEMM at 0.76-0.91 of cuBLAS.
+``cutlass_gemm_probe`` (session 13) has a CUTLASS Hopper GEMM at 0.87-1.10 of cuBLAS. This puts
+the two together with the least new code: ``gemm_sm90_array.cu`` runs R problems of one shape in
+one persistent launch, each with its own pointers; problem ``l`` multiplies the rows of
+destination ``d = rank + 1 + l`` (this rank's own rows last) and its epilogue writes them straight
+into slot ``rank`` of rank ``d``'s symmetric buffer. Then one symmetric-memory barrier and the
+fp32 sum of the slots, as the library's reduce-scatter ends. Variants, timed in alternation
+(``commflow.overlap.autotune.sample_ms``, medians, slowest rank):
+
+* ``cublas``: ``torch.mm`` of the whole ``x [M, K/R] @ w``;
+* ``cutlass_local``: the same launch with every block written into this rank's own buffer (no
+  remote stores);
+* ``cutlass_rs``: the launch into the owners' buffers, barrier, sum;
+* ``library_rs``: the library's copy-engine reduce-scatter forced to overlap, one row group,
+  replayed as a CUDA graph (``benchmarks.overlap.symm_call``);
+* ``sequential``: ``torch.mm`` + NCCL's reduce-scatter.
+
+``cutlass_rs`` is checked against ``sequential`` with the slots filled with NaN first. One copy of
+the slots (as in ``overlap_fused_probe``): a fast rank's next call may write into slots a peer still
+sums, which does not change the timing; the check runs on quiet ranks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+SHAPES = [  # (name, K, N, M): row-parallel, x [M, K/R] @ w [K/R, N]
+    ("llama3-70b-attn-out", 8192, 8192, 16384), ("llama3-70b-attn-out", 8192, 8192, 4096),
+    ("llama3-8b-attn-out", 4096, 4096, 16384), ("llama3-70b-fc2", 28672, 8192, 8192),
+    ("llama3-8b-fc2", 14336, 4096, 16384),
+]
+LIB = Path(__file__).parent / "cutlass" / "libcf_gemm.so"
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.cf_gemm_bf16_array.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                       ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.cf_gemm_bf16_array_workspace.argtypes = [ctypes.c_int] * 4
+    lib.cf_gemm_bf16_array_workspace.restype = ctypes.c_longlong
+    return lib
+
+
+def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int) -> dict:
+    import torch.distributed as dist
+
+    from benchmarks.overlap import symm_call
+    from benchmarks.timing import max_over_ranks
+    from commflow.overlap.autotune import sample_ms
+
+    dev, world, rank = torch.device("cuda", torch.cuda.current_device()), g.world_size, g.rank
+    k, mr = k_full // world, m // world
+    gen = torch.Generator(device=dev).manual_seed(17 + rank)
+    x = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(k, n, device=dev, generator=gen) / math.sqrt(k_full)).to(torch.bfloat16)
+    ws.ensure(2 * world * mr * n * 2)  # slots [R, M/R, N], and as much again for the local control
+    slots = ws.view(rank, (world, mr, n), torch.bfloat16, 0)  # slot s: what rank s computed for this rank
+    local = ws.view(rank, (world, mr, n), torch.bfloat16, world * mr * n)
+    order = [(rank + 1 + step) % world for step in range(world)]  # destinations, this rank's own last
+    base = ws.handle.buffer_ptrs
+    a_ptrs = torch.tensor([x.data_ptr() + d * mr * k * 2 for d in order], dtype=torch.int64, device=dev)
+    b_ptrs = torch.tensor([w.data_ptr()] * world, dtype=torch.int64, device=dev)
+    d_remote = torch.tensor([base[d] + rank * mr * n * 2 for d in order], dtype=torch.int64, device=dev)
+    d_local = torch.tensor([local[d].data_ptr() for d in order], dtype=torch.int64, device=dev)
+    workspace = torch.empty(max(1, lib.cf_gemm_bf16_array_workspace(mr, n, k, world)), dtype=torch.uint8, device=dev)
+
+    def launch(d_ptrs: torch.Tensor) -> None:
+        rc = lib.cf_gemm_bf16_array(a_ptrs.data_ptr(), b_ptrs.data_ptr(), d_ptrs.data_ptr(), mr, n, k, world,
+                                    workspace.data_ptr(), torch.cuda.current_stream().cuda_stream)
+        if rc:
+            raise RuntimeError(f"cf_gemm_bf16_array returned {rc} (1 can_implement, 3 initialize, 4 run, 5 launch)")
+
+    def cutlass_rs() -> torch.Tensor:
+        launch(d_remote)
+        ws.barrier()  # every rank's block for this rank has landed
+        return torch.sum(slots, dim=0)  # fp32 accumulation, rounded once
+
+    def sequential() -> torch.Tensor:
+        y = torch.mm(x, w)
+        o = torch.empty(mr, n, device=dev, dtype=y.dtype)
+        dist.reduce_scatter_tensor(o, y)
+        return o
+
+    fns = {"cublas": lambda: torch.mm(x, w), "cutlass_local": lambda: launch(d_local), "cutlass_rs": cutlass_rs,
+           "library_rs": symm_call("rs", x, w, (m, n, k), groups=1), "sequential": sequential}
+    with torch.no_grad():
+        for fn in fns.values():
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize(dev)
+            dist.barrier()
+        ref = sequential().float()
+        diff = {}
+        for nm in ("cutlass_rs", "library_rs"):
+            slots.fill_(float("nan"))  # every slot must be written by this call
+            torch.cuda.synchronize(dev)
+            dist.barrier()
+            got = fns[nm]().float()
+            diff[nm] = max_over_ranks(((got - ref).abs().max() / ref.abs().max()).nan_to_num(float("inf")).item())
+        torch.cuda.synchronize(dev)
+        dist.barrier()
+        timed = sample_ms(list(fns.values()), iters=rounds, calls=4, device=dev)
+    row = {"shape": name, "M": m, "K_per_rank": k, "N": n, "rel_diff": diff}
+    for nm, (t, _) in zip(fns, timed):
+        row[f"{nm}_ms"] = max_over_ranks(t)
+    row["cutlass_rs_speedup"] = row["sequential_ms"] / row["cutlass_rs_ms"]
+    row["library_speedup"] = row["sequential_ms"] / row["library_rs_ms"]
+    row["cutlass_vs_cublas"] = row["cublas_ms"] / row["cutlass_local_ms"]
+    return row
+
+
+def _worker(cfg: dict) -> dict:
+    import torch.distributed as dist
+
+    from commflow.dist import init_distributed
+    from commflow.overlap import symm
+    from commflow.overlap.validate import check_group
+
+    info = init_distributed(device="cuda")
+    g = check_group(None, info.device)
+    ws = symm.workspace(g, "cutlass_rs_probe", info.device)
+    lib = _load(LIB)
+    rows = []
+    for shape in SHAPES:
+        row = _row(lib, g, ws, *shape, cfg["rounds"])
+        if info.rank == 0:
+            print(json.dumps(row), flush=True)
+        rows.append(row)
+    dist.barrier()
+    return {"rows": rows, "torch": torch.__version__}
+
+
+def main(argv=None) -> int:
+    from benchmarks.results import probe_main
+
+    return probe_main("overlap_cutlass_rs_probe", _worker, argv, __doc__, nproc=4, options={"rounds": 20},
+                      timeout_s=400, env=ENV)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
