@@ -164,6 +164,77 @@ def symm_call(op: str, x: torch.Tensor, w: torch.Tensor, dims: tuple[int, int, i
     return lambda: ops.all_gather_matmul_forward(x, w, g, 0, p, False)[0]
 
 
+def sequential_rs(x: torch.Tensor, w: torch.Tensor, world_size: int):
+    """The probes' baseline for GEMM + reduce-scatter: ``torch.mm``, then NCCL's reduce-scatter
+    into a fresh ``[M/R, N]`` tensor (as Megatron's mappings do it)."""
+    import torch.distributed as dist
+
+    def run() -> torch.Tensor:
+        y = torch.mm(x, w)
+        out = torch.empty(y.shape[0] // world_size, y.shape[1], device=y.device, dtype=y.dtype)
+        dist.reduce_scatter_tensor(out, y)
+        return out
+
+    return run
+
+
+def probe_rows(workspace_op: str, row, shapes, rounds: int) -> list[dict]:
+    """The shape loop of the fused-store probes, on this (spawned) rank: ``row(g, ws, *shape,
+    rounds)`` for each shape, with the default group and a symmetric workspace of the probe's
+    own (``workspace_op``); rank 0 prints each row as it comes."""
+    import torch.distributed as dist
+
+    from commflow.dist import init_distributed
+    from commflow.overlap import symm
+    from commflow.overlap.validate import check_group
+
+    info = init_distributed(device="cuda")
+    g = check_group(None, info.device)
+    ws = symm.workspace(g, workspace_op, info.device)
+    rows = []
+    for shape in shapes:
+        rows.append(row(g, ws, *shape, rounds))
+        if info.rank == 0:
+            print(json.dumps(rows[-1]), flush=True)
+    dist.barrier()
+    return rows
+
+
+def checked_times(fns: dict, checked: list[str], sequential, rounds: int, device: torch.device,
+                  before_check=None) -> tuple[dict[str, float], dict[str, float]]:
+    """The fused-store probes' protocol: every fn warmed up (3 calls, ranks lined up after each
+    variant), each of ``checked`` compared with ``sequential()`` (max difference relative to the
+    largest value, NaN as inf, slowest rank; ``before_check()`` runs on quiet ranks first, e.g. to
+    poison buffers), then all timed in alternation (``sample_ms``). Returns (rel diffs, ms per
+    fn), both the slowest rank's."""
+    import torch.distributed as dist
+
+    from benchmarks.timing import max_over_ranks
+    from commflow.overlap.autotune import sample_ms
+
+    def quiet():
+        torch.cuda.synchronize(device)
+        dist.barrier()
+
+    with torch.no_grad():
+        for fn in fns.values():
+            for _ in range(3):
+                fn()
+            quiet()
+        ref = sequential().float()
+        diff = {}
+        for name in checked:
+            if before_check is not None:
+                quiet()
+                before_check()
+            quiet()
+            rel = ((fns[name]().float() - ref).abs().max() / ref.abs().max()).nan_to_num(float("inf")).item()
+            diff[name] = max_over_ranks(rel)
+        quiet()
+        timed = sample_ms(list(fns.values()), iters=rounds, calls=4, device=device)
+    return diff, {name: max_over_ranks(t) for name, (t, _) in zip(fns, timed)}
+
+
 def _measure_row(row: dict, variants: list[str], info, dtype, args, calibration) -> dict:
     import torch.distributed as dist
 

@@ -32,7 +32,6 @@ sums, which does not change the timing; the check runs on quiet ranks.
 from __future__ import annotations
 
 import ctypes
-import json
 import math
 import sys
 from pathlib import Path
@@ -58,11 +57,8 @@ def _load(path: Path) -> ctypes.CDLL:
 
 
 def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int) -> dict:
-    import torch.distributed as dist
 
-    from benchmarks.overlap import symm_call
-    from benchmarks.timing import max_over_ranks
-    from commflow.overlap.autotune import sample_ms
+    from benchmarks.overlap import checked_times, sequential_rs, symm_call
 
     dev, world, rank = torch.device("cuda", torch.cuda.current_device()), g.world_size, g.rank
     k, mr = k_full // world, m // world
@@ -91,34 +87,14 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int) -> dic
         ws.barrier()  # every rank's block for this rank has landed
         return torch.sum(slots, dim=0)  # fp32 accumulation, rounded once
 
-    def sequential() -> torch.Tensor:
-        y = torch.mm(x, w)
-        o = torch.empty(mr, n, device=dev, dtype=y.dtype)
-        dist.reduce_scatter_tensor(o, y)
-        return o
+    sequential = sequential_rs(x, w, world)
 
     fns = {"cublas": lambda: torch.mm(x, w), "cutlass_local": lambda: launch(d_local), "cutlass_rs": cutlass_rs,
            "library_rs": symm_call("rs", x, w, (m, n, k), groups=1), "sequential": sequential}
-    with torch.no_grad():
-        for fn in fns.values():
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize(dev)
-            dist.barrier()
-        ref = sequential().float()
-        diff = {}
-        for nm in ("cutlass_rs", "library_rs"):
-            slots.fill_(float("nan"))  # every slot must be written by this call
-            torch.cuda.synchronize(dev)
-            dist.barrier()
-            got = fns[nm]().float()
-            diff[nm] = max_over_ranks(((got - ref).abs().max() / ref.abs().max()).nan_to_num(float("inf")).item())
-        torch.cuda.synchronize(dev)
-        dist.barrier()
-        timed = sample_ms(list(fns.values()), iters=rounds, calls=4, device=dev)
-    row = {"shape": name, "M": m, "K_per_rank": k, "N": n, "rel_diff": diff}
-    for nm, (t, _) in zip(fns, timed):
-        row[f"{nm}_ms"] = max_over_ranks(t)
+    # Every slot must be written by the checked call: NaN in them first.
+    diff, ms = checked_times(fns, ["cutlass_rs", "library_rs"], sequential, rounds, dev,
+                             before_check=lambda: slots.fill_(float("nan")))
+    row = {"shape": name, "M": m, "K_per_rank": k, "N": n, "rel_diff": diff, **{f"{nm}_ms": t for nm, t in ms.items()}}
     row["cutlass_rs_speedup"] = row["sequential_ms"] / row["cutlass_rs_ms"]
     row["library_speedup"] = row["sequential_ms"] / row["library_rs_ms"]
     row["cutlass_vs_cublas"] = row["cublas_ms"] / row["cutlass_local_ms"]
@@ -126,23 +102,10 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int) -> dic
 
 
 def _worker(cfg: dict) -> dict:
-    import torch.distributed as dist
+    from benchmarks.overlap import probe_rows
 
-    from commflow.dist import init_distributed
-    from commflow.overlap import symm
-    from commflow.overlap.validate import check_group
-
-    info = init_distributed(device="cuda")
-    g = check_group(None, info.device)
-    ws = symm.workspace(g, "cutlass_rs_probe", info.device)
     lib = _load(LIB)
-    rows = []
-    for shape in SHAPES:
-        row = _row(lib, g, ws, *shape, cfg["rounds"])
-        if info.rank == 0:
-            print(json.dumps(row), flush=True)
-        rows.append(row)
-    dist.barrier()
+    rows = probe_rows("cutlass_rs_probe", lambda *a: _row(lib, *a), SHAPES, cfg["rounds"])
     return {"rows": rows, "torch": torch.__version__}
 
 

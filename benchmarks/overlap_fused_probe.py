@@ -29,7 +29,6 @@ cuBLAS-class GEMM with a custom epilogue, which PyTorch does not expose.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 
@@ -90,11 +89,8 @@ if triton is not None:
 
 def _row(g, ws, name: str, k_full: int, n: int, m: int, rounds: int) -> dict:
     """One shape: every variant checked against sequential, then timed in alternation."""
-    import torch.distributed as dist
 
-    from benchmarks.overlap import symm_call
-    from benchmarks.timing import max_over_ranks
-    from commflow.overlap.autotune import sample_ms
+    from benchmarks.overlap import checked_times, sequential_rs, symm_call
 
     dev, world, rank = torch.device("cuda", torch.cuda.current_device()), g.world_size, g.rank
     k, mr = k_full // world, m // world
@@ -117,33 +113,14 @@ def _row(g, ws, name: str, k_full: int, n: int, m: int, rounds: int) -> dict:
         ws.barrier()  # every rank's tiles for this rank have landed
         return torch.sum(slots, dim=0)  # fp32 accumulation, rounded once
 
-    def sequential():
-        y = torch.mm(x, w)
-        o = torch.empty(mr, n, device=dev, dtype=y.dtype)
-        dist.reduce_scatter_tensor(o, y)
-        return o
+    sequential = sequential_rs(x, w, world)
 
     fns = {"cublas": lambda: torch.mm(x, w), "triton_local": lambda: launch(False), "fused_rs": fused_rs,
            "library_rs": symm_call("rs", x, w, (m, n, k), groups=1), "sequential": sequential}
-    with torch.no_grad():
-        for fn in fns.values():  # warm-up (Triton tunes on its first calls, every rank alike)
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize(dev)
-            dist.barrier()
-        ref = sequential().float()
-        diff = {}
-        for nm in ("fused_rs", "library_rs"):
-            torch.cuda.synchronize(dev)
-            dist.barrier()
-            diff[nm] = max_over_ranks(((fns[nm]().float() - ref).abs().max() / ref.abs().max()).item())
-        torch.cuda.synchronize(dev)
-        dist.barrier()
-        timed = sample_ms(list(fns.values()), iters=rounds, calls=4, device=dev)
+    # (warm-up: Triton tunes on its first calls, every rank alike)
+    diff, ms = checked_times(fns, ["fused_rs", "library_rs"], sequential, rounds, dev)
     row = {"shape": name, "M": m, "K_per_rank": k, "N": n, "rel_diff": diff,
-           "triton_config": str(_gemm_scatter.best_config)}
-    for nm, (t, _) in zip(fns, timed):
-        row[f"{nm}_ms"] = max_over_ranks(t)
+           "triton_config": str(_gemm_scatter.best_config), **{f"{nm}_ms": t for nm, t in ms.items()}}
     row["fused_speedup"] = row["sequential_ms"] / row["fused_rs_ms"]
     row["library_speedup"] = row["sequential_ms"] / row["library_rs_ms"]
     row["triton_vs_cublas"] = row["cublas_ms"] / row["triton_local_ms"]
@@ -151,22 +128,9 @@ def _row(g, ws, name: str, k_full: int, n: int, m: int, rounds: int) -> dict:
 
 
 def _worker(cfg: dict) -> dict:
-    import torch.distributed as dist
+    from benchmarks.overlap import probe_rows
 
-    from commflow.dist import init_distributed
-    from commflow.overlap import symm
-    from commflow.overlap.validate import check_group
-
-    info = init_distributed(device="cuda")
-    g = check_group(None, info.device)
-    ws = symm.workspace(g, "fused_probe", info.device)
-    rows = []
-    for shape in SHAPES:
-        row = _row(g, ws, *shape, cfg["rounds"])
-        if info.rank == 0:
-            print(json.dumps(row), flush=True)
-        rows.append(row)
-    dist.barrier()
+    rows = probe_rows("fused_probe", _row, SHAPES, cfg["rounds"])
     return {"rows": rows, "torch": torch.__version__, "triton": triton.__version__}
 
 
