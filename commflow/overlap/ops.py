@@ -96,25 +96,37 @@ def _symm(op: str, schedule, x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, p
         return schedule(x2d, w, g, sizes, *extra)
     # The reduce-scatter and all-reduce end outside the graph, in new memory (symm.splits).
     kw = {"split": True} if op in ("rs", "ar") else {}
-    plain = (lambda a, b: _sequential(op, a, b, g, *extra)) if plan.eager_fallback == "sequential" else None
+    plain = (lambda a, b: _SEQUENTIAL[op](a, b, g, *extra)) if plan.eager_fallback == "sequential" else None
     return graphs.graphed_call(op, lambda a, b: schedule(a, b, g, sizes, *extra, **kw), (x2d.contiguous(),), (w,),
                                symm.workspace(g, op, x2d.device), (sizes, *extra), fallback=plain)
 
 
-def _sequential(op: str, x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, *extra):
-    """The plain path in the form ``_symm``'s schedule returns: GEMM, then the collective
-    (all-gather first, for ``"ag"``, whose ``extra`` is ``return_gathered``)."""
-    if op == "ag":
-        full = torch.empty(x2d.shape[0] * g.world_size, x2d.shape[1], dtype=x2d.dtype, device=x2d.device)
-        all_gather_tensor(full, x2d, group=g.group)
-        return torch.mm(full, w), (full if extra and extra[0] else None)
-    y = torch.mm(x2d, w)
-    if op == "ar":
-        dist.all_reduce(y, group=g.group)
-        return y
-    out = torch.empty(y.shape[0] // g.world_size, y.shape[1], dtype=y.dtype, device=y.device)
-    reduce_scatter_tensor(out, y, group=g.group)
+# The plain paths (GEMM, then one collective; all-gather first for "ag") on rows-first 2-D
+# operands, returning what the copy-engine schedules return: the sequential branch of each
+# op below, and what a graphed plan falls back to where its graphs cannot be kept (_symm).
+
+
+def _sequential_rs(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo) -> torch.Tensor:
+    out = torch.empty(x2d.shape[0] // g.world_size, w.shape[1], dtype=x2d.dtype, device=x2d.device)
+    reduce_scatter_tensor(out, torch.mm(x2d, w), group=g.group)
     return out
+
+
+def _sequential_ar(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+    y = torch.mm(x2d, w) if out is None else torch.mm(x2d, w, out=out)
+    dist.all_reduce(y, group=g.group)
+    return y
+
+
+def _sequential_ag(xs: torch.Tensor, w: torch.Tensor, g: GroupInfo, return_gathered: bool,
+                   out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x_full = torch.empty(xs.shape[0] * g.world_size, xs.shape[1], dtype=xs.dtype, device=xs.device)
+    all_gather_tensor(x_full, xs.contiguous(), group=g.group)
+    y = torch.mm(x_full, w) if out is None else torch.mm(x_full, w, out=out)
+    return y, (x_full if return_gathered else None)
+
+
+_SEQUENTIAL = {"rs": _sequential_rs, "ar": _sequential_ar, "ag": _sequential_ag}
 
 
 def matmul_reduce_scatter_forward(
@@ -127,9 +139,7 @@ def matmul_reduce_scatter_forward(
     if r_world == 1:
         return restore_rows_first(torch.mm(x2d, w), out_moved, scatter_dim)
     if not plan.overlap:
-        out = torch.empty(m // r_world, n, dtype=x.dtype, device=x.device)
-        reduce_scatter_tensor(out, torch.mm(x2d, w), group=g.group)
-        return restore_rows_first(out, out_moved, scatter_dim)
+        return restore_rows_first(_sequential_rs(x2d, w, g), out_moved, scatter_dim)
     if plan.transport == "symm":
         return restore_rows_first(_symm("rs", symm.matmul_reduce_scatter, x2d, w, g, plan), out_moved, scatter_dim)
     out = torch.empty(m // r_world, n, dtype=x.dtype, device=x.device)
@@ -166,9 +176,7 @@ def matmul_all_reduce_forward(x: torch.Tensor, w: torch.Tensor, g: GroupInfo, pl
     if r_world == 1:
         return torch.mm(x2d, w, out=out).view(torch_shape)
     if not plan.overlap:
-        torch.mm(x2d, w, out=out)
-        dist.all_reduce(out, group=g.group)
-        return out.view(torch_shape)
+        return _sequential_ar(x2d, w, g, out).view(torch_shape)
     if plan.transport == "symm":
         return _symm("ar", symm.matmul_all_reduce, x2d, w, g, plan).view(torch_shape)
     rows = _bounds(plan.chunk_sizes)
@@ -206,9 +214,7 @@ def all_gather_matmul_forward(
         gathered = restore_rows_first(xs, full_moved, gather_dim) if return_gathered else None
         return restore_rows_first(out, full_moved, gather_dim), gathered
     if not plan.overlap:
-        x_full = torch.empty(m, k, dtype=xs.dtype, device=xs.device)
-        all_gather_tensor(x_full, xs.contiguous(), group=g.group)
-        torch.mm(x_full, w, out=out)
+        out, x_full = _sequential_ag(xs, w, g, return_gathered, out)
         gathered = restore_rows_first(x_full, full_moved, gather_dim) if return_gathered else None
         return restore_rows_first(out, full_moved, gather_dim), gathered
     if plan.transport == "symm":

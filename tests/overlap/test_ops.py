@@ -195,7 +195,7 @@ def _resolved_once() -> dict:
 
 def _graph_fallbacks() -> dict:
     """The plain path a graphed plan falls back to where its graphs cannot be kept
-    (ops._sequential, eager_fallback="sequential"), in the form the schedules return."""
+    (ops._SEQUENTIAL, eager_fallback="sequential"), in the form the schedules return."""
     from commflow.overlap import ops
     from commflow.overlap.validate import GroupInfo
 
@@ -204,10 +204,10 @@ def _graph_fallbacks() -> dict:
     X64, W64, X, W = _global((4 * world, 8 * world), 6, torch.float32, seed=13)
     x, w = ref.row_parallel_shards(X, W, world, r)
     xs, wc = ref.column_parallel_shards(X, W, world, r, 0)
-    out, full = ops._sequential("ag", xs, wc, g, True)
-    out2, none = ops._sequential("ag", xs, wc, g, False)
-    return {"rs": _rel(ops._sequential("rs", x, w, g), ref.matmul_reduce_scatter_reference(X64, W64, world, r)),
-            "ar": _rel(ops._sequential("ar", x, w, g), ref.matmul_all_reduce_reference(X64, W64)),
+    out, full = ops._SEQUENTIAL["ag"](xs, wc, g, True)
+    out2, none = ops._SEQUENTIAL["ag"](xs, wc, g, False)
+    return {"rs": _rel(ops._SEQUENTIAL["rs"](x, w, g), ref.matmul_reduce_scatter_reference(X64, W64, world, r)),
+            "ar": _rel(ops._SEQUENTIAL["ar"](x, w, g), ref.matmul_all_reduce_reference(X64, W64)),
             "ag": max(_rel(out, ref.all_gather_matmul_reference(X64, W64, world, r)), _rel(out2, out)),
             "ag gathered": _rel(full, X64), "ag not gathered": float(none is not None)}
 
