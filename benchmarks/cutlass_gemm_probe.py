@@ -51,28 +51,19 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def _median_ms(fn, iters: int = 30) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def _row(lib, name: str, m: int, n: int, k: int) -> dict:
+    from benchmarks.timing import time_ms
+
     dev = torch.device("cuda", 0)
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(m, k, device=dev, generator=g).bfloat16()
     w = (torch.randn(k, n, device=dev, generator=g) / k ** 0.5).bfloat16()
     ref = torch.mm(x, w).float()
-    row = {"shape": name, "M": m, "N": n, "K": k, "cublas_ms": _median_ms(lambda: torch.mm(x, w))}
+
+    def median_ms(fn) -> float:
+        return time_ms(fn, warmup=5, iters=30, device=dev)["median_ms"]
+
+    row = {"shape": name, "M": m, "N": n, "K": k, "cublas_ms": median_ms(lambda: torch.mm(x, w))}
     stream = torch.cuda.current_stream().cuda_stream
     for cfg in CONFIGS:
         y = torch.full((m, n), float("nan"), device=dev, dtype=torch.bfloat16)
@@ -92,7 +83,7 @@ def _row(lib, name: str, m: int, n: int, k: int) -> dict:
         diff = max(diff, ((y.float() + ref).abs().max() / ref.abs().max()).item())
         row[f"cutlass{cfg}_nan"] = bool(torch.isnan(y).any())
         x.neg_()
-        row[f"cutlass{cfg}_ms"] = _median_ms(call)
+        row[f"cutlass{cfg}_ms"] = median_ms(call)
         row[f"cutlass{cfg}_rel_diff"] = diff
         row[f"cutlass{cfg}_vs_cublas"] = row["cublas_ms"] / row[f"cutlass{cfg}_ms"]
     row["cublas_tflops"] = 2 * m * n * k / row["cublas_ms"] / 1e9

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import sys
 
 import torch
@@ -40,7 +39,7 @@ K_FULL, N, M = 4096, 4096, 8192
 def _worker(cfg: dict) -> dict:
     import torch.distributed as dist
 
-    from benchmarks.timing import max_over_ranks
+    from benchmarks.timing import max_over_ranks, time_ms
     from commflow.dist import init_distributed
     from commflow.overlap import functional, graphs, matmul_reduce_scatter
 
@@ -69,24 +68,21 @@ def _worker(cfg: dict) -> dict:
             return captures_of(*a, **kw)
 
         graphs._capture = counting
-        times, captured_before = [], 0
+
+        def step(mode=mode):
+            for w in weights:
+                matmul_reduce_scatter(x, w, mode=mode)
+
         with torch.no_grad():
-            for step in range(cfg["steps"] + 2):
-                if step == 2:
-                    captured_before = count[0]
+            for _ in range(2):  # warm-up steps: plans, autotune, first captures
                 dist.barrier()
-                torch.cuda.synchronize(dev)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for w in weights:
-                    matmul_reduce_scatter(x, w, mode=mode)
-                end.record()
-                torch.cuda.synchronize(dev)
-                if step >= 2:
-                    times.append(start.elapsed_time(end))
+                step()
+            torch.cuda.synchronize(dev)
+            captured_before = count[0]
+            step_ms = time_ms(step, warmup=0, iters=cfg["steps"], device=dev, barrier=True)["median_ms"]
         graphs._capture = captures_of
         plan = functional._ENTRIES and next(iter(functional._ENTRIES.values())).plan
-        out["variants"][name] = {"step_ms": max_over_ranks(statistics.median(times)),
+        out["variants"][name] = {"step_ms": max_over_ranks(step_ms),
                                  "captures_in_timed_steps": count[0] - captured_before,
                                  "plan": None if not plan else f"{plan.decision}/{plan.n_chunks}/graphed={plan.graphed}"}
         if info.rank == 0:
