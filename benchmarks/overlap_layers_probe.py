@@ -15,7 +15,8 @@ the step is timed (median over ``--steps`` after two warm-up steps, slowest rank
 * ``auto``: the library as it is (the guard sends the shape to eager after a few recaptures);
 * ``auto_big_cache``: ``mode="auto"`` with ``MAX_GRAPHS`` above the layer count.
 
-Also the graphs captured during the timed steps of each variant (``captures``).
+Also the graphs captured during the timed steps of each variant (``captures``), the graphs
+held at the end and the memory the variant added to the allocator's reserve (max over ranks).
 
 Found (session 13, 4x H100, ``overlap_layers_probe_4xH100_20261127-s13.json``, ``c422741``, 24
 layers): sequential 7.16 ms a step; ``auto_no_guard`` 118.8 ms (192 captures in 8 steps: every
@@ -26,6 +27,7 @@ path where the eager schedule timed slower than it), not yet timed here.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import sys
@@ -60,6 +62,9 @@ def _worker(cfg: dict) -> dict:
     for name, (mode, max_graphs, thrash) in variants.items():
         graphs.clear()
         functional.clear_caches()
+        gc.collect()
+        torch.cuda.empty_cache()
+        reserved_before = torch.cuda.memory_reserved(dev)
         graphs.MAX_GRAPHS, graphs.THRASH_RECAPTURES = max_graphs, thrash
         count = [0]
 
@@ -84,6 +89,10 @@ def _worker(cfg: dict) -> dict:
         plan = functional._ENTRIES and next(iter(functional._ENTRIES.values())).plan
         out["variants"][name] = {"step_ms": max_over_ranks(step_ms),
                                  "captures_in_timed_steps": count[0] - captured_before,
+                                 "graphs_held": len(graphs._GRAPHS),
+                                 # what the variant's graphs (and plans' workspaces) keep reserved
+                                 "reserved_mib_added": max_over_ranks(
+                                     (torch.cuda.memory_reserved(dev) - reserved_before) / 2**20),
                                  "plan": None if not plan else f"{plan.decision}/{plan.n_chunks}/graphed={plan.graphed}"}
         if info.rank == 0:
             print(json.dumps({name: out["variants"][name]}), flush=True)
