@@ -19,7 +19,21 @@ parity of its step counter (the two halves of
 the workspace alternate per step, see symm.py; a schedule of an odd number of steps
 alternates between two graphs), the input's shape/stride/dtype, and the *address* of the
 weight (not copied: a parameter keeps its storage across steps; a new address means a new
-capture). Graphs are kept in a small LRU cache.
+capture). Graphs are kept in an LRU cache bounded by count (:data:`MAX_GRAPHS`) and by the
+bytes their outputs hold (:data:`MAX_GRAPH_BYTES`).
+
+Memory: a model whose layers share a shape needs a graph per layer (and per parity), so a
+graph must cost next to nothing to keep. All graphs of one workspace capture into **one
+memory pool**, and all graphs of one kind (op and shapes) share **one set of static
+inputs**. What a graph allocates during its capture is either a temporary (the GEMM blocks
+the copy engines push: dead when the replay ends) or its output, which the call copies out,
+or ``finish`` reads, on the caller's stream right after the replay; so a later replay of
+another graph may overwrite both without harm, provided no two graphs of one workspace run
+at once: the rule the workspace already sets (calls on one workspace come from one stream,
+symm.py). A split graph (the one-group reduce-scatter and all-reduce) then holds no memory
+of its own; any other holds its output (``MAX_GRAPH_BYTES``). Private pools cost each graph
+its temporaries: ~60 MB at Llama-3 8B attention-out, M = 8192, on 4 ranks (1.44 GB for 24
+layers, ``benchmarks/results/overlap_layers_probe_4xH100_20261127-s14.json``).
 
 Every rank captures and replays at the same calls (same shapes, same parity sequence);
 a rank that captures where another replays is still correct, since a capture call runs
@@ -31,7 +45,7 @@ runs 1.13x (GEMM + RS) and 1.15x (AG + GEMM) of sequential in geomean on 4 GPUs 
 its eager form runs 0.71x and 0.78x. The autotune times each graphed candidate beside
 its eager form and keeps the faster, so a graph is used only where it measured faster.
 ``COMMFLOW_OVERLAP_GRAPHS=0`` or :func:`set_graphs` (False) turns them off (each graph
-holds a private memory pool; :data:`MAX_GRAPHS` bounds how many). A capture that fails
+keeps its output; :data:`MAX_GRAPHS` and :data:`MAX_GRAPH_BYTES` bound them). A capture that fails
 falls back to the eager schedule for that signature, with one warning.
 """
 
@@ -44,10 +58,19 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["MAX_GRAPHS", "THRASH_RECAPTURES", "clear", "graphed_call", "graphs_enabled", "set_graphs"]
+__all__ = ["MAX_GRAPHS", "MAX_GRAPH_BYTES", "THRASH_RECAPTURES", "clear", "graphed_call", "graphs_enabled",
+           "held_bytes", "set_graphs"]
 
-MAX_GRAPHS = 16
-"""Captured graphs kept (least recently used evicted): each holds its own memory pool."""
+MAX_GRAPHS = 1024
+"""Captured graphs kept (least recently used evicted). A model needs one per layer, op,
+direction and parity: 80 layers x 8 calls x 2 parities = 1280 at worst. A graph sharing its
+workspace's pool costs a few kB of host and device memory beside what ``MAX_GRAPH_BYTES``
+counts."""
+
+MAX_GRAPH_BYTES = 4 << 30
+"""Bytes the kept graphs' outputs may hold in all (least recently used evicted): an
+all-gather graph keeps ``[M, N/R]`` (and the gathered ``[M, K]`` where the backward needs it),
+a multi-group all-reduce ``[M, N]``; the split reduce-scatter and all-reduce keep none."""
 
 THRASH_RECAPTURES = 4
 """Recaptures of evicted graphs of one kind (op and shapes, whatever the weight) after which
@@ -75,10 +98,13 @@ def graphs_enabled(device: torch.device) -> bool:
 
 
 class _Captured:
-    __slots__ = ("graph", "inputs", "output", "steps")
+    __slots__ = ("graph", "inputs", "output", "steps", "nbytes")
 
     def __init__(self, graph, inputs: list[torch.Tensor], output, steps: int):
         self.graph, self.inputs, self.output, self.steps = graph, inputs, output, steps
+        # What the graph's pool keeps alive for it: the output it is copied out of.
+        outs = () if callable(output) else output if isinstance(output, tuple) else (output,)
+        self.nbytes = sum(t.untyped_storage().nbytes() for t in outs if t is not None)
 
 
 _GRAPHS: OrderedDict[tuple, _Captured | None] = OrderedDict()
@@ -92,14 +118,38 @@ _GRAPHS: OrderedDict[tuple, _Captured | None] = OrderedDict()
 _CAPTURED: dict[tuple, set[tuple]] = {}
 _RECAPTURES: dict[tuple, int] = {}
 _EAGER_KINDS: set[tuple] = set()
+# The shared memory (module docstring): one pool per workspace, one set of static inputs per kind.
+_POOLS: dict[int, tuple] = {}
+_STATICS: dict[tuple, list[torch.Tensor]] = {}
 
 
 def clear() -> None:
-    """Drop every captured graph (and its memory pool), and forget the thrash guard's counts."""
+    """Drop every captured graph, the pools and static inputs they share, and the thrash guard's counts."""
     _GRAPHS.clear()
     _CAPTURED.clear()
     _RECAPTURES.clear()
     _EAGER_KINDS.clear()
+    _POOLS.clear()
+    _STATICS.clear()
+
+
+def held_bytes() -> int:
+    """Bytes the kept graphs' outputs hold (the static inputs, one set per kind, not counted)."""
+    return sum(c.nbytes for c in _GRAPHS.values() if c is not None)
+
+
+def _pool(ws) -> tuple:
+    handle = _POOLS.get(id(ws))
+    if handle is None:
+        handle = _POOLS[id(ws)] = torch.cuda.graph_pool_handle()
+    return handle
+
+
+def _statics(key: tuple, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    kind = _kind(key)
+    if kind not in _STATICS:
+        _STATICS[kind] = [t.clone() for t in inputs]
+    return _STATICS[kind]
 
 
 def _kind(key: tuple) -> tuple:
@@ -123,12 +173,12 @@ def _copy_out(output):
     return output.clone()
 
 
-def _capture(fn: Callable, statics: list[torch.Tensor], fixed: tuple[torch.Tensor, ...]):
-    """(graph, its output tensors): ``fn`` on the static inputs, captured, not run."""
+def _capture(fn: Callable, statics: list[torch.Tensor], fixed: tuple[torch.Tensor, ...], ws):
+    """(graph, its output tensors): ``fn`` on the static inputs, captured into ``ws``'s pool, not run."""
     graph = torch.cuda.CUDAGraph()
     # thread_local: the monitor's reporter thread and NCCL's watchdog keep querying
     # events while this thread captures.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, pool=_pool(ws), capture_error_mode="thread_local"):
         output = fn(*statics, *fixed)
     return graph, output
 
@@ -181,8 +231,8 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
         ws.counter = after
         return out
     try:
-        statics = [t.clone() for t in inputs]
-        graph, output = _capture(fn, statics, fixed)
+        statics = _statics(key, inputs)
+        graph, output = _capture(fn, statics, fixed, ws)
         _GRAPHS[key] = _Captured(graph, statics, output, steps)
     except Exception as e:  # noqa: BLE001 - the eager schedule is always correct
         warnings.warn(f"commflow.overlap: CUDA graph capture of {op} failed ({type(e).__name__}: {e}); "
@@ -190,7 +240,7 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
         _GRAPHS[key] = None
     finally:
         ws.counter = after
-    while len(_GRAPHS) > MAX_GRAPHS:
+    while len(_GRAPHS) > MAX_GRAPHS or (len(_GRAPHS) > 1 and held_bytes() > MAX_GRAPH_BYTES):
         _GRAPHS.popitem(last=False)
     return out
 
@@ -208,9 +258,9 @@ def _worth_capturing(op: str, key: tuple) -> bool:
             warnings.warn(
                 f"commflow.overlap: the CUDA graphs of {op} for one shape are evicted before their weight comes "
                 f"round again ({n} recaptures): more weights of this shape take turns than MAX_GRAPHS="
-                f"{MAX_GRAPHS} graphs hold, so calls of this shape now run without a graph (the schedule "
+                f"{MAX_GRAPHS} graphs / MAX_GRAPH_BYTES={MAX_GRAPH_BYTES} bytes hold, so calls of this shape now run without a graph (the schedule "
                 "eagerly, or the plain path where the autotune timed that faster). Raise "
-                "commflow.overlap.graphs.MAX_GRAPHS (each graph holds a memory pool of its own) to keep them, "
+                "commflow.overlap.graphs.MAX_GRAPHS or MAX_GRAPH_BYTES (what graphs' outputs may hold) to keep them, "
                 "or set COMMFLOW_OVERLAP_GRAPHS=0", RuntimeWarning, stacklevel=3)
             return False
     return True

@@ -171,9 +171,34 @@ def _gpu_checks(tmpdir: str) -> dict:
             note("graph ag", _rel(o, exp_ag * scale))
             note("graph ag gathered", _rel(full, X * scale))
             note("graph then eager rs", _rel(symm.matmul_reduce_scatter(x, w, g, sizes), exp_rs))
+    # Layers of one shape: a graph per weight, all of one workspace in one memory pool and
+    # one set of static inputs (graphs.py). Every output of a round is kept while the other
+    # layers' graphs replay over the shared memory, then checked.
+    layer_scales = (1.0, -2.0, 0.5)
+    for sizes in ((1024,), (512, 512)):
+        plans = {op: _replace(resolve_plan(op, m, n if op != "all_gather_matmul" else n // world,
+                                           k // world if op != "all_gather_matmul" else k, g,
+                                           x if op != "all_gather_matmul" else xs, "overlap", None, "fp32"),
+                              chunk_sizes=sizes, n_chunks=len(sizes), graphed=True)
+                 for op in ("matmul_reduce_scatter", "matmul_all_reduce", "all_gather_matmul")}
+        weights = [(w * s, wc * s) for s in layer_scales]  # new tensors: one graph each
+        for round_ in range(3):
+            kept = []
+            for (wl, wcl), s in zip(weights, layer_scales):
+                xi = float(round_ + 1)
+                kept.append((s, xi,
+                             ops.matmul_reduce_scatter_forward(x * xi, wl, g, 0, plans["matmul_reduce_scatter"]),
+                             ops.matmul_all_reduce_forward(x * xi, wl, g, plans["matmul_all_reduce"]),
+                             ops.all_gather_matmul_forward(xs * xi, wcl, g, 0, plans["all_gather_matmul"], True)))
+            for s, xi, y_rs, y_ar, (y_ag, full) in kept:
+                note("graph layers rs", _rel(y_rs, exp_rs * (s * xi)))
+                note("graph layers ar", _rel(y_ar, exp_ar * (s * xi)))
+                note("graph layers ag", _rel(y_ag, exp_ag * (s * xi)))
+                note("graph layers ag gathered", _rel(full, X * xi))
     from commflow.overlap import graphs as _graphs
 
     out["graphs captured"] = sum(v is not None for v in _graphs._GRAPHS.values())
+    out["graph pools"] = len(_graphs._POOLS)
 
     # Layers, bf16 sequence-parallel MLP against fp32 nn.Linear.
     torch.manual_seed(0)
@@ -213,6 +238,7 @@ def check_gpu(world: int, tmpdir: str) -> None:
         assert rank_out["deterministic"]
         assert all(v for key, v in rank_out.items() if key.endswith("grads finite"))
         assert rank_out["graphs captured"] > 0, "every CUDA graph capture fell back to eager"
+        assert rank_out["graph pools"] == 3, "one shared memory pool per workspace (rs, ar, ag)"
     cal = res[0]["calibration"]
     assert 100 < cal["gemm_tflops"] < 2000, cal
     assert all(10 < c["busbw_gbps"] < 2000 for c in cal["comm"].values()), cal["comm"]

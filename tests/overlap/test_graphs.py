@@ -41,7 +41,8 @@ def fake_capture(monkeypatch):
     ws = _Workspace()
     made = []
 
-    def capture(fn, statics, fixed):
+    def capture(fn, statics, fixed, workspace):
+        assert workspace is ws
         output = fn(*statics, *fixed)
         g = _FakeGraph(fn, statics, fixed, output, ws)
         made.append(g)
@@ -129,7 +130,7 @@ def test_a_failed_capture_falls_back_to_eager_once_warned(monkeypatch):
     ws = _Workspace()
     calls = []
 
-    def broken(fn, statics, fixed):
+    def broken(fn, statics, fixed, workspace):
         calls.append(1)
         raise RuntimeError("operation not permitted when stream is capturing")
 
@@ -162,6 +163,46 @@ def test_lru_keeps_at_most_max_graphs(fake_capture, monkeypatch):
     for _ in range(5):
         graphs.graphed_call("rs", fn, (x,), (torch.randn(4, 3),), ws)
     assert len(graphs._GRAPHS) == 3
+
+
+def test_graphs_of_one_kind_share_their_static_inputs(fake_capture):
+    """One set of static inputs per op and shapes, whatever the weight: a graph per layer
+    must not cost a copy of the layer's input each. Replays of interleaved layers still see
+    each call's own input."""
+    ws, made = fake_capture
+    fn = _schedule(ws, 2)
+    layers = [torch.randn(4, 3) for _ in range(3)]
+    for _ in range(3):
+        for w in layers:
+            x = torch.randn(5, 4)
+            torch.testing.assert_close(graphs.graphed_call("rs", fn, (x,), (w,), ws), x @ w)
+    assert len(made) == 3 and [g.replays for g in made] == [2, 2, 2]
+    assert made[0].statics is made[1].statics is made[2].statics
+    wide = torch.randn(6, 3)  # another input shape: another kind, its own statics
+    graphs.graphed_call("rs", fn, (torch.randn(5, 6),), (wide,), ws)
+    assert made[-1].statics is not made[0].statics
+
+
+def test_held_output_bytes_bound_the_cache(fake_capture, monkeypatch):
+    """Graphs that keep an output (copied out after each replay) count its bytes against
+    MAX_GRAPH_BYTES; split graphs keep none and are bounded by MAX_GRAPHS only."""
+    ws, made = fake_capture
+    monkeypatch.setattr(graphs, "MAX_GRAPH_BYTES", 2 * 5 * 3 * 4 + 10)  # two [5, 3] fp32 outputs
+    fn = _schedule(ws, 2)
+    x = torch.randn(5, 4)
+    for _ in range(4):
+        graphs.graphed_call("rs", fn, (x,), (torch.randn(4, 3),), ws)
+    assert len(graphs._GRAPHS) == 2 and graphs.held_bytes() == 2 * 5 * 3 * 4
+    ws.buffer = torch.zeros(5, 3)
+
+    def split(x, w):
+        ws.counter += 2
+        torch.mm(x, w, out=ws.buffer)
+        return lambda: ws.buffer.clone()
+
+    for _ in range(4):
+        graphs.graphed_call("ar", split, (x,), (torch.randn(4, 3),), ws)
+    assert len(graphs._GRAPHS) == 6 and graphs.held_bytes() == 2 * 5 * 3 * 4
 
 
 def test_enabled_on_cuda_unless_switched_off(monkeypatch):

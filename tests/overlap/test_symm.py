@@ -78,6 +78,7 @@ def ranks(monkeypatch):
 
         monkeypatch.setattr(symm, "_streams", lambda device: (_Stream(), _Stream()))
         monkeypatch.setattr(symm, "pull_stream", lambda device: _Stream())
+        monkeypatch.setattr(symm, "gemm_stream", lambda device: _Stream())
         monkeypatch.setattr(symm, "_on", lambda stream: contextlib.nullcontext())
         monkeypatch.setattr(symm, "workspace", workspace)
         results, errors = [None] * world, []
