@@ -1,7 +1,7 @@
 """Probe: the all-gather's piece GEMMs on one stream or taking turns on two.
 
 Not a registered benchmark (``python -m benchmarks.overlap_ag_streams_probe --nproc 4
-[--rounds 20] [--out FILE]``). Why: on the compute-heavy all-gather rows (Llama-3 70B FC2,
+[--rounds 20] [--rows SHAPE:M,...] [--out FILE]``). Why: on the compute-heavy all-gather rows (Llama-3 70B FC2,
 M = 8192-16384) PyTorch's fused all-gather matmul ran 0.6-2.0 % ahead of ours in four runs of the
 overlap benchmark on 4 H100 (docs/overlap_results.md). It consumes the shards on two streams in
 turn; ours ran every piece's GEMM on the caller's stream, so each GEMM's last, partial wave left
@@ -13,9 +13,10 @@ the plain path:
 
 * ``sequential``: ``mode="sequential"`` (NCCL's all-gather, then ``torch.mm``);
 * ``torch_fused``: ``torch.ops.symm_mem.fused_all_gather_matmul`` (multicast off);
-* ``one_stream`` / ``two_streams``: the library's copy-engine schedule forced to overlap in
-  the plan's pieces, replayed as a CUDA graph, with ``AG_GEMM_STREAMS`` 1 / 2 (a weight of its own
-  each, so each has its own graph).
+* ``streams{1,2}_pieces_{plan,1}``: the library's copy-engine schedule forced to overlap,
+  replayed as a CUDA graph, with ``AG_GEMM_STREAMS`` 1 / 2, in the forced plan's pieces or in one
+  piece per peer (what the automatic plan ran on the compute-heavy rows); a weight of its own
+  each, so each has its own graph.
 """
 
 from __future__ import annotations
@@ -27,52 +28,58 @@ import sys
 import torch
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
-SHAPES = ("llama3-70b-fc2", "llama3-70b-attn-out", "llama3-8b-fc2", "llama3-8b-attn-out")
-MS = (4096, 8192, 16384)
+ROWS = ",".join(f"{s}:{m}" for s in ("llama3-70b-fc2", "llama3-70b-attn-out", "llama3-8b-fc2", "llama3-8b-attn-out")
+                for m in (4096, 8192, 16384))
 
 
 def _worker(cfg: dict) -> dict:
+    from dataclasses import replace
+
     import torch.distributed as dist
 
     from benchmarks.overlap import SHAPES as DIMS
-    from benchmarks.overlap import _torch_fused, checked_times, symm_call
+    from benchmarks.overlap import _torch_fused, checked_times
     from commflow.dist import init_distributed
-    from commflow.overlap import all_gather_matmul, symm
+    from commflow.overlap import all_gather_matmul, ops, symm
+    from commflow.overlap.functional import resolve_plan
+    from commflow.overlap.validate import check_group
 
     info = init_distributed(device="cuda")
     dev, world = info.device, info.world_size
+    g = check_group(None, dev)
     fused = _torch_fused("ag", dist.group.WORLD.group_name)
     rows = []
-    for shape in SHAPES:
-        big_k, n = DIMS[shape]
-        for m in MS:
-            gen = torch.Generator(device=dev).manual_seed(11 + info.rank)
-            x = torch.randn(m // world, n, device=dev, generator=gen).bfloat16()
-            w = (torch.randn(n, big_k // world, device=dev, generator=gen) / math.sqrt(n)).bfloat16()
-            dims = (m, big_k // world, n)
-            calls = {s: symm_call("ag", x, w.clone(), dims) for s in (1, 2)}
+    for shape, m in [tuple(r.split(":")) for r in cfg["rows"].split(",")]:
+        big_k, n, m = *DIMS[shape], int(m)
+        gen = torch.Generator(device=dev).manual_seed(11 + info.rank)
+        x = torch.randn(m // world, n, device=dev, generator=gen).bfloat16()
+        w = (torch.randn(n, big_k // world, device=dev, generator=gen) / math.sqrt(n)).bfloat16()
+        dims = (m, big_k // world, n)
+        plan = replace(resolve_plan("all_gather_matmul", *dims, g, x, "overlap", None, "fp32"), graphed=True)
+        pieces = {"plan": plan, "1": replace(plan, n_chunks=1, chunk_sizes=(m // world,))}
 
-            def with_streams(s, call):
-                def run():
-                    symm.AG_GEMM_STREAMS = s
-                    try:
-                        return call()
-                    finally:
-                        symm.AG_GEMM_STREAMS = 2
-                return run
+        def variant(streams, p, x=x, w=w):
+            wl = w.clone()  # a weight of its own: a graph of its own
 
-            sequential = lambda x=x, w=w: all_gather_matmul(x, w, mode="sequential")  # noqa: E731
-            fns = {"sequential": sequential, "torch_fused": lambda x=x, w=w: fused(x, w),
-                   "one_stream": with_streams(1, calls[1]), "two_streams": with_streams(2, calls[2])}
-            diff, ms = checked_times(fns, ["torch_fused", "one_stream", "two_streams"], sequential, cfg["rounds"], dev)
-            row = {"shape": shape, "M": m, "gemm_mnk": list(dims), "rel_diff": diff,
-                   **{f"{k}_ms": v for k, v in ms.items()},
-                   "two_vs_one": ms["one_stream"] / ms["two_streams"],
-                   "two_vs_torch": ms["torch_fused"] / ms["two_streams"],
-                   "one_vs_torch": ms["torch_fused"] / ms["one_stream"]}
-            rows.append(row)
-            if info.rank == 0:
-                print(json.dumps(row), flush=True)
+            def run():
+                symm.AG_GEMM_STREAMS = streams
+                try:
+                    return ops.all_gather_matmul_forward(x, wl, g, 0, p, False)[0]
+                finally:
+                    symm.AG_GEMM_STREAMS = 2
+            return run
+
+        sequential = lambda x=x, w=w: all_gather_matmul(x, w, mode="sequential")  # noqa: E731
+        fns = {"sequential": sequential, "torch_fused": lambda x=x, w=w: fused(x, w)}
+        for name, p in pieces.items():
+            for streams in (1, 2):
+                fns[f"streams{streams}_pieces_{name}"] = variant(streams, p)
+        diff, ms = checked_times(fns, [f for f in fns if f != "sequential"], sequential, cfg["rounds"], dev)
+        row = {"shape": shape, "M": m, "gemm_mnk": list(dims), "plan_pieces": list(plan.chunk_sizes),
+               "rel_diff": diff, **{f"{k}_ms": v for k, v in ms.items()}}
+        rows.append(row)
+        if info.rank == 0:
+            print(json.dumps(row), flush=True)
     dist.barrier()
     return {"rows": rows, "torch": torch.__version__}
 
@@ -80,7 +87,7 @@ def _worker(cfg: dict) -> dict:
 def main(argv=None) -> int:
     from benchmarks.results import probe_main
 
-    return probe_main("overlap_ag_streams_probe", _worker, argv, __doc__, nproc=4, options={"rounds": 20},
+    return probe_main("overlap_ag_streams_probe", _worker, argv, __doc__, nproc=4, options={"rounds": 20, "rows": ROWS},
                       timeout_s=500, env=ENV)
 
 

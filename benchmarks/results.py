@@ -83,9 +83,9 @@ def save(name: str, args: dict[str, Any], numbers: dict[str, Any], out: Path | N
 
 
 def probe_main(name: str, worker, argv: list[str] | None, doc: str, *, nproc: int,
-               options: dict[str, int], timeout_s: float, env: dict[str, str]) -> int:
-    """The command line of a probe script: ``[--out FILE] [--nproc N]`` and ``options`` (integer
-    flags with their defaults); runs ``worker(vars(args))`` on ``N`` local GPU ranks and saves
+               options: dict[str, int | str], timeout_s: float, env: dict[str, str]) -> int:
+    """The command line of a probe script: ``[--out FILE] [--nproc N]`` and ``options`` (flags
+    with their defaults, typed as the defaults); runs ``worker(vars(args))`` on ``N`` local GPU ranks and saves
     rank 0's return value as the results of a ``name`` record in ``FILE`` (default: a new file
     under benchmarks/results/, as every benchmark's)."""
     import argparse
@@ -96,7 +96,7 @@ def probe_main(name: str, worker, argv: list[str] | None, doc: str, *, nproc: in
     ap.add_argument("--out", default=None, help="result file (default: a new one under benchmarks/results/)")
     ap.add_argument("--nproc", type=int, default=nproc)
     for flag, default in options.items():
-        ap.add_argument(f"--{flag.replace('_', '-')}", type=int, default=default)
+        ap.add_argument(f"--{flag.replace('_', '-')}", type=type(default), default=default)
     args = ap.parse_args(argv)
     res = spawn(worker, args.nproc, vars(args), backend=None, init=False, timeout_s=timeout_s, env=env)[0]
     print(save(name, vars(args), res, Path(args.out) if args.out else None))
