@@ -52,14 +52,14 @@ between two ``yield``s runs after the previous collective has completed."""
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
-def cached_stream(streams: dict[int, torch.cuda.Stream], device: torch.device, high: bool = True) -> torch.cuda.Stream:
-    """``streams``' stream of ``device``, high-priority unless ``high=False``, created on first
-    use (one per device index; each dict of streams is one role: side, transfers, pulls, GEMMs)."""
+def cached_stream(streams: dict[int, torch.cuda.Stream], device: torch.device) -> torch.cuda.Stream:
+    """``streams``' high-priority stream of ``device``, created on first use (one per device
+    index; each dict of streams is one role: side, transfers, pulls)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = streams.get(index)
     if stream is None:
-        low, top = torch.cuda.Stream.priority_range()
-        stream = streams[index] = torch.cuda.Stream(device=index, priority=top if high else low)
+        _, high = torch.cuda.Stream.priority_range()
+        stream = streams[index] = torch.cuda.Stream(device=index, priority=high)
     return stream
 
 

@@ -34,11 +34,7 @@ Schedules (R ranks, this rank r, leading dims already flattened to rows; steps g
   stream); the all-gather of group g runs beside the GEMMs and pushes of group g + 1.
 * :func:`all_gather_matmul` ``all_gather(x_shard) [M, K] @ w [K, N/R]``: every rank
   copies its shard into its workspace, a barrier, then each rank pulls the peers'
-  shards by copy engine while multiplying the shards it already has. The GEMMs of
-  the pulled pieces take turns between the caller's stream and a second one
-  (:data:`AG_GEMM_STREAMS`), so that each GEMM's last wave runs beside the next one's
-  first instead of leaving SMs idle (PyTorch's fused all-gather matmul consumes its
-  shards on two streams for the same reason).
+  shards by copy engine while multiplying the shards it already has.
 
 Buffer reuse without extra barriers. Each rank issues its pushes, barriers and
 reductions of one workspace on one communication stream, in program order; the
@@ -133,16 +129,9 @@ def _streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream
 _PULL_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
-AG_GEMM_STREAMS = 2
-"""Streams the all-gather's piece GEMMs take turns on (1: the caller's only). Read when a
-call runs, so a captured graph keeps the value it was captured with."""
-
-_GEMM_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def gemm_stream(device: torch.device) -> torch.cuda.Stream:
-    """A second compute stream (normal priority: it must not pre-empt the transfers' streams)."""
-    return cached_stream(_GEMM_STREAMS, device, high=False)
+AG_PACE = False
+"""Whether the all-gather pulls its pieces one at a time (see :func:`all_gather_matmul`).
+Read when a call runs, so a captured graph keeps the value it was captured with."""
 
 
 def pull_stream(device: torch.device) -> torch.cuda.Stream:
@@ -523,14 +512,14 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
 
 
 def all_gather_matmul(xs: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tuple[int, ...] | None = None,
-                      return_gathered: bool = False, gemm_streams: int | None = None
+                      return_gathered: bool = False, pace: bool | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``all_gather(xs [M/R, K]) @ w [K, N]`` -> ``[M, N]`` (and the gathered ``[M, K]``).
 
     ``sizes``: rows of each pulled piece of a peer's shard (sum ``M/R``; default the
-    whole shard); the GEMM of a piece starts as soon as it has landed. ``gemm_streams``
-    (default :data:`AG_GEMM_STREAMS`): 2 runs the pieces' GEMMs on the caller's stream
-    and a second one in turn, 1 all on the caller's.
+    whole shard); the GEMM of a piece starts as soon as it has landed. ``pace`` (default
+    :data:`AG_PACE`): pull the pieces one at a time, each beside the GEMM before it,
+    instead of all of them from the start.
     """
     world, rank = g.world_size, g.rank
     ms, k = xs.shape
@@ -544,28 +533,29 @@ def all_gather_matmul(xs: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tu
     main, comm = _streams(dev)
     out = torch.empty(world * ms, n, dtype=dtype, device=dev)
     full = torch.empty(world * ms, k, dtype=dtype, device=dev)
-    landed = []
+    # (first row in the output, rows, the peer): peers in step order, each shard's pieces in order
+    pieces = [(p * ms + a, rows, p) for p in ((rank + step) % world for step in range(1, world))
+              for a, rows in zip(starts, sizes)]
+
+    def pull(j: int) -> torch.cuda.Event:
+        a, rows, p = pieces[j]
+        with _on(comm):
+            full[a:a + rows].copy_(ws.view(p, (rows, k), dtype, base + (a - p * ms) * k))
+            return comm.record_event()
+
     comm.wait_stream(main)
     with _on(comm):
         ws.view(rank, (ms, k), dtype, base).copy_(xs)
         ws.barrier()  # every shard is in its owner's buffer
-        for step in range(1, world):
-            p = (rank + step) % world
-            for a, rows in zip(starts, sizes):
-                full[p * ms + a:p * ms + a + rows].copy_(ws.view(p, (rows, k), dtype, base + a * k))
-                landed.append((p * ms + a, rows, comm.record_event()))
+    paced = AG_PACE if pace is None else pace
+    landed = [pull(j) for j in range(1 if paced else len(pieces))]
     torch.mm(xs, w, out=out[rank * ms:(rank + 1) * ms])
-    # The first pulled piece goes on the second stream, beside the tail of the own shard's GEMM.
-    turns = [gemm_stream(dev), main] if (gemm_streams or AG_GEMM_STREAMS) > 1 else [main]
-    if len(turns) > 1:
-        turns[0].wait_stream(main)  # out and full were allocated on the caller's stream
-    for j, (a, rows, event) in enumerate(landed):
-        stream = turns[j % len(turns)]
-        stream.wait_event(event)
-        with _on(stream):
-            torch.mm(full[a:a + rows], w, out=out[a:a + rows])
-    for stream in turns[:-1]:
-        main.wait_stream(stream)
+    for j, (a, rows, _) in enumerate(pieces):
+        if paced and j + 1 < len(pieces):
+            comm.wait_stream(main)  # the GEMMs before piece j are done: pull j + 1 beside GEMM j
+            landed.append(pull(j + 1))
+        main.wait_event(landed[j])
+        torch.mm(full[a:a + rows], w, out=out[a:a + rows])
     if return_gathered:
         full[rank * ms:(rank + 1) * ms].copy_(xs)
     main.wait_stream(comm)
