@@ -129,11 +129,6 @@ def _streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream
 _PULL_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
-AG_PACE = False
-"""Whether the all-gather pulls its pieces one at a time (see :func:`all_gather_matmul`).
-Read when a call runs, so a captured graph keeps the value it was captured with."""
-
-
 def pull_stream(device: torch.device) -> torch.cuda.Stream:
     """A second high-priority stream for the all-reduce's pulls (beside the pushes)."""
     return cached_stream(_PULL_STREAMS, device)
@@ -512,14 +507,11 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
 
 
 def all_gather_matmul(xs: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tuple[int, ...] | None = None,
-                      return_gathered: bool = False, pace: bool | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      return_gathered: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``all_gather(xs [M/R, K]) @ w [K, N]`` -> ``[M, N]`` (and the gathered ``[M, K]``).
 
     ``sizes``: rows of each pulled piece of a peer's shard (sum ``M/R``; default the
-    whole shard); the GEMM of a piece starts as soon as it has landed. ``pace`` (default
-    :data:`AG_PACE`): pull the pieces one at a time, each beside the GEMM before it,
-    instead of all of them from the start.
+    whole shard); the GEMM of a piece starts as soon as it has landed.
     """
     world, rank = g.world_size, g.rank
     ms, k = xs.shape
@@ -533,28 +525,19 @@ def all_gather_matmul(xs: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tu
     main, comm = _streams(dev)
     out = torch.empty(world * ms, n, dtype=dtype, device=dev)
     full = torch.empty(world * ms, k, dtype=dtype, device=dev)
-    # (first row in the output, rows, the peer): peers in step order, each shard's pieces in order
-    pieces = [(p * ms + a, rows, p) for p in ((rank + step) % world for step in range(1, world))
-              for a, rows in zip(starts, sizes)]
-
-    def pull(j: int) -> torch.cuda.Event:
-        a, rows, p = pieces[j]
-        with _on(comm):
-            full[a:a + rows].copy_(ws.view(p, (rows, k), dtype, base + (a - p * ms) * k))
-            return comm.record_event()
-
+    landed = []
     comm.wait_stream(main)
     with _on(comm):
         ws.view(rank, (ms, k), dtype, base).copy_(xs)
         ws.barrier()  # every shard is in its owner's buffer
-    paced = AG_PACE if pace is None else pace
-    landed = [pull(j) for j in range(1 if paced else len(pieces))]
+        for step in range(1, world):
+            p = (rank + step) % world
+            for a, rows in zip(starts, sizes):
+                full[p * ms + a:p * ms + a + rows].copy_(ws.view(p, (rows, k), dtype, base + a * k))
+                landed.append((p * ms + a, rows, comm.record_event()))
     torch.mm(xs, w, out=out[rank * ms:(rank + 1) * ms])
-    for j, (a, rows, _) in enumerate(pieces):
-        if paced and j + 1 < len(pieces):
-            comm.wait_stream(main)  # the GEMMs before piece j are done: pull j + 1 beside GEMM j
-            landed.append(pull(j + 1))
-        main.wait_event(landed[j])
+    for a, rows, event in landed:
+        main.wait_event(event)
         torch.mm(full[a:a + rows], w, out=out[a:a + rows])
     if return_gathered:
         full[rank * ms:(rank + 1) * ms].copy_(xs)
