@@ -20,20 +20,25 @@ the workspace alternate per step, see symm.py; a schedule of an odd number of st
 alternates between two graphs), the input's shape/stride/dtype, and the *address* of the
 weight (not copied: a parameter keeps its storage across steps; a new address means a new
 capture). Graphs are kept in an LRU cache bounded by count (:data:`MAX_GRAPHS`) and by the
-bytes their outputs hold (:data:`MAX_GRAPH_BYTES`).
+bytes their own outputs hold (:data:`MAX_GRAPH_BYTES`; none where the call passes
+``shared_out``).
 
 Memory: a model whose layers share a shape needs a graph per layer (and per parity), so a
 graph must cost next to nothing to keep. All graphs of one workspace capture into **one
 memory pool**, and all graphs of one kind (op and shapes) share **one set of static
-inputs**. What a graph allocates during its capture is either a temporary (the GEMM blocks
-the copy engines push: dead when the replay ends) or its output, which the call copies out,
-or ``finish`` reads, on the caller's stream right after the replay; so a later replay of
-another graph may overwrite both without harm, provided no two graphs of one workspace run
-at once: the rule the workspace already sets (calls on one workspace come from one stream,
-symm.py). A split graph (the one-group reduce-scatter and all-reduce) then holds no memory
-of its own; any other holds its output (``MAX_GRAPH_BYTES``). Private pools cost each graph
-its temporaries: ~60 MB at Llama-3 8B attention-out, M = 8192, on 4 ranks (1.44 GB for 24
-layers, ``benchmarks/results/overlap_layers_probe_4xH100_20261127-s14.json``).
+inputs** and **one set of output buffers** (:func:`kind_buffers`: the schedule writes its
+result there, and the call copies it out). What a graph allocates during its capture is
+then only temporaries (the GEMM blocks the copy engines push: dead when the replay ends),
+which a later replay of another graph may overwrite without harm; and the output buffers
+are read right after the replay that wrote them, on the caller's stream, before the next
+replay on the workspace. Both hold provided no two graphs of one workspace run at once: the
+rule the workspace already sets (calls on one workspace come from one stream, symm.py).
+A graph then holds no device memory of its own. Private pools and outputs cost each graph
+its temporaries (~60 MB at Llama-3 8B attention-out, M = 8192, on 4 ranks: 1.44 GB for 24
+layers, ``benchmarks/results/overlap_layers_probe_4xH100_20261127-s14.json``) and its output
+(an all-gather's ``[M, N/R]`` and gathered ``[M, K]``: 3.75 GiB for the 32 all-gather graphs
+of 16 Llama-3 8B MLP blocks at 8192 tokens on 4 ranks,
+``overlap_model_probe_4xH100_20261127-s14.json``).
 
 Every rank captures and replays at the same calls (same shapes, same parity sequence);
 a rank that captures where another replays is still correct, since a capture call runs
@@ -59,7 +64,7 @@ from collections.abc import Callable
 import torch
 
 __all__ = ["MAX_GRAPHS", "MAX_GRAPH_BYTES", "THRASH_RECAPTURES", "clear", "graphed_call", "graphs_enabled",
-           "held_bytes", "set_graphs"]
+           "held_bytes", "kind_buffers", "set_graphs"]
 
 MAX_GRAPHS = 1024
 """Captured graphs kept (least recently used evicted). A model needs one per layer, op,
@@ -68,9 +73,9 @@ workspace's pool costs a few kB of host and device memory beside what ``MAX_GRAP
 counts."""
 
 MAX_GRAPH_BYTES = 4 << 30
-"""Bytes the kept graphs' outputs may hold in all (least recently used evicted): an
-all-gather graph keeps ``[M, N/R]`` (and the gathered ``[M, K]`` where the backward needs it),
-a multi-group all-reduce ``[M, N]``; the split reduce-scatter and all-reduce keep none."""
+"""Bytes the kept graphs' own outputs may hold in all (least recently used evicted): only
+graphs captured without ``shared_out`` keep one (the library's schedules all pass it or
+split, so this bounds other callers)."""
 
 THRASH_RECAPTURES = 4
 """Recaptures of evicted graphs of one kind (op and shapes, whatever the weight) after which
@@ -100,10 +105,10 @@ def graphs_enabled(device: torch.device) -> bool:
 class _Captured:
     __slots__ = ("graph", "inputs", "output", "steps", "nbytes")
 
-    def __init__(self, graph, inputs: list[torch.Tensor], output, steps: int):
+    def __init__(self, graph, inputs: list[torch.Tensor], output, steps: int, shared_out: bool = False):
         self.graph, self.inputs, self.output, self.steps = graph, inputs, output, steps
         # What the graph's pool keeps alive for it: the output it is copied out of.
-        outs = () if callable(output) else output if isinstance(output, tuple) else (output,)
+        outs = () if callable(output) or shared_out else output if isinstance(output, tuple) else (output,)
         self.nbytes = sum(t.untyped_storage().nbytes() for t in outs if t is not None)
 
 
@@ -121,6 +126,7 @@ _EAGER_KINDS: set[tuple] = set()
 # The shared memory (module docstring): one pool per workspace, one set of static inputs per kind.
 _POOLS: dict[int, tuple] = {}
 _STATICS: dict[tuple, list[torch.Tensor]] = {}
+_BUFFERS: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
 def clear() -> None:
@@ -131,11 +137,30 @@ def clear() -> None:
     _EAGER_KINDS.clear()
     _POOLS.clear()
     _STATICS.clear()
+    _BUFFERS.clear()
+
+
+def _own_bytes() -> int:
+    return sum(c.nbytes for c in _GRAPHS.values() if c is not None)
 
 
 def held_bytes() -> int:
-    """Bytes the kept graphs' outputs hold (the static inputs, one set per kind, not counted)."""
-    return sum(c.nbytes for c in _GRAPHS.values() if c is not None)
+    """Device bytes kept for the graphs beyond their pools' temporaries: their own outputs,
+    the shared output buffers and the static inputs."""
+    shared = [t for ts in (*_BUFFERS.values(), *_STATICS.values()) for t in ts]
+    return _own_bytes() + sum(t.untyped_storage().nbytes() for t in shared)
+
+
+def kind_buffers(op: str, ws, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Output buffers of ``shapes`` shared by every graph of one op, workspace and shapes:
+    a schedule run through :func:`graphed_call` with ``shared_out=True`` writes its result
+    into them and the call returns a copy."""
+    key = (op, id(ws), shapes, dtype, device)
+    bufs = _BUFFERS.get(key)
+    if bufs is None:
+        bufs = _BUFFERS[key] = tuple(torch.empty(shape, dtype=dtype, device=device) for shape in shapes)
+    return bufs
 
 
 def _pool(ws) -> tuple:
@@ -184,7 +209,7 @@ def _capture(fn: Callable, statics: list[torch.Tensor], fixed: tuple[torch.Tenso
 
 
 def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed: tuple[torch.Tensor, ...], ws,
-                 extra=None, fallback: Callable | None = None):
+                 extra=None, fallback: Callable | None = None, shared_out: bool = False):
     """``fn(*inputs, *fixed)`` through a CUDA graph of it (captured on the first call).
 
     ``inputs`` are copied into static buffers before each replay; ``fixed`` (the weight)
@@ -198,31 +223,34 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
 
     ``fallback(*inputs, *fixed)``: what runs instead of ``fn`` once the graphs of this kind
     cannot be kept (``THRASH_RECAPTURES``); None runs ``fn`` eagerly.
+
+    ``shared_out``: ``fn`` writes its result into buffers shared by the kind
+    (:func:`kind_buffers`), so an eager run's result is copied out too.
     """
+
+    def eager():
+        out = fn(*inputs, *fixed)
+        out = out() if callable(out) else out
+        return _copy_out(out) if shared_out else out
+
     key = _signature(op, ws, ws.counter & 1, inputs, fixed, extra)
     if key in _GRAPHS:
         hit = _GRAPHS[key]
         _GRAPHS.move_to_end(key)
         if hit is None:  # capture failed once for this signature: eager
-            out = fn(*inputs, *fixed)
-            return out() if callable(out) else out
+            return eager()
         for static, t in zip(hit.inputs, inputs):
             static.copy_(t)
         hit.graph.replay()
         ws.counter += hit.steps
         return hit.output() if callable(hit.output) else _copy_out(hit.output)
     if _EAGER_KINDS and _kind(key) in _EAGER_KINDS:
-        if fallback is not None:
-            return fallback(*inputs, *fixed)
-        out = fn(*inputs, *fixed)
-        return out() if callable(out) else out
+        return fallback(*inputs, *fixed) if fallback is not None else eager()
     # First call: run it eagerly (this call's result; it also warms cuBLAS, the allocator
     # and the workspace's size, none of which may happen inside a capture), then capture
     # the same steps from the same counter parity for the next calls.
     start = ws.counter
-    out = fn(*inputs, *fixed)
-    if callable(out):
-        out = out()
+    out = eager()
     steps = ws.counter - start
     after = ws.counter
     ws.counter = start
@@ -233,14 +261,14 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
     try:
         statics = _statics(key, inputs)
         graph, output = _capture(fn, statics, fixed, ws)
-        _GRAPHS[key] = _Captured(graph, statics, output, steps)
+        _GRAPHS[key] = _Captured(graph, statics, output, steps, shared_out)
     except Exception as e:  # noqa: BLE001 - the eager schedule is always correct
         warnings.warn(f"commflow.overlap: CUDA graph capture of {op} failed ({type(e).__name__}: {e}); "
                       "this signature runs eagerly", RuntimeWarning, stacklevel=2)
         _GRAPHS[key] = None
     finally:
         ws.counter = after
-    while len(_GRAPHS) > MAX_GRAPHS or (len(_GRAPHS) > 1 and held_bytes() > MAX_GRAPH_BYTES):
+    while len(_GRAPHS) > MAX_GRAPHS or (len(_GRAPHS) > 1 and _own_bytes() > MAX_GRAPH_BYTES):
         _GRAPHS.popitem(last=False)
     return out
 

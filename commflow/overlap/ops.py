@@ -94,11 +94,18 @@ def _symm(op: str, schedule, x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, p
     sizes = plan.chunk_sizes
     if not plan.graphed:
         return schedule(x2d, w, g, sizes, *extra)
-    # The reduce-scatter and all-reduce end outside the graph, in new memory (symm.splits).
-    kw = {"split": True} if op in ("rs", "ar") else {}
+    ws = symm.workspace(g, op, x2d.device)
+    rows, n = x2d.shape[0], w.shape[1]
+    if op in ("rs", "ar") and symm.splits(g.world_size, len(sizes)):
+        kw = {"split": True}  # ends outside the graph, in new memory: the graph keeps no output
+    else:  # the graph writes into its kind's buffers, copied out after each replay (graphs.py)
+        shapes = {"rs": ((rows // g.world_size, n),), "ar": ((rows, n),),
+                  "ag": ((rows * g.world_size, n), (rows * g.world_size, x2d.shape[1]))}[op]
+        bufs = graphs.kind_buffers(op, ws, shapes, x2d.dtype, x2d.device)
+        kw = dict(zip(("out", "full"), bufs))
     plain = (lambda a, b: _SEQUENTIAL[op](a, b, g, *extra)) if plan.eager_fallback == "sequential" else None
     return graphs.graphed_call(op, lambda a, b: schedule(a, b, g, sizes, *extra, **kw), (x2d.contiguous(),), (w,),
-                               symm.workspace(g, op, x2d.device), (sizes, *extra), fallback=plain)
+                               ws, (sizes, *extra), fallback=plain, shared_out="out" in kw)
 
 
 # The plain paths (GEMM, then one collective; all-gather first for "ag") on rows-first 2-D

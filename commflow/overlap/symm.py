@@ -339,7 +339,7 @@ def _pair_accumulate(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, ws: _Work
 
 
 def matmul_reduce_scatter(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tuple[int, ...] | None = None,
-                          *, direct: bool = False, split: bool = False):
+                          *, direct: bool = False, split: bool = False, out: torch.Tensor | None = None):
     """``x2d [M, K/R] @ w [K/R, N]`` summed over ranks, row block ``g.rank`` ``[M/R, N]``.
 
     ``sizes``: rows of each group within every destination block (sum ``M/R``; default
@@ -349,7 +349,8 @@ def matmul_reduce_scatter(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, size
     ``direct``: the GEMM writes each peer's partial straight into the peer's slot (NVLink
     stores from the GEMM) instead of computing it locally for the copy engine to push.
     ``split``: with one group of rows, stop before the sum and return ``finish``, a callable
-    that sums the slots into a new tensor (see :func:`splits`).
+    that sums the slots into a new tensor (see :func:`splits`). ``out``: the ``[M/R, N]``
+    result goes there (a graph's output buffer, graphs.py) instead of into new memory.
     """
     world = g.world_size
     m, n, dtype, dev = x2d.shape[0], w.shape[1], x2d.dtype, x2d.device
@@ -357,7 +358,7 @@ def matmul_reduce_scatter(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, size
     sizes = sizes or (mr,)
     ws = workspace(g, "rs", dev)
     split = split and splits(world, len(sizes), direct)
-    out = None if split else torch.empty(mr, n, dtype=dtype, device=dev)
+    out = None if split else out if out is not None else torch.empty(mr, n, dtype=dtype, device=dev)
     starts = _offsets(sizes)
     if accumulates(world, len(sizes), direct):
         ws.ensure(2 * mr * n * dtype.itemsize)  # per half: this rank's partials for the peer
@@ -390,7 +391,7 @@ def matmul_reduce_scatter(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, size
 
 
 def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tuple[int, ...] | None = None,
-                      *, direct: bool = False, split: bool = False):
+                      *, direct: bool = False, split: bool = False, out: torch.Tensor | None = None):
     """``x2d [M, K/R] @ w [K/R, N]`` summed over ranks, ``[M, N]`` on every rank.
 
     Rows go in groups of ``R * sizes[i]`` (``sizes`` sums to ``M/R``; default one
@@ -406,7 +407,8 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
     reaches it after the caller's stream waited for all of its pulls.)
 
     ``split``: with one group, stop after the sum and return ``finish``, a callable that
-    pulls every reduced block into a new tensor (see :func:`splits`).
+    pulls every reduced block into a new tensor (see :func:`splits`). ``out``: where the
+    ``[M, N]`` result goes instead of new memory.
     """
     world, rank = g.world_size, g.rank
     m, n, dtype, dev = x2d.shape[0], w.shape[1], x2d.dtype, x2d.device
@@ -417,7 +419,7 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
     main, comm = _streams(dev)
     pull = pull_stream(dev)
     split = split and splits(world, len(sizes), direct)
-    out = None if split else torch.empty(m, n, dtype=dtype, device=dev)
+    out = None if split else out if out is not None else torch.empty(m, n, dtype=dtype, device=dev)
     if accumulates(world, len(sizes), direct):
         mr = m // world
         ws.ensure(2 * 2 * mr * n * dtype.itemsize)  # per half: partials for the peer, then the reduced rows
@@ -507,11 +509,13 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
 
 
 def all_gather_matmul(xs: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tuple[int, ...] | None = None,
-                      return_gathered: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      return_gathered: bool = False, *, out: torch.Tensor | None = None,
+                      full: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``all_gather(xs [M/R, K]) @ w [K, N]`` -> ``[M, N]`` (and the gathered ``[M, K]``).
 
     ``sizes``: rows of each pulled piece of a peer's shard (sum ``M/R``; default the
-    whole shard); the GEMM of a piece starts as soon as it has landed.
+    whole shard); the GEMM of a piece starts as soon as it has landed. ``out`` / ``full``:
+    where the product ``[M, N]`` / the gathered input ``[M, K]`` go instead of new memory.
     """
     world, rank = g.world_size, g.rank
     ms, k = xs.shape
@@ -523,8 +527,8 @@ def all_gather_matmul(xs: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: tu
     ws.ensure(2 * shard * dtype.itemsize)
     base = ws.next_copy(dtype)
     main, comm = _streams(dev)
-    out = torch.empty(world * ms, n, dtype=dtype, device=dev)
-    full = torch.empty(world * ms, k, dtype=dtype, device=dev)
+    out = out if out is not None else torch.empty(world * ms, n, dtype=dtype, device=dev)
+    full = full if full is not None else torch.empty(world * ms, k, dtype=dtype, device=dev)
     landed = []
     comm.wait_stream(main)
     with _on(comm):

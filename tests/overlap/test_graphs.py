@@ -184,15 +184,17 @@ def test_graphs_of_one_kind_share_their_static_inputs(fake_capture):
 
 
 def test_held_output_bytes_bound_the_cache(fake_capture, monkeypatch):
-    """Graphs that keep an output (copied out after each replay) count its bytes against
-    MAX_GRAPH_BYTES; split graphs keep none and are bounded by MAX_GRAPHS only."""
+    """Graphs that keep an output of their own (copied out after each replay) count its bytes
+    against MAX_GRAPH_BYTES; split graphs keep none and are bounded by MAX_GRAPHS only.
+    held_bytes() adds the static inputs (one set per kind)."""
     ws, made = fake_capture
-    monkeypatch.setattr(graphs, "MAX_GRAPH_BYTES", 2 * 5 * 3 * 4 + 10)  # two [5, 3] fp32 outputs
+    out_bytes, in_bytes = 5 * 3 * 4, 5 * 4 * 4
+    monkeypatch.setattr(graphs, "MAX_GRAPH_BYTES", 2 * out_bytes + 10)  # two [5, 3] fp32 outputs
     fn = _schedule(ws, 2)
     x = torch.randn(5, 4)
     for _ in range(4):
         graphs.graphed_call("rs", fn, (x,), (torch.randn(4, 3),), ws)
-    assert len(graphs._GRAPHS) == 2 and graphs.held_bytes() == 2 * 5 * 3 * 4
+    assert len(graphs._GRAPHS) == 2 and graphs.held_bytes() == 2 * out_bytes + in_bytes
     ws.buffer = torch.zeros(5, 3)
 
     def split(x, w):
@@ -202,7 +204,34 @@ def test_held_output_bytes_bound_the_cache(fake_capture, monkeypatch):
 
     for _ in range(4):
         graphs.graphed_call("ar", split, (x,), (torch.randn(4, 3),), ws)
-    assert len(graphs._GRAPHS) == 6 and graphs.held_bytes() == 2 * 5 * 3 * 4
+    assert len(graphs._GRAPHS) == 6 and graphs.held_bytes() == 2 * out_bytes + 2 * in_bytes
+
+
+def test_graphs_of_one_kind_write_into_shared_output_buffers(fake_capture, monkeypatch):
+    """With ``shared_out`` the schedule writes into the kind's buffers: every result, the
+    first (eager) call's included, is a copy; graphs keep no output of their own, so a tiny
+    MAX_GRAPH_BYTES evicts none of them; a layer's result survives the next layer's replay."""
+    ws, made = fake_capture
+    monkeypatch.setattr(graphs, "MAX_GRAPH_BYTES", 1)
+
+    def fn(x, w):
+        out, = graphs.kind_buffers("ag", ws, ((5, 3),), torch.float32, torch.device("cpu"))
+        ws.counter += 2
+        return torch.mm(x, w, out=out)
+
+    layers = [torch.randn(4, 3) for _ in range(3)]
+    buffer, = graphs.kind_buffers("ag", ws, ((5, 3),), torch.float32, torch.device("cpu"))
+    for _ in range(3):
+        kept = []
+        for w in layers:
+            x = torch.randn(5, 4)
+            kept.append((graphs.graphed_call("ag", fn, (x,), (w,), ws, shared_out=True), x @ w))
+        for y, expected in kept:
+            assert y.data_ptr() != buffer.data_ptr()
+            torch.testing.assert_close(y, expected)
+    assert len(made) == 3 and [g.replays for g in made] == [2, 2, 2]
+    assert all(g.output.data_ptr() == buffer.data_ptr() for g in made)
+    assert graphs.held_bytes() == 5 * 3 * 4 + 5 * 4 * 4  # one output buffer, one static input
 
 
 def test_enabled_on_cuda_unless_switched_off(monkeypatch):
