@@ -1,7 +1,6 @@
 """Probe: GEMM + reduce-scatter with CUTLASS storing every destination's block into its owner.
 
-Not a registered benchmark; **not run yet** (written in session 13 after the device time was
-spent; the next GPU session runs it first). Build the library without a GPU
+Not a registered benchmark (written in session 13, first run in session 14). Build the library without a GPU
 (``CUTLASS_DIR=... bash benchmarks/cutlass/build.sh``), then ``python -m
 benchmarks.overlap_cutlass_rs_probe --nproc 4 [--rounds 20] [--out FILE]`` (on the device machine,
 carry ``benchmarks/cutlass/libcf_gemm.so``).
@@ -27,6 +26,12 @@ fp32 sum of the slots, as the library's reduce-scatter ends. Variants, timed in 
 ``cutlass_rs`` is checked against ``sequential`` with the slots filled with NaN first. One copy of
 the slots (as in ``overlap_fused_probe``): a fast rank's next call may write into slots a peer still
 sums, which does not change the timing; the check runs on quiet ranks.
+
+Found (4x H100, ``overlap_cutlass_rs_probe_4xH100_20261127-s14.json``, ``71d3365``): correct (the
+library RS's difference from sequential); CUTLASS storing locally at 0.98-1.02 of cuBLAS;
+``cutlass_rs`` 1.16x / 1.22x of sequential on 70B / 8B FC2 (library RS 1.11x / 1.18x) and behind
+the library on the attention rows (1.34x vs 1.43x at 70B attn-out M = 16384, 1.15x vs 1.27x at
+M = 4096, 1.07x vs 1.12x at 8B attn-out M = 16384). docs/overlap.md, "Results".
 """
 
 from __future__ import annotations
