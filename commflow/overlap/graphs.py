@@ -49,9 +49,8 @@ graph replays pass the GPU correctness tests, and the forced schedule replayed a
 runs 1.13x (GEMM + RS) and 1.15x (AG + GEMM) of sequential in geomean on 4 GPUs where
 its eager form runs 0.71x and 0.78x. The autotune times each graphed candidate beside
 its eager form and keeps the faster, so a graph is used only where it measured faster.
-``COMMFLOW_OVERLAP_GRAPHS=0`` or :func:`set_graphs` (False) turns them off (each graph
-keeps its output; :data:`MAX_GRAPHS` and :data:`MAX_GRAPH_BYTES` bound them). A capture that fails
-falls back to the eager schedule for that signature, with one warning.
+``COMMFLOW_OVERLAP_GRAPHS=0`` or :func:`set_graphs` (False) turns them off. A capture that
+fails falls back to the eager schedule for that signature, with one warning.
 """
 
 from __future__ import annotations
@@ -286,9 +285,10 @@ def _worth_capturing(op: str, key: tuple) -> bool:
             warnings.warn(
                 f"commflow.overlap: the CUDA graphs of {op} for one shape are evicted before their weight comes "
                 f"round again ({n} recaptures): more weights of this shape take turns than MAX_GRAPHS="
-                f"{MAX_GRAPHS} graphs / MAX_GRAPH_BYTES={MAX_GRAPH_BYTES} bytes hold, so calls of this shape now run without a graph (the schedule "
-                "eagerly, or the plain path where the autotune timed that faster). Raise "
-                "commflow.overlap.graphs.MAX_GRAPHS or MAX_GRAPH_BYTES (what graphs' outputs may hold) to keep them, "
-                "or set COMMFLOW_OVERLAP_GRAPHS=0", RuntimeWarning, stacklevel=3)
+                f"{MAX_GRAPHS} graphs (MAX_GRAPH_BYTES={MAX_GRAPH_BYTES} bytes of their own outputs) hold, so "
+                "calls of this shape now run without a graph (the schedule eagerly, or the plain path where "
+                "the autotune timed that faster). Raise commflow.overlap.graphs.MAX_GRAPHS (a graph keeps no "
+                "device memory of its own where the schedule shares its kind's buffers) to keep them, or set "
+                "COMMFLOW_OVERLAP_GRAPHS=0", RuntimeWarning, stacklevel=3)
             return False
     return True
