@@ -267,9 +267,23 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
         _GRAPHS[key] = None
     finally:
         ws.counter = after
-    while len(_GRAPHS) > MAX_GRAPHS or (len(_GRAPHS) > 1 and _own_bytes() > MAX_GRAPH_BYTES):
-        _GRAPHS.popitem(last=False)
+    if len(_GRAPHS) > MAX_GRAPHS or (len(_GRAPHS) > 1 and _own_bytes() > MAX_GRAPH_BYTES):
+        while len(_GRAPHS) > MAX_GRAPHS or (len(_GRAPHS) > 1 and _own_bytes() > MAX_GRAPH_BYTES):
+            _GRAPHS.popitem(last=False)
+        _drop_unused()
     return out
+
+
+def _drop_unused() -> None:
+    """Free the static inputs and output buffers no kept graph uses: with shapes that change
+    from step to step (variable sequence lengths) they would otherwise pile up per shape."""
+    kinds = {_kind(key) for key in _GRAPHS}
+    for kind in [k for k in _STATICS if k not in kinds]:
+        del _STATICS[kind]
+    live = {t.data_ptr() for c in _GRAPHS.values() if c is not None and not callable(c.output)
+            for t in (c.output if isinstance(c.output, tuple) else (c.output,)) if t is not None}
+    for key in [k for k, bufs in _BUFFERS.items() if not any(b.data_ptr() in live for b in bufs)]:
+        del _BUFFERS[key]
 
 
 def _worth_capturing(op: str, key: tuple) -> bool:

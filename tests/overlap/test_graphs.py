@@ -234,6 +234,27 @@ def test_graphs_of_one_kind_write_into_shared_output_buffers(fake_capture, monke
     assert graphs.held_bytes() == 5 * 3 * 4 + 5 * 4 * 4  # one output buffer, one static input
 
 
+def test_inputs_and_buffers_of_evicted_kinds_are_freed(fake_capture, monkeypatch):
+    """Shapes that change every step (variable sequence lengths) must not pile up static
+    inputs and output buffers: once no kept graph uses a kind's, they go with the graphs."""
+    ws, made = fake_capture
+    monkeypatch.setattr(graphs, "MAX_GRAPHS", 3)
+    w = torch.randn(4, 3)
+
+    def fn(x, w):
+        out, = graphs.kind_buffers("ag", ws, ((x.shape[0], 3),), torch.float32, torch.device("cpu"))
+        ws.counter += 2
+        return torch.mm(x, w, out=out)
+
+    for rows in range(2, 12):
+        x = torch.randn(rows, 4)
+        for _ in range(2):
+            torch.testing.assert_close(graphs.graphed_call("ag", fn, (x,), (w,), ws, shared_out=True), x @ w)
+    assert len(graphs._GRAPHS) == 3 and len(graphs._STATICS) == 3 and len(graphs._BUFFERS) == 3
+    kept_rows = {key[5][0][0][0] for key in graphs._GRAPHS}
+    assert kept_rows == {9, 10, 11} and {k[2][0][0] for k in graphs._BUFFERS} == kept_rows
+
+
 def test_enabled_on_cuda_unless_switched_off(monkeypatch):
     monkeypatch.delenv("COMMFLOW_OVERLAP_GRAPHS", raising=False)
     assert not graphs.graphs_enabled(torch.device("cpu"))
