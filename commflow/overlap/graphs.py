@@ -122,14 +122,16 @@ _GRAPHS: OrderedDict[tuple, _Captured | None] = OrderedDict()
 _CAPTURED: dict[tuple, set[tuple]] = {}
 _RECAPTURES: dict[tuple, int] = {}
 _EAGER_KINDS: set[tuple] = set()
-# The shared memory (module docstring): one pool per workspace, one set of static inputs per kind.
+# The shared memory (module docstring): one pool per workspace, one set of static inputs per
+# kind, one set of output buffers per op, workspace and shapes (freed with their last graph).
 _POOLS: dict[int, tuple] = {}
 _STATICS: dict[tuple, list[torch.Tensor]] = {}
 _BUFFERS: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
 def clear() -> None:
-    """Drop every captured graph, the pools and static inputs they share, and the thrash guard's counts."""
+    """Drop every captured graph, the pools, static inputs and output buffers they share, and
+    the thrash guard's counts."""
     _GRAPHS.clear()
     _CAPTURED.clear()
     _RECAPTURES.clear()

@@ -171,9 +171,9 @@ def _gpu_checks(tmpdir: str) -> dict:
             note("graph ag", _rel(o, exp_ag * scale))
             note("graph ag gathered", _rel(full, X * scale))
             note("graph then eager rs", _rel(symm.matmul_reduce_scatter(x, w, g, sizes), exp_rs))
-    # Layers of one shape: a graph per weight, all of one workspace in one memory pool and
-    # one set of static inputs (graphs.py). Every output of a round is kept while the other
-    # layers' graphs replay over the shared memory, then checked.
+    # Layers of one shape: a graph per weight, all of one workspace in one memory pool, all of
+    # one kind with one set of static inputs and output buffers (graphs.py). Every output of a
+    # round is kept while the other layers' graphs replay over the shared memory, then checked.
     layer_scales = (1.0, -2.0, 0.5)
     for sizes in ((1024,), (512, 512)):
         plans = {op: _replace(resolve_plan(op, m, n if op != "all_gather_matmul" else n // world,
