@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds benchmarks/cutlass/libcf_gemm.so (CUTLASS Hopper GEMMs behind a C ABI: gemm_sm90.cu, the
-# plain GEMM; gemm_sm90_array.cu, L problems with their own pointers in one launch) on a machine
+# plain GEMM; gemm_sm90_array.cu, L problems with their own pointers in one launch; and
+# ar_reduce.cu, the reducer of the fused all-reduce probe, plain CUDA) on a machine
 # without a GPU: CUDA 13.0's compiler from NVIDIA's PyPI wheels, CUTLASS's headers from a
 # checkout, the CUDA runtime linked statically, so the library needs only the driver on the
 # GPU machine (13.0 there). ~2 min on 2 cores. Nothing it downloads goes into the repository.
@@ -23,5 +24,6 @@ if [ ! -x "$cuda/nvvm/bin/cicc" ]; then
 fi
 "$cuda/bin/nvcc" -arch=sm_90a -O3 -std=c++17 --expt-relaxed-constexpr -DNDEBUG --shared -Xcompiler -fPIC \
   -cudart static -L"$cuda/lib" -I"$CUTLASS_DIR/include" -I"$CUTLASS_DIR/tools/util/include" \
-  -diag-suppress 20012 -o "$here/libcf_gemm.so" "$here/gemm_sm90.cu" "$here/gemm_sm90_array.cu"
+  -diag-suppress 20012 -o "$here/libcf_gemm.so" "$here/gemm_sm90.cu" "$here/gemm_sm90_array.cu" \
+  "$here/ar_reduce.cu"
 echo "$here/libcf_gemm.so"

@@ -36,7 +36,7 @@ using Kernel = cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::ArrayProblemS
 using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
 typename Gemm::Arguments arguments(const void* const* a, const void* const* b, void* const* d, int m, int n, int k,
-                                   int batches) {
+                                   int batches, int sm_count) {
   using SA = typename Gemm::GemmKernel::StrideA;
   using SB = typename Gemm::GemmKernel::StrideB;
   using SC = typename Gemm::GemmKernel::StrideC;
@@ -44,7 +44,7 @@ typename Gemm::Arguments arguments(const void* const* a, const void* const* b, v
   static int sms = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(0);
   cutlass::KernelHardwareInfo hw;
   cudaGetDevice(&hw.device_id);
-  hw.sm_count = sms;
+  hw.sm_count = sm_count > 0 && sm_count < sms ? sm_count : sms;  // fewer: leave SMs to a kernel beside it
   return typename Gemm::Arguments{
       cutlass::gemm::GemmUniversalMode::kArray,
       {{m, n, k, batches}},
@@ -56,20 +56,30 @@ typename Gemm::Arguments arguments(const void* const* a, const void* const* b, v
 }
 }  // namespace
 
-// Bytes of workspace the kernel needs (its per-problem TMA descriptors).
-extern "C" long long cf_gemm_bf16_array_workspace(int m, int n, int k, int batches) {
-  auto args = arguments(nullptr, nullptr, nullptr, m, n, k, batches);
+// Bytes of workspace the kernel needs (its per-problem TMA descriptors). sm_count: the SMs the
+// persistent kernel may occupy (0: all of them).
+extern "C" long long cf_gemm_bf16_array_workspace_sms(int m, int n, int k, int batches, int sm_count) {
+  auto args = arguments(nullptr, nullptr, nullptr, m, n, k, batches, sm_count);
   return static_cast<long long>(Gemm::get_workspace_size(args));
 }
 
+extern "C" long long cf_gemm_bf16_array_workspace(int m, int n, int k, int batches) {
+  return cf_gemm_bf16_array_workspace_sms(m, n, k, batches, 0);
+}
+
 // a, b, d: device arrays of `batches` pointers each. 0 on success.
-extern "C" int cf_gemm_bf16_array(const void* const* a, const void* const* b, void* const* d, int m, int n, int k,
-                                  int batches, void* workspace, void* stream) {
+extern "C" int cf_gemm_bf16_array_sms(const void* const* a, const void* const* b, void* const* d, int m, int n, int k,
+                                      int batches, int sm_count, void* workspace, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  auto args = arguments(a, b, d, m, n, k, batches);
+  auto args = arguments(a, b, d, m, n, k, batches, sm_count);
   Gemm gemm;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
   if (gemm.initialize(args, workspace, s) != cutlass::Status::kSuccess) return 3;
   if (gemm.run(s) != cutlass::Status::kSuccess) return 4;
   return static_cast<int>(cudaGetLastError()) ? 5 : 0;
+}
+
+extern "C" int cf_gemm_bf16_array(const void* const* a, const void* const* b, void* const* d, int m, int n, int k,
+                                  int batches, void* workspace, void* stream) {
+  return cf_gemm_bf16_array_sms(a, b, d, m, n, k, batches, 0, workspace, stream);
 }

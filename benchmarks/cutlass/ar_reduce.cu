@@ -1,0 +1,98 @@
+// The reducer of a fused GEMM + all-reduce (probe: benchmarks/overlap_cutlass_ar_probe.py), C ABI.
+//
+// Beside it, every rank's GEMM (gemm_sm90_array.cu) stores its partial of this rank's rows into
+// slot `src` of this rank's symmetric buffer, row chunk by row chunk (all destinations' chunk 0,
+// then chunk 1, ...). The slots start out filled with kEmpty, a bf16 NaN bit pattern that a GEMM of
+// finite inputs never writes (NaN from finite operands is the canonical 0x7FFF), so the data is its
+// own arrival signal: a reducer thread reads a 16-byte vector of each slot until none of its eight
+// halves is kEmpty (a half, once written, holds its final value), sums the R partials in fp32 in
+// rank order, rounds once, stores the reduced vector into every rank's output (NVLink stores to
+// the peers), and writes kEmpty back into the slots for the next call. Rows are taken in order,
+// row r by CTA r % gridDim.x, the order in which the chunks land. A barrier after the kernel (the
+// caller's) says every rank's rows have reached every output.
+//
+// Not safe for inputs holding NaN (a partial could equal kEmpty): the spin gives up after
+// kMaxSpins polls of one vector, sets *error and returns, so a probe fails instead of hanging.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+constexpr uint32_t kEmpty = 0xFFFFu;
+constexpr long long kMaxSpins = 1LL << 22;  // ~8 s at the longest back-off
+constexpr int kMaxWorld = 8;
+
+__device__ __forceinline__ uint4 load_volatile(const uint4* p) {
+  uint4 v;
+  // volatile: past L1, so stores arriving over NVLink (into this GPU's L2) are seen.
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ bool empty_half(uint32_t w) { return (w & 0xFFFFu) == kEmpty || (w >> 16) == kEmpty; }
+
+__device__ __forceinline__ bool has_empty(const uint4& v) {
+  return empty_half(v.x) || empty_half(v.y) || empty_half(v.z) || empty_half(v.w);
+}
+
+__device__ __forceinline__ void add(float* acc, uint32_t w, int i) {
+  __nv_bfloat162 h = *reinterpret_cast<__nv_bfloat162*>(&w);
+  float2 f = __bfloat1622float2(h);
+  acc[2 * i] += f.x;
+  acc[2 * i + 1] += f.y;
+}
+
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// slots: this rank's R slots [R][rows][vecs] (16-byte vectors); outs: R pointers, rank p's output
+// [R * rows][vecs]; this rank's rows start at row rank * rows of every output. world <= kMaxWorld.
+__global__ void ar_reduce_kernel(uint4* slots, uint4* const* outs, int rank, int world, int rows, int vecs,
+                                 int* error) {
+  const size_t slot = static_cast<size_t>(rows) * vecs;
+  for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+    for (int v = threadIdx.x; v < vecs; v += blockDim.x) {
+      const size_t at = static_cast<size_t>(row) * vecs + v;
+      uint4 x[kMaxWorld];
+      for (int s = 0; s < world; ++s) x[s] = load_volatile(slots + s * slot + at);  // all in flight at once
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int s = 0; s < world; ++s) {
+        uint4* p = slots + s * slot + at;
+        // Back off while waiting: the polls read L2, which the GEMM beside us needs.
+        unsigned sleep = 32;
+        long long spins = 0;
+        while (has_empty(x[s])) {
+          if (++spins > kMaxSpins) {
+            atomicExch(error, 1);
+            return;
+          }
+          __nanosleep(sleep);
+          sleep = sleep < 2048 ? 2 * sleep : sleep;
+          x[s] = load_volatile(p);
+        }
+        add(acc, x[s].x, 0);
+        add(acc, x[s].y, 1);
+        add(acc, x[s].z, 2);
+        add(acc, x[s].w, 3);
+        *p = make_uint4(0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu);  // re-armed for the next call
+      }
+      const uint4 o = make_uint4(pack(acc[0], acc[1]), pack(acc[2], acc[3]), pack(acc[4], acc[5]), pack(acc[6], acc[7]));
+      const size_t dst = (static_cast<size_t>(rank) * rows + row) * vecs + v;
+      for (int q = 1; q <= world; ++q) outs[(rank + q) % world][dst] = o;  // the peers first, this rank last
+    }
+  }
+}
+}  // namespace
+
+// n must be a multiple of 8 (16-byte vectors of bf16), world at most 8; 0 on a clean launch.
+extern "C" int cf_ar_reduce(void* slots, void* const* outs, int rank, int world, int rows, int n, int ctas,
+                            int threads, int* error, void* stream) {
+  if (n % 8 || world > kMaxWorld) return 1;
+  ar_reduce_kernel<<<ctas, threads, 0, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<uint4*>(slots), reinterpret_cast<uint4* const*>(outs), rank, world, rows, n / 8, error);
+  return static_cast<int>(cudaGetLastError()) ? 5 : 0;
+}

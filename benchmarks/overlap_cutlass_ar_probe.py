@@ -1,0 +1,163 @@
+"""Probe: GEMM + all-reduce fused at row-chunk granularity (CUTLASS stores, a reducer beside it).
+
+Not a registered benchmark; **written in session 14 without a GPU, not run yet**. Build the library
+(``CUTLASS_DIR=... bash benchmarks/cutlass/build.sh``), then ``python -m
+benchmarks.overlap_cutlass_ar_probe --nproc 4 [--rounds 20] [--chunks 8] [--out FILE]`` (carry
+``benchmarks/cutlass/libcf_gemm.so``).
+
+Why: docs/overlap.md "Decisions" bounds what a fused all-reduce could reach (1.11-1.39x on 4 ranks
+against the 1.25x goal) by two unknowns, what the transfers cost the GEMM beside them and the tail
+after it. This measures both with the least new code. Per call, on every rank:
+
+* ``gemm_sm90_array.cu``, one persistent launch of ``R * chunks`` problems ordered chunk-major
+  (every destination's chunk 0, then chunk 1, ...; this rank's own rows last within a chunk), each
+  storing its ``[M / (R * chunks), N]`` partial straight into slot ``rank`` of its owner's
+  symmetric buffer, on ``SMs - ctas`` SMs;
+* beside it, on a side stream, ``ar_reduce.cu`` on ``ctas`` CTAs: the slots start filled with a NaN
+  pattern no GEMM of finite inputs writes, so it sums each row as soon as all R partials of the row
+  are in (fp32, rank order, one rounding), stores the reduced row into every rank's output buffer
+  over NVLink and re-arms the slots;
+* a symmetric-memory barrier after the reducer (every rank's rows are in every output), then the
+  caller's stream waits for it; the output buffers alternate between two copies, so a rank still
+  copying out one call's result is not overwritten by a faster peer's next call.
+
+Variants, timed in alternation (``commflow.overlap.autotune.sample_ms``, medians, slowest rank):
+``cublas`` (``torch.mm`` of the whole ``x [M, K/R] @ w``), ``cutlass_full`` / ``cutlass_less`` (the
+chunked ptr-array GEMM storing locally on all SMs / on ``SMs - ctas``: what the reducer's SMs cost),
+``fused_ar`` (the above, result copied into new memory), ``fused_ar_view`` (the same without the
+copy), ``library_ar`` (the library's copy-engine all-reduce, forced to overlap, its plan's groups,
+replayed as a CUDA graph) and ``sequential`` (``torch.mm`` + NCCL's all-reduce). ``fused_ar`` is
+checked against ``sequential`` with the outputs filled with NaN first; the reducer's error flag
+(a vector that never arrived within its spin limit) is read after every shape.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+SHAPES = [  # (name, K, N, M): row-parallel, x [M, K/R] @ w [K/R, N], all-reduced
+    ("llama3-70b-attn-out", 8192, 8192, 16384), ("llama3-70b-attn-out", 8192, 8192, 4096),
+    ("llama3-8b-attn-out", 4096, 4096, 16384), ("llama3-8b-attn-out", 4096, 4096, 4096),
+    ("llama3-70b-fc2", 28672, 8192, 8192), ("llama3-8b-fc2", 14336, 4096, 16384),
+]
+LIB = Path(__file__).parent / "cutlass" / "libcf_gemm.so"
+CTAS, THREADS = 16, 512
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.cf_gemm_bf16_array_sms.argtypes = [p, p, p, i, i, i, i, i, p, p]
+    lib.cf_gemm_bf16_array_workspace_sms.argtypes = [i] * 5
+    lib.cf_gemm_bf16_array_workspace_sms.restype = ctypes.c_longlong
+    lib.cf_ar_reduce.argtypes = [p, p, i, i, i, i, i, i, p, p]
+    return lib
+
+
+def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, chunks: int) -> dict:
+    import torch.distributed as dist
+
+    from benchmarks.overlap import checked_times, symm_call
+
+    dev, world, rank = torch.device("cuda", torch.cuda.current_device()), g.world_size, g.rank
+    k, mr = k_full // world, m // world
+    cr = mr // chunks  # rows of one problem: one chunk of one destination's block
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    gen = torch.Generator(device=dev).manual_seed(23 + rank)
+    x = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(k, n, device=dev, generator=gen) / math.sqrt(k_full)).to(torch.bfloat16)
+    # Symmetric buffer, bf16 elements: the R slots [R, M/R, N], then two output copies [M, N].
+    ws.ensure(3 * m * n * 2)
+    slots = ws.view(rank, (world, mr, n), torch.bfloat16, 0)
+    outs = [ws.view(rank, (m, n), torch.bfloat16, m * n * (1 + c)) for c in (0, 1)]
+    local = torch.empty(m, n, dtype=torch.bfloat16, device=dev)  # the GEMM-only controls' target
+    order = [(c, (rank + 1 + j) % world) for c in range(chunks) for j in range(world)]  # chunk-major, own last
+    base = ws.handle.buffer_ptrs
+    ptrs = lambda values: torch.tensor(values, dtype=torch.int64, device=dev)  # noqa: E731
+    a_ptrs = ptrs([x.data_ptr() + (d * mr + c * cr) * k * 2 for c, d in order])
+    b_ptrs = ptrs([w.data_ptr()] * len(order))
+    d_remote = ptrs([base[d] + (rank * mr + c * cr) * n * 2 for c, d in order])
+    d_local = ptrs([local.data_ptr() + (d * mr + c * cr) * n * 2 for c, d in order])
+    out_ptrs = [ptrs([base[p] + m * n * (1 + c) * 2 for p in range(world)]) for c in (0, 1)]
+    error = torch.zeros(1, dtype=torch.int32, device=dev)
+    spaces = {s: torch.empty(max(1, lib.cf_gemm_bf16_array_workspace_sms(cr, n, k, len(order), s)), dtype=torch.uint8,
+                             device=dev) for s in (0, sms - CTAS)}
+    side = torch.cuda.Stream(device=dev)
+
+    def gemm(d_ptrs: torch.Tensor, sm_count: int) -> None:
+        rc = lib.cf_gemm_bf16_array_sms(a_ptrs.data_ptr(), b_ptrs.data_ptr(), d_ptrs.data_ptr(), cr, n, k, len(order),
+                                        sm_count, spaces[sm_count].data_ptr(), torch.cuda.current_stream().cuda_stream)
+        if rc:
+            raise RuntimeError(f"cf_gemm_bf16_array_sms returned {rc} (1 can_implement, 3 initialize, 4 run, 5 launch)")
+
+    # The slots start empty (0xFFFF in every half); every rank's before any GEMM writes.
+    slots.view(torch.int16).fill_(-1)
+    torch.cuda.synchronize(dev)
+    dist.barrier()
+    calls = [0]
+
+    def fused(copy_out: bool) -> torch.Tensor:
+        c = calls[0] % 2
+        calls[0] += 1
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)  # the previous call's copy-out of this output copy is done
+        with torch.cuda.stream(side):
+            rc = lib.cf_ar_reduce(slots.data_ptr(), out_ptrs[c].data_ptr(), rank, world, mr, n, CTAS, THREADS,
+                                  error.data_ptr(), side.cuda_stream)
+            if rc:
+                raise RuntimeError(f"cf_ar_reduce returned {rc}")
+        gemm(d_remote, sms - CTAS)
+        with torch.cuda.stream(side):
+            ws.barrier()  # every rank's reducer is done: all rows in all outputs, all slots re-armed
+        main.wait_stream(side)
+        return outs[c].clone() if copy_out else outs[c]
+
+    def sequential() -> torch.Tensor:
+        y = torch.mm(x, w)
+        dist.all_reduce(y)
+        return y
+
+    fns = {"cublas": lambda: torch.mm(x, w), "cutlass_full": lambda: gemm(d_local, 0),
+           "cutlass_less": lambda: gemm(d_local, sms - CTAS), "fused_ar": lambda: fused(True),
+           "fused_ar_view": lambda: fused(False), "library_ar": symm_call("ar", x, w, (m, n, k)),
+           "sequential": sequential}
+
+    def poison() -> None:
+        for o in outs:
+            o.fill_(float("nan"))
+
+    diff, ms = checked_times(fns, ["fused_ar", "library_ar"], sequential, rounds, dev, before_check=poison)
+    torch.cuda.synchronize(dev)
+    row = {"shape": name, "M": m, "K_per_rank": k, "N": n, "chunks": chunks, "reducer_ctas": CTAS,
+           "reducer_threads": THREADS, "rel_diff": diff, "reducer_error": int(error.item()),
+           **{f"{nm}_ms": t for nm, t in ms.items()}}
+    for nm in ("fused_ar", "fused_ar_view", "library_ar"):
+        row[f"{nm}_speedup"] = row["sequential_ms"] / row[f"{nm}_ms"]
+    row["gemm_cost_of_reducer_sms"] = row["cutlass_less_ms"] / row["cutlass_full_ms"]
+    return row
+
+
+def _worker(cfg: dict) -> dict:
+    from benchmarks.overlap import probe_rows
+
+    lib = _load(LIB)
+    rows = probe_rows("cutlass_ar_probe", lambda g, ws, *a: _row(lib, g, ws, *a, cfg["chunks"]), SHAPES,
+                      cfg["rounds"])
+    return {"rows": rows, "torch": torch.__version__}
+
+
+def main(argv=None) -> int:
+    from benchmarks.results import probe_main
+
+    return probe_main("overlap_cutlass_ar_probe", _worker, argv, __doc__, nproc=4,
+                      options={"rounds": 20, "chunks": 8}, timeout_s=400, env=ENV)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
