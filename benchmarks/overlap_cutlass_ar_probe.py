@@ -2,7 +2,8 @@
 
 Not a registered benchmark; **written in session 14 without a GPU, not run yet**. Build the library
 (``CUTLASS_DIR=... bash benchmarks/cutlass/build.sh``), then ``python -m
-benchmarks.overlap_cutlass_ar_probe --nproc 4 [--rounds 20] [--chunks 8] [--out FILE]`` (carry
+benchmarks.overlap_cutlass_ar_probe --nproc 4 [--rounds 20] [--chunks 8] [--ctas 16] [--threads 512]
+[--out FILE]`` (carry
 ``benchmarks/cutlass/libcf_gemm.so``).
 
 Why: docs/overlap.md "Decisions" bounds what a fused all-reduce could reach (1.11-1.39x on 4 ranks
@@ -13,9 +14,9 @@ after it. This measures both with the least new code. Per call, on every rank:
   (every destination's chunk 0, then chunk 1, ...; this rank's own rows last within a chunk), each
   storing its ``[M / (R * chunks), N]`` partial straight into slot ``rank`` of its owner's
   symmetric buffer, on ``SMs - ctas`` SMs;
-* beside it, on a side stream, ``ar_reduce.cu`` on ``ctas`` CTAs: the slots start filled with a NaN
-  pattern no GEMM of finite inputs writes, so it sums each row as soon as all R partials of the row
-  are in (fp32, rank order, one rounding), stores the reduced row into every rank's output buffer
+* beside it, on a side stream, ``ar_reduce.cu`` on ``ctas`` CTAs of ``threads`` threads: the
+  slots start filled with a NaN pattern no GEMM of finite inputs writes, so it sums each row as
+  soon as all R partials of the row are in (fp32, rank order, one rounding), stores the reduced row into every rank's output buffer
   over NVLink and re-arms the slots;
 * a symmetric-memory barrier after the reducer (every rank's rows are in every output), then the
   caller's stream waits for it; the output buffers alternate between two copies, so a rank still
@@ -47,7 +48,6 @@ SHAPES = [  # (name, K, N, M): row-parallel, x [M, K/R] @ w [K/R, N], all-reduce
     ("llama3-70b-fc2", 28672, 8192, 8192), ("llama3-8b-fc2", 14336, 4096, 16384),
 ]
 LIB = Path(__file__).parent / "cutlass" / "libcf_gemm.so"
-CTAS, THREADS = 16, 512
 
 
 def _load(path: Path) -> ctypes.CDLL:
@@ -60,12 +60,13 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, chunks: int) -> dict:
+def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: dict) -> dict:
     import torch.distributed as dist
 
     from benchmarks.overlap import checked_times, symm_call
 
     dev, world, rank = torch.device("cuda", torch.cuda.current_device()), g.world_size, g.rank
+    chunks, ctas, threads = cfg["chunks"], cfg["ctas"], cfg["threads"]
     k, mr = k_full // world, m // world
     cr = mr // chunks  # rows of one problem: one chunk of one destination's block
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -87,7 +88,7 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, chunks
     out_ptrs = [ptrs([base[p] + m * n * (1 + c) * 2 for p in range(world)]) for c in (0, 1)]
     error = torch.zeros(1, dtype=torch.int32, device=dev)
     spaces = {s: torch.empty(max(1, lib.cf_gemm_bf16_array_workspace_sms(cr, n, k, len(order), s)), dtype=torch.uint8,
-                             device=dev) for s in (0, sms - CTAS)}
+                             device=dev) for s in (0, sms - ctas)}
     side = torch.cuda.Stream(device=dev)
 
     def gemm(d_ptrs: torch.Tensor, sm_count: int) -> None:
@@ -108,11 +109,11 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, chunks
         main = torch.cuda.current_stream()
         side.wait_stream(main)  # the previous call's copy-out of this output copy is done
         with torch.cuda.stream(side):
-            rc = lib.cf_ar_reduce(slots.data_ptr(), out_ptrs[c].data_ptr(), rank, world, mr, n, CTAS, THREADS,
+            rc = lib.cf_ar_reduce(slots.data_ptr(), out_ptrs[c].data_ptr(), rank, world, mr, n, ctas, threads,
                                   error.data_ptr(), side.cuda_stream)
             if rc:
                 raise RuntimeError(f"cf_ar_reduce returned {rc}")
-        gemm(d_remote, sms - CTAS)
+        gemm(d_remote, sms - ctas)
         with torch.cuda.stream(side):
             ws.barrier()  # every rank's reducer is done: all rows in all outputs, all slots re-armed
         main.wait_stream(side)
@@ -124,7 +125,7 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, chunks
         return y
 
     fns = {"cublas": lambda: torch.mm(x, w), "cutlass_full": lambda: gemm(d_local, 0),
-           "cutlass_less": lambda: gemm(d_local, sms - CTAS), "fused_ar": lambda: fused(True),
+           "cutlass_less": lambda: gemm(d_local, sms - ctas), "fused_ar": lambda: fused(True),
            "fused_ar_view": lambda: fused(False), "library_ar": symm_call("ar", x, w, (m, n, k)),
            "sequential": sequential}
 
@@ -134,8 +135,8 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, chunks
 
     diff, ms = checked_times(fns, ["fused_ar", "library_ar"], sequential, rounds, dev, before_check=poison)
     torch.cuda.synchronize(dev)
-    row = {"shape": name, "M": m, "K_per_rank": k, "N": n, "chunks": chunks, "reducer_ctas": CTAS,
-           "reducer_threads": THREADS, "rel_diff": diff, "reducer_error": int(error.item()),
+    row = {"shape": name, "M": m, "K_per_rank": k, "N": n, "chunks": chunks, "reducer_ctas": ctas,
+           "reducer_threads": threads, "rel_diff": diff, "reducer_error": int(error.item()),
            **{f"{nm}_ms": t for nm, t in ms.items()}}
     for nm in ("fused_ar", "fused_ar_view", "library_ar"):
         row[f"{nm}_speedup"] = row["sequential_ms"] / row[f"{nm}_ms"]
@@ -147,7 +148,7 @@ def _worker(cfg: dict) -> dict:
     from benchmarks.overlap import probe_rows
 
     lib = _load(LIB)
-    rows = probe_rows("cutlass_ar_probe", lambda g, ws, *a: _row(lib, g, ws, *a, cfg["chunks"]), SHAPES,
+    rows = probe_rows("cutlass_ar_probe", lambda g, ws, *a: _row(lib, g, ws, *a, cfg), SHAPES,
                       cfg["rounds"])
     return {"rows": rows, "torch": torch.__version__}
 
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     from benchmarks.results import probe_main
 
     return probe_main("overlap_cutlass_ar_probe", _worker, argv, __doc__, nproc=4,
-                      options={"rounds": 20, "chunks": 8}, timeout_s=400, env=ENV)
+                      options={"rounds": 20, "chunks": 8, "ctas": 16, "threads": 512}, timeout_s=400, env=ENV)
 
 
 if __name__ == "__main__":
