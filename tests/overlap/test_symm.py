@@ -151,6 +151,39 @@ def test_all_gather_matmul(ranks, world):
         assert all(e <= TOL for e in errs), errs
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_schedules_write_into_given_output_buffers(ranks, world):
+    """A graphed call hands the schedule its kind's output buffers (graphs.kind_buffers): the
+    result must be those buffers, fully written (NaN-filled first), for every path that keeps an
+    output (multi-group reduce-scatter and all-reduce, the two-rank accumulate path, all-gather)."""
+    g0 = torch.Generator().manual_seed(3)
+    m, k, n = 24 * world, 8 * world, 10
+    X, W = torch.randn(m, k, generator=g0, dtype=torch.float64), torch.randn(k, n, generator=g0, dtype=torch.float64)
+    XC, WC = torch.randn(m, 16, generator=g0, dtype=torch.float64), torch.randn(16, 6 * world, generator=g0,
+                                                                            dtype=torch.float64)
+
+    def fn(g):
+        x, w = (t.float() for t in ref.row_parallel_shards(X, W, world, g.rank))
+        xs, wc = (t.float() for t in ref.column_parallel_shards(XC, WC, world, g.rank))
+        errs = []
+        for sizes in ((12, 12), (10, 7, 7)):
+            out = torch.full((m // world, n), float("nan"))
+            y = symm.matmul_reduce_scatter(x, w, g, sizes, out=out)
+            errs += [0.0 if y is out else 1.0, _rel(y, ref.matmul_reduce_scatter_reference(X, W, world, g.rank))]
+            out = torch.full((m, n), float("nan"))
+            y = symm.matmul_all_reduce(x, w, g, sizes, out=out)
+            errs += [0.0 if y is out else 1.0, _rel(y, X @ W)]
+            out, full = torch.full((m, wc.shape[1]), float("nan")), torch.full((m, 16), float("nan"))
+            y, gathered = symm.all_gather_matmul(xs, wc, g, sizes[:1] + (24 - sizes[0],), return_gathered=True,
+                                                 out=out, full=full)
+            errs += [0.0 if (y is out and gathered is full) else 1.0,
+                     _rel(y, ref.all_gather_matmul_reference(XC, WC, world, g.rank)), _rel(gathered, XC)]
+        return errs
+
+    for errs in ranks(world, fn):
+        assert all(e <= TOL for e in errs), errs
+
+
 def test_growing_workspace_keeps_results(ranks):
     world = 2
     g0 = torch.Generator().manual_seed(2)
