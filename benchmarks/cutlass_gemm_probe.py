@@ -30,7 +30,6 @@ the session-12 probe.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
 from pathlib import Path
@@ -42,13 +41,6 @@ SHAPES = [  # (name, M, N, K): x [M, K] @ w [K, N], the per-rank GEMMs of the 4-
     ("70b-fc2", 8192, 8192, 7168), ("8b-fc2", 16384, 4096, 3584), ("sq8192", 8192, 8192, 8192),
 ]
 CONFIGS = {0: "128x256x64, cluster 2x1", 1: "128x128x64, cluster 2x1"}  # gemm_sm90.cu's switch
-
-
-def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    lib.cf_gemm_bf16.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                 ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    return lib
 
 
 def _row(lib, name: str, m: int, n: int, k: int) -> dict:
@@ -91,13 +83,14 @@ def _row(lib, name: str, m: int, n: int, k: int) -> dict:
 
 
 def main(argv=None) -> int:
+    from benchmarks.cutlass_lib import LIB, load
     from benchmarks.results import save
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lib", default=str(Path(__file__).parent / "cutlass" / "libcf_gemm.so"))
+    ap.add_argument("--lib", default=str(LIB))
     ap.add_argument("--out", default=None, help="result file (default: a new one under benchmarks/results/)")
     args = ap.parse_args(argv)
-    lib = _load(Path(args.lib))
+    lib = load(Path(args.lib))
     rows = []
     for shape in SHAPES:
         rows.append(_row(lib, *shape))

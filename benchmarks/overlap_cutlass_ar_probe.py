@@ -34,10 +34,8 @@ checked against ``sequential`` with the outputs filled with NaN first; the reduc
 
 from __future__ import annotations
 
-import ctypes
 import math
 import sys
-from pathlib import Path
 
 import torch
 
@@ -47,22 +45,12 @@ SHAPES = [  # (name, K, N, M): row-parallel, x [M, K/R] @ w [K/R, N], all-reduce
     ("llama3-8b-attn-out", 4096, 4096, 16384), ("llama3-8b-attn-out", 4096, 4096, 4096),
     ("llama3-70b-fc2", 28672, 8192, 8192), ("llama3-8b-fc2", 14336, 4096, 16384),
 ]
-LIB = Path(__file__).parent / "cutlass" / "libcf_gemm.so"
-
-
-def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.cf_gemm_bf16_array_sms.argtypes = [p, p, p, i, i, i, i, i, p, p]
-    lib.cf_gemm_bf16_array_workspace_sms.argtypes = [i] * 5
-    lib.cf_gemm_bf16_array_workspace_sms.restype = ctypes.c_longlong
-    lib.cf_ar_reduce.argtypes = [p, p, i, i, i, i, i, i, p, p]
-    return lib
 
 
 def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: dict) -> dict:
     import torch.distributed as dist
 
+    from benchmarks.cutlass_lib import ArrayGemm, pointers
     from benchmarks.overlap import checked_times, symm_call
 
     dev, world, rank = torch.device("cuda", torch.cuda.current_device()), g.world_size, g.rank
@@ -80,22 +68,14 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
     local = torch.empty(m, n, dtype=torch.bfloat16, device=dev)  # the GEMM-only controls' target
     order = [(c, (rank + 1 + j) % world) for c in range(chunks) for j in range(world)]  # chunk-major, own last
     base = ws.handle.buffer_ptrs
-    ptrs = lambda values: torch.tensor(values, dtype=torch.int64, device=dev)  # noqa: E731
-    a_ptrs = ptrs([x.data_ptr() + (d * mr + c * cr) * k * 2 for c, d in order])
-    b_ptrs = ptrs([w.data_ptr()] * len(order))
-    d_remote = ptrs([base[d] + (rank * mr + c * cr) * n * 2 for c, d in order])
-    d_local = ptrs([local.data_ptr() + (d * mr + c * cr) * n * 2 for c, d in order])
-    out_ptrs = [ptrs([base[p] + m * n * (1 + c) * 2 for p in range(world)]) for c in (0, 1)]
+    a_ptrs = pointers([x.data_ptr() + (d * mr + c * cr) * k * 2 for c, d in order], dev)
+    b_ptrs = pointers([w.data_ptr()] * len(order), dev)
+    gemm_all, gemm_less = (ArrayGemm(lib, a_ptrs, b_ptrs, cr, n, k, s) for s in (0, sms - ctas))
+    d_remote = pointers([base[d] + (rank * mr + c * cr) * n * 2 for c, d in order], dev)
+    d_local = pointers([local.data_ptr() + (d * mr + c * cr) * n * 2 for c, d in order], dev)
+    out_ptrs = [pointers([base[p] + m * n * (1 + c) * 2 for p in range(world)], dev) for c in (0, 1)]
     error = torch.zeros(1, dtype=torch.int32, device=dev)
-    spaces = {s: torch.empty(max(1, lib.cf_gemm_bf16_array_workspace_sms(cr, n, k, len(order), s)), dtype=torch.uint8,
-                             device=dev) for s in (0, sms - ctas)}
     side = torch.cuda.Stream(device=dev)
-
-    def gemm(d_ptrs: torch.Tensor, sm_count: int) -> None:
-        rc = lib.cf_gemm_bf16_array_sms(a_ptrs.data_ptr(), b_ptrs.data_ptr(), d_ptrs.data_ptr(), cr, n, k, len(order),
-                                        sm_count, spaces[sm_count].data_ptr(), torch.cuda.current_stream().cuda_stream)
-        if rc:
-            raise RuntimeError(f"cf_gemm_bf16_array_sms returned {rc} (1 can_implement, 3 initialize, 4 run, 5 launch)")
 
     # The slots start empty (0xFFFF in every half); every rank's before any GEMM writes.
     slots.view(torch.int16).fill_(-1)
@@ -113,7 +93,7 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
                                   error.data_ptr(), side.cuda_stream)
             if rc:
                 raise RuntimeError(f"cf_ar_reduce returned {rc}")
-        gemm(d_remote, sms - ctas)
+        gemm_less(d_remote)
         with torch.cuda.stream(side):
             ws.barrier()  # every rank's reducer is done: all rows in all outputs, all slots re-armed
         main.wait_stream(side)
@@ -124,8 +104,8 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
         dist.all_reduce(y)
         return y
 
-    fns = {"cublas": lambda: torch.mm(x, w), "cutlass_full": lambda: gemm(d_local, 0),
-           "cutlass_less": lambda: gemm(d_local, sms - ctas), "fused_ar": lambda: fused(True),
+    fns = {"cublas": lambda: torch.mm(x, w), "cutlass_full": lambda: gemm_all(d_local),
+           "cutlass_less": lambda: gemm_less(d_local), "fused_ar": lambda: fused(True),
            "fused_ar_view": lambda: fused(False), "library_ar": symm_call("ar", x, w, (m, n, k)),
            "sequential": sequential}
 
@@ -145,9 +125,10 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
 
 
 def _worker(cfg: dict) -> dict:
+    from benchmarks.cutlass_lib import load
     from benchmarks.overlap import probe_rows
 
-    lib = _load(LIB)
+    lib = load()
     rows = probe_rows("cutlass_ar_probe", lambda g, ws, *a: _row(lib, g, ws, *a, cfg), SHAPES,
                       cfg["rounds"])
     return {"rows": rows, "torch": torch.__version__}

@@ -36,10 +36,8 @@ M = 4096, 1.07x vs 1.12x at 8B attn-out M = 16384). docs/overlap.md, "Results".
 
 from __future__ import annotations
 
-import ctypes
 import math
 import sys
-from pathlib import Path
 
 import torch
 
@@ -49,20 +47,10 @@ SHAPES = [  # (name, K, N, M): row-parallel, x [M, K/R] @ w [K/R, N]
     ("llama3-8b-attn-out", 4096, 4096, 16384), ("llama3-70b-fc2", 28672, 8192, 8192),
     ("llama3-8b-fc2", 14336, 4096, 16384),
 ]
-LIB = Path(__file__).parent / "cutlass" / "libcf_gemm.so"
-
-
-def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    lib.cf_gemm_bf16_array.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                       ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    lib.cf_gemm_bf16_array_workspace.argtypes = [ctypes.c_int] * 4
-    lib.cf_gemm_bf16_array_workspace.restype = ctypes.c_longlong
-    return lib
 
 
 def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int) -> dict:
-
+    from benchmarks.cutlass_lib import ArrayGemm, pointers
     from benchmarks.overlap import checked_times, sequential_rs, symm_call
 
     dev, world, rank = torch.device("cuda", torch.cuda.current_device()), g.world_size, g.rank
@@ -75,17 +63,10 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int) -> dic
     local = ws.view(rank, (world, mr, n), torch.bfloat16, world * mr * n)
     order = [(rank + 1 + step) % world for step in range(world)]  # destinations, this rank's own last
     base = ws.handle.buffer_ptrs
-    a_ptrs = torch.tensor([x.data_ptr() + d * mr * k * 2 for d in order], dtype=torch.int64, device=dev)
-    b_ptrs = torch.tensor([w.data_ptr()] * world, dtype=torch.int64, device=dev)
-    d_remote = torch.tensor([base[d] + rank * mr * n * 2 for d in order], dtype=torch.int64, device=dev)
-    d_local = torch.tensor([local[d].data_ptr() for d in order], dtype=torch.int64, device=dev)
-    workspace = torch.empty(max(1, lib.cf_gemm_bf16_array_workspace(mr, n, k, world)), dtype=torch.uint8, device=dev)
-
-    def launch(d_ptrs: torch.Tensor) -> None:
-        rc = lib.cf_gemm_bf16_array(a_ptrs.data_ptr(), b_ptrs.data_ptr(), d_ptrs.data_ptr(), mr, n, k, world,
-                                    workspace.data_ptr(), torch.cuda.current_stream().cuda_stream)
-        if rc:
-            raise RuntimeError(f"cf_gemm_bf16_array returned {rc} (1 can_implement, 3 initialize, 4 run, 5 launch)")
+    launch = ArrayGemm(lib, pointers([x.data_ptr() + d * mr * k * 2 for d in order], dev),
+                       pointers([w.data_ptr()] * world, dev), mr, n, k)
+    d_remote = pointers([base[d] + rank * mr * n * 2 for d in order], dev)
+    d_local = pointers([local[d].data_ptr() for d in order], dev)
 
     def cutlass_rs() -> torch.Tensor:
         launch(d_remote)
@@ -107,9 +88,10 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int) -> dic
 
 
 def _worker(cfg: dict) -> dict:
+    from benchmarks.cutlass_lib import load
     from benchmarks.overlap import probe_rows
 
-    lib = _load(LIB)
+    lib = load()
     rows = probe_rows("cutlass_rs_probe", lambda *a: _row(lib, *a), SHAPES, cfg["rounds"])
     return {"rows": rows, "torch": torch.__version__}
 

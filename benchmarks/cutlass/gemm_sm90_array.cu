@@ -63,10 +63,6 @@ extern "C" long long cf_gemm_bf16_array_workspace_sms(int m, int n, int k, int b
   return static_cast<long long>(Gemm::get_workspace_size(args));
 }
 
-extern "C" long long cf_gemm_bf16_array_workspace(int m, int n, int k, int batches) {
-  return cf_gemm_bf16_array_workspace_sms(m, n, k, batches, 0);
-}
-
 // a, b, d: device arrays of `batches` pointers each. 0 on success.
 extern "C" int cf_gemm_bf16_array_sms(const void* const* a, const void* const* b, void* const* d, int m, int n, int k,
                                       int batches, int sm_count, void* workspace, void* stream) {
@@ -77,9 +73,4 @@ extern "C" int cf_gemm_bf16_array_sms(const void* const* a, const void* const* b
   if (gemm.initialize(args, workspace, s) != cutlass::Status::kSuccess) return 3;
   if (gemm.run(s) != cutlass::Status::kSuccess) return 4;
   return static_cast<int>(cudaGetLastError()) ? 5 : 0;
-}
-
-extern "C" int cf_gemm_bf16_array(const void* const* a, const void* const* b, void* const* d, int m, int n, int k,
-                                  int batches, void* workspace, void* stream) {
-  return cf_gemm_bf16_array_sms(a, b, d, m, n, k, batches, 0, workspace, stream);
 }
