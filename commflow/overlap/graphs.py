@@ -269,9 +269,11 @@ def graphed_call(op: str, fn: Callable, inputs: tuple[torch.Tensor, ...], fixed:
         _GRAPHS[key] = None
     finally:
         ws.counter = after
-    if len(_GRAPHS) > MAX_GRAPHS or (len(_GRAPHS) > 1 and _own_bytes() > MAX_GRAPH_BYTES):
-        while len(_GRAPHS) > MAX_GRAPHS or (len(_GRAPHS) > 1 and _own_bytes() > MAX_GRAPH_BYTES):
-            _GRAPHS.popitem(last=False)
+    evicted = False
+    while len(_GRAPHS) > MAX_GRAPHS or (len(_GRAPHS) > 1 and _own_bytes() > MAX_GRAPH_BYTES):
+        _GRAPHS.popitem(last=False)
+        evicted = True
+    if evicted:
         _drop_unused()
     return out
 

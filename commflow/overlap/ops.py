@@ -96,13 +96,15 @@ def _symm(op: str, schedule, x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, p
         return schedule(x2d, w, g, sizes, *extra)
     ws = symm.workspace(g, op, x2d.device)
     rows, n = x2d.shape[0], w.shape[1]
-    if op in ("rs", "ar") and symm.splits(g.world_size, len(sizes)):
+    if op == "ag":  # the graph writes into its kind's buffers, copied out after each replay (graphs.py)
+        m = rows * g.world_size
+        out, full = graphs.kind_buffers(op, ws, ((m, n), (m, x2d.shape[1])), x2d.dtype, x2d.device)
+        kw = {"out": out, "full": full}
+    elif symm.splits(g.world_size, len(sizes)):
         kw = {"split": True}  # ends outside the graph, in new memory: the graph keeps no output
-    else:  # the graph writes into its kind's buffers, copied out after each replay (graphs.py)
-        shapes = {"rs": ((rows // g.world_size, n),), "ar": ((rows, n),),
-                  "ag": ((rows * g.world_size, n), (rows * g.world_size, x2d.shape[1]))}[op]
-        bufs = graphs.kind_buffers(op, ws, shapes, x2d.dtype, x2d.device)
-        kw = dict(zip(("out", "full"), bufs))
+    else:
+        shape = (rows // g.world_size if op == "rs" else rows, n)
+        kw = {"out": graphs.kind_buffers(op, ws, (shape,), x2d.dtype, x2d.device)[0]}
     plain = (lambda a, b: _SEQUENTIAL[op](a, b, g, *extra)) if plan.eager_fallback == "sequential" else None
     return graphs.graphed_call(op, lambda a, b: schedule(a, b, g, sizes, *extra, **kw), (x2d.contiguous(),), (w,),
                                ws, (sizes, *extra), fallback=plain, shared_out="out" in kw)

@@ -358,7 +358,10 @@ def matmul_reduce_scatter(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, size
     sizes = sizes or (mr,)
     ws = workspace(g, "rs", dev)
     split = split and splits(world, len(sizes), direct)
-    out = None if split else out if out is not None else torch.empty(mr, n, dtype=dtype, device=dev)
+    if split:
+        out = None
+    elif out is None:
+        out = torch.empty(mr, n, dtype=dtype, device=dev)
     starts = _offsets(sizes)
     if accumulates(world, len(sizes), direct):
         ws.ensure(2 * mr * n * dtype.itemsize)  # per half: this rank's partials for the peer
@@ -419,7 +422,10 @@ def matmul_all_reduce(x2d: torch.Tensor, w: torch.Tensor, g: GroupInfo, sizes: t
     main, comm = _streams(dev)
     pull = pull_stream(dev)
     split = split and splits(world, len(sizes), direct)
-    out = None if split else out if out is not None else torch.empty(m, n, dtype=dtype, device=dev)
+    if split:
+        out = None
+    elif out is None:
+        out = torch.empty(m, n, dtype=dtype, device=dev)
     if accumulates(world, len(sizes), direct):
         mr = m // world
         ws.ensure(2 * 2 * mr * n * dtype.itemsize)  # per half: partials for the peer, then the reduced rows
