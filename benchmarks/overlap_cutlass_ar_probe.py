@@ -3,7 +3,7 @@
 Not a registered benchmark; **written in session 14 without a GPU, not run yet**. Build the library
 (``CUTLASS_DIR=... bash benchmarks/cutlass/build.sh``), then ``python -m
 benchmarks.overlap_cutlass_ar_probe --nproc 4 [--rounds 20] [--chunks 8] [--ctas 16] [--threads 512]
-[--out FILE]`` (carry
+[--shapes NAME:M,...] [--out FILE]`` (``--shapes``: substrings of ``name:M``, default all; carry
 ``benchmarks/cutlass/libcf_gemm.so``).
 
 Why: docs/overlap.md "Decisions" bounds what a fused all-reduce could reach (1.11-1.39x on 4 ranks
@@ -129,8 +129,11 @@ def _worker(cfg: dict) -> dict:
     from benchmarks.overlap import probe_rows
 
     lib = load()
-    rows = probe_rows("cutlass_ar_probe", lambda g, ws, *a: _row(lib, g, ws, *a, cfg), SHAPES,
-                      cfg["rounds"])
+    wanted = [w for w in cfg["shapes"].split(",") if w]
+    shapes = [s for s in SHAPES if not wanted or any(w in f"{s[0]}:{s[3]}" for w in wanted)]
+    if not shapes:
+        raise ValueError(f"--shapes {cfg['shapes']!r} matches none of {[f'{s[0]}:{s[3]}' for s in SHAPES]}")
+    rows = probe_rows("cutlass_ar_probe", lambda g, ws, *a: _row(lib, g, ws, *a, cfg), shapes, cfg["rounds"])
     return {"rows": rows, "torch": torch.__version__}
 
 
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
     from benchmarks.results import probe_main
 
     return probe_main("overlap_cutlass_ar_probe", _worker, argv, __doc__, nproc=4,
-                      options={"rounds": 20, "chunks": 8, "ctas": 16, "threads": 512}, timeout_s=400, env=ENV)
+                      options={"rounds": 20, "chunks": 8, "ctas": 16, "threads": 512, "shapes": ""}, timeout_s=400, env=ENV)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ __global__ void ar_reduce_kernel(uint4* slots, uint4* const* outs, int rank, int
         unsigned sleep = 32;
         long long spins = 0;
         while (has_empty(x[s])) {
-          if (++spins > kMaxSpins) {
+          // Give up on a timeout, or at once when another thread already has (else every waiting
+          // vector would sit out its own timeout).
+          if (++spins > kMaxSpins || (!(spins & 255) && *static_cast<volatile int*>(error))) {
             atomicExch(error, 1);
             return;
           }
