@@ -3,7 +3,7 @@
 Not a registered benchmark; **written in session 14 without a GPU, not run yet**. Build the library
 (``CUTLASS_DIR=... bash benchmarks/cutlass/build.sh``), then ``python -m
 benchmarks.overlap_cutlass_ar_probe --nproc 4 [--rounds 20] [--chunks 8] [--ctas 16] [--threads 512]
-[--shapes NAME:M,...] [--out FILE]`` (``--shapes``: substrings of ``name:M``, default all; carry
+[--unroll 1] [--shapes NAME:M,...] [--out FILE]`` (``--shapes``: substrings of ``name:M``, default all; carry
 ``benchmarks/cutlass/libcf_gemm.so``).
 
 Why: docs/overlap.md "Decisions" bounds what a fused all-reduce could reach (1.11-1.39x on 4 ranks
@@ -26,8 +26,9 @@ Variants, timed in alternation (``commflow.overlap.autotune.sample_ms``, medians
 ``cublas`` (``torch.mm`` of the whole ``x [M, K/R] @ w``), ``cutlass_full`` / ``cutlass_less`` (the
 chunked ptr-array GEMM storing locally on all SMs / on ``SMs - ctas``: what the reducer's SMs cost),
 ``fused_ar`` (the above, result copied into new memory), ``fused_ar_view`` (the same without the
-copy), ``library_ar`` (the library's copy-engine all-reduce, forced to overlap, its plan's groups,
-replayed as a CUDA graph) and ``sequential`` (``torch.mm`` + NCCL's all-reduce). ``fused_ar`` is
+copy), ``serial_ar`` (the GEMM on all SMs, a barrier, then the reducer: its speed with every
+partial in), ``library_ar`` (the library's copy-engine all-reduce, forced to overlap, its plan's groups,
+replayed as a CUDA graph) and ``sequential`` (``torch.mm`` + NCCL's all-reduce). ``fused_ar`` and ``serial_ar`` are
 checked against ``sequential`` with the outputs filled with NaN first; the reducer's error flag
 (a vector that never arrived within its spin limit) is read after every shape.
 """
@@ -54,7 +55,7 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
     from benchmarks.overlap import checked_times, symm_call
 
     dev, world, rank = torch.device("cuda", torch.cuda.current_device()), g.world_size, g.rank
-    chunks, ctas, threads = cfg["chunks"], cfg["ctas"], cfg["threads"]
+    chunks, ctas, threads, unroll = cfg["chunks"], cfg["ctas"], cfg["threads"], cfg["unroll"]
     k, mr = k_full // world, m // world
     cr = mr // chunks  # rows of one problem: one chunk of one destination's block
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -83,21 +84,35 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
     dist.barrier()
     calls = [0]
 
+    def reduce(c: int, stream) -> None:
+        rc = lib.cf_ar_reduce(slots.data_ptr(), out_ptrs[c].data_ptr(), rank, world, mr, n, ctas, threads, unroll,
+                              error.data_ptr(), stream.cuda_stream)
+        if rc:
+            raise RuntimeError(f"cf_ar_reduce returned {rc}")
+
     def fused(copy_out: bool) -> torch.Tensor:
         c = calls[0] % 2
         calls[0] += 1
         main = torch.cuda.current_stream()
         side.wait_stream(main)  # the previous call's copy-out of this output copy is done
         with torch.cuda.stream(side):
-            rc = lib.cf_ar_reduce(slots.data_ptr(), out_ptrs[c].data_ptr(), rank, world, mr, n, ctas, threads,
-                                  error.data_ptr(), side.cuda_stream)
-            if rc:
-                raise RuntimeError(f"cf_ar_reduce returned {rc}")
+            reduce(c, side)
         gemm_less(d_remote)
         with torch.cuda.stream(side):
             ws.barrier()  # every rank's reducer is done: all rows in all outputs, all slots re-armed
         main.wait_stream(side)
         return outs[c].clone() if copy_out else outs[c]
+
+    def serial() -> torch.Tensor:
+        # The same kernels one after the other: the reducer finds every partial in, so this less
+        # the GEMM (cutlass_rs of overlap_cutlass_rs_probe) is the reducer's own speed.
+        c = calls[0] % 2
+        calls[0] += 1
+        gemm_all(d_remote)
+        ws.barrier()
+        reduce(c, torch.cuda.current_stream())
+        ws.barrier()
+        return outs[c]
 
     def sequential() -> torch.Tensor:
         y = torch.mm(x, w)
@@ -106,19 +121,19 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
 
     fns = {"cublas": lambda: torch.mm(x, w), "cutlass_full": lambda: gemm_all(d_local),
            "cutlass_less": lambda: gemm_less(d_local), "fused_ar": lambda: fused(True),
-           "fused_ar_view": lambda: fused(False), "library_ar": symm_call("ar", x, w, (m, n, k)),
+           "fused_ar_view": lambda: fused(False), "serial_ar": serial, "library_ar": symm_call("ar", x, w, (m, n, k)),
            "sequential": sequential}
 
     def poison() -> None:
         for o in outs:
             o.fill_(float("nan"))
 
-    diff, ms = checked_times(fns, ["fused_ar", "library_ar"], sequential, rounds, dev, before_check=poison)
+    diff, ms = checked_times(fns, ["fused_ar", "serial_ar", "library_ar"], sequential, rounds, dev, before_check=poison)
     torch.cuda.synchronize(dev)
     row = {"shape": name, "M": m, "K_per_rank": k, "N": n, "chunks": chunks, "reducer_ctas": ctas,
-           "reducer_threads": threads, "rel_diff": diff, "reducer_error": int(error.item()),
+           "reducer_threads": threads, "reducer_unroll": unroll, "rel_diff": diff, "reducer_error": int(error.item()),
            **{f"{nm}_ms": t for nm, t in ms.items()}}
-    for nm in ("fused_ar", "fused_ar_view", "library_ar"):
+    for nm in ("fused_ar", "fused_ar_view", "serial_ar", "library_ar"):
         row[f"{nm}_speedup"] = row["sequential_ms"] / row[f"{nm}_ms"]
     row["gemm_cost_of_reducer_sms"] = row["cutlass_less_ms"] / row["cutlass_full_ms"]
     return row
@@ -141,7 +156,7 @@ def main(argv=None) -> int:
     from benchmarks.results import probe_main
 
     return probe_main("overlap_cutlass_ar_probe", _worker, argv, __doc__, nproc=4,
-                      options={"rounds": 20, "chunks": 8, "ctas": 16, "threads": 512, "shapes": ""}, timeout_s=400, env=ENV)
+                      options={"rounds": 20, "chunks": 8, "ctas": 16, "threads": 512, "unroll": 1, "shapes": ""}, timeout_s=400, env=ENV)
 
 
 if __name__ == "__main__":

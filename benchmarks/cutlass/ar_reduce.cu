@@ -20,7 +20,6 @@
 namespace {
 constexpr uint32_t kEmpty = 0xFFFFu;
 constexpr long long kMaxSpins = 1LL << 22;  // ~8 s at the longest back-off
-constexpr int kMaxWorld = 8;
 
 __device__ __forceinline__ uint4 load_volatile(const uint4* p) {
   uint4 v;
@@ -50,51 +49,88 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi) {
 }
 
 // slots: this rank's R slots [R][rows][vecs] (16-byte vectors); outs: R pointers, rank p's output
-// [R * rows][vecs]; this rank's rows start at row rank * rows of every output. world <= kMaxWorld.
-__global__ void ar_reduce_kernel(uint4* slots, uint4* const* outs, int rank, int world, int rows, int vecs,
-                                 int* error) {
+// [R * rows][vecs]; this rank's rows start at row rank * rows of every output. Each thread takes U
+// vectors of a row per step (threadIdx.x + u * blockDim.x), their R * U loads in flight at once:
+// the kernel runs on few SMs, so its speed is its memory-level parallelism.
+template <int R, int U>
+__global__ void ar_reduce_kernel(uint4* slots, uint4* const* outs_in, int rank, int rows, int vecs, int* error) {
+  uint4* outs[R];
+  for (int q = 0; q < R; ++q) outs[q] = outs_in[(rank + 1 + q) % R];  // the peers first, this rank last
   const size_t slot = static_cast<size_t>(rows) * vecs;
+  const int step = blockDim.x * U;
   for (int row = blockIdx.x; row < rows; row += gridDim.x) {
-    for (int v = threadIdx.x; v < vecs; v += blockDim.x) {
-      const size_t at = static_cast<size_t>(row) * vecs + v;
-      uint4 x[kMaxWorld];
-      for (int s = 0; s < world; ++s) x[s] = load_volatile(slots + s * slot + at);  // all in flight at once
-      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (int s = 0; s < world; ++s) {
-        uint4* p = slots + s * slot + at;
-        // Back off while waiting: the polls read L2, which the GEMM beside us needs.
-        unsigned sleep = 32;
-        long long spins = 0;
-        while (has_empty(x[s])) {
-          // Give up on a timeout, or at once when another thread already has (else every waiting
-          // vector would sit out its own timeout).
-          if (++spins > kMaxSpins || (!(spins & 255) && *static_cast<volatile int*>(error))) {
-            atomicExch(error, 1);
-            return;
-          }
-          __nanosleep(sleep);
-          sleep = sleep < 2048 ? 2 * sleep : sleep;
-          x[s] = load_volatile(p);
-        }
-        add(acc, x[s].x, 0);
-        add(acc, x[s].y, 1);
-        add(acc, x[s].z, 2);
-        add(acc, x[s].w, 3);
-        *p = make_uint4(0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu);  // re-armed for the next call
+    for (int v0 = threadIdx.x; v0 < vecs; v0 += step) {
+      uint4 x[U][R];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = v0 + u * blockDim.x;
+#pragma unroll
+        for (int s = 0; s < R; ++s)
+          if (v < vecs) x[u][s] = load_volatile(slots + s * slot + static_cast<size_t>(row) * vecs + v);
       }
-      const uint4 o = make_uint4(pack(acc[0], acc[1]), pack(acc[2], acc[3]), pack(acc[4], acc[5]), pack(acc[6], acc[7]));
-      const size_t dst = (static_cast<size_t>(rank) * rows + row) * vecs + v;
-      for (int q = 1; q <= world; ++q) outs[(rank + q) % world][dst] = o;  // the peers first, this rank last
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = v0 + u * blockDim.x;
+        if (v >= vecs) break;
+        const size_t at = static_cast<size_t>(row) * vecs + v;
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int s = 0; s < R; ++s) {
+          uint4* p = slots + s * slot + at;
+          // Back off while waiting: the polls read L2, which the GEMM beside us needs.
+          unsigned sleep = 32;
+          long long spins = 0;
+          while (has_empty(x[u][s])) {
+            // Give up on a timeout, or at once when another thread already has (else every waiting
+            // vector would sit out its own timeout).
+            if (++spins > kMaxSpins || (!(spins & 255) && *static_cast<volatile int*>(error))) {
+              atomicExch(error, 1);
+              return;
+            }
+            __nanosleep(sleep);
+            sleep = sleep < 2048 ? 2 * sleep : sleep;
+            x[u][s] = load_volatile(p);
+          }
+          add(acc, x[u][s].x, 0);
+          add(acc, x[u][s].y, 1);
+          add(acc, x[u][s].z, 2);
+          add(acc, x[u][s].w, 3);
+          *p = make_uint4(0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu);  // re-armed for the next call
+        }
+        const uint4 o = make_uint4(pack(acc[0], acc[1]), pack(acc[2], acc[3]), pack(acc[4], acc[5]), pack(acc[6], acc[7]));
+        const size_t dst = (static_cast<size_t>(rank) * rows + row) * vecs + v;
+#pragma unroll
+        for (int q = 0; q < R; ++q) outs[q][dst] = o;
+      }
     }
   }
 }
+
+template <int R>
+int launch(int unroll, dim3 grid, dim3 block, cudaStream_t stream, uint4* slots, uint4* const* outs, int rank,
+           int rows, int vecs, int* error) {
+  switch (unroll) {
+    case 1: ar_reduce_kernel<R, 1><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, error); break;
+    case 2: ar_reduce_kernel<R, 2><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, error); break;
+    case 4: ar_reduce_kernel<R, 4><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, error); break;
+    default: return 1;
+  }
+  return 0;
+}
 }  // namespace
 
-// n must be a multiple of 8 (16-byte vectors of bf16), world at most 8; 0 on a clean launch.
+// n must be a multiple of 8 (16-byte vectors of bf16), world 2, 4 or 8, unroll 1, 2 or 4; 0 on a
+// clean launch, 1 on bad arguments, 5 on a launch error.
 extern "C" int cf_ar_reduce(void* slots, void* const* outs, int rank, int world, int rows, int n, int ctas,
-                            int threads, int* error, void* stream) {
-  if (n % 8 || world > kMaxWorld) return 1;
-  ar_reduce_kernel<<<ctas, threads, 0, static_cast<cudaStream_t>(stream)>>>(
-      static_cast<uint4*>(slots), reinterpret_cast<uint4* const*>(outs), rank, world, rows, n / 8, error);
+                            int threads, int unroll, int* error, void* stream) {
+  if (n % 8) return 1;
+  auto* sl = static_cast<uint4*>(slots);
+  auto* os = reinterpret_cast<uint4* const*>(outs);
+  auto* st = static_cast<cudaStream_t>(stream);
+  int bad = 1;
+  if (world == 2) bad = launch<2>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, error);
+  if (world == 4) bad = launch<4>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, error);
+  if (world == 8) bad = launch<8>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, error);
+  if (bad) return 1;
   return static_cast<int>(cudaGetLastError()) ? 5 : 0;
 }
