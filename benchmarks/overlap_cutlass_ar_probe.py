@@ -25,9 +25,10 @@ after it. This measures both with the least new code. Per call, on every rank:
 Variants, timed in alternation (``commflow.overlap.autotune.sample_ms``, medians, slowest rank):
 ``cublas`` (``torch.mm`` of the whole ``x [M, K/R] @ w``), ``cutlass_full`` / ``cutlass_less`` (the
 chunked ptr-array GEMM storing locally on all SMs / on ``SMs - ctas``: what the reducer's SMs cost),
-``fused_ar`` (the above, result copied into new memory), ``fused_ar_view`` (the same without the
-copy), ``serial_ar`` (the GEMM on all SMs, a barrier, then the reducer: its speed with every
-partial in), ``library_ar`` (the library's copy-engine all-reduce, forced to overlap, its plan's groups,
+``fused_ar`` (the above, the GEMM launched first, result copied into new memory),
+``fused_ar_rfirst`` (the reducer launched first), ``serial_ar`` / ``serial_ar_view`` (not fused:
+one problem per destination block on all SMs, a barrier, then the reducer on one CTA per SM
+(``--serial-ctas``), with / without the copy out), ``library_ar`` (the library's copy-engine all-reduce, forced to overlap, its plan's groups,
 replayed as a CUDA graph) and ``sequential`` (``torch.mm`` + NCCL's all-reduce). ``fused_ar`` and ``serial_ar`` are
 checked against ``sequential`` with the outputs filled with NaN first; the reducer's error flag
 (a vector that never arrived within its spin limit) is read after every shape.
@@ -73,6 +74,11 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
     b_ptrs = pointers([w.data_ptr()] * len(order), dev)
     gemm_all, gemm_less = (ArrayGemm(lib, a_ptrs, b_ptrs, cr, n, k, s) for s in (0, sms - ctas))
     d_remote = pointers([base[d] + (rank * mr + c * cr) * n * 2 for c, d in order], dev)
+    # The serial form: one problem per destination block, on all SMs.
+    order1 = [(rank + 1 + j) % world for j in range(world)]
+    gemm1 = ArrayGemm(lib, pointers([x.data_ptr() + d * mr * k * 2 for d in order1], dev),
+                      pointers([w.data_ptr()] * world, dev), mr, n, k, 0)
+    d_remote1 = pointers([base[d] + rank * mr * n * 2 for d in order1], dev)
     d_local = pointers([local.data_ptr() + (d * mr + c * cr) * n * 2 for c, d in order], dev)
     out_ptrs = [pointers([base[p] + m * n * (1 + c) * 2 for p in range(world)], dev) for c in (0, 1)]
     error = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -84,35 +90,43 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
     dist.barrier()
     calls = [0]
 
-    def reduce(c: int, stream) -> None:
-        rc = lib.cf_ar_reduce(slots.data_ptr(), out_ptrs[c].data_ptr(), rank, world, mr, n, ctas, threads, unroll,
+    def reduce(c: int, stream, grid: int = ctas, block: int = threads, step: int = unroll) -> None:
+        rc = lib.cf_ar_reduce(slots.data_ptr(), out_ptrs[c].data_ptr(), rank, world, mr, n, grid, block, step,
                               error.data_ptr(), stream.cuda_stream)
         if rc:
             raise RuntimeError(f"cf_ar_reduce returned {rc}")
 
-    def fused(copy_out: bool) -> torch.Tensor:
+    def fused(gemm_first: bool) -> torch.Tensor:
         c = calls[0] % 2
         calls[0] += 1
         main = torch.cuda.current_stream()
         side.wait_stream(main)  # the previous call's copy-out of this output copy is done
+        # Launched first, the GEMM's clusters (2 SMs each) take whole SM pairs and the reducer the
+        # SMs left; launched second, it may find the reducer's CTAs spread so that fewer pairs
+        # are free than it has clusters, and its last clusters wait for a second wave.
+        if gemm_first:
+            gemm_less(d_remote)
         with torch.cuda.stream(side):
             reduce(c, side)
-        gemm_less(d_remote)
+        if not gemm_first:
+            gemm_less(d_remote)
         with torch.cuda.stream(side):
             ws.barrier()  # every rank's reducer is done: all rows in all outputs, all slots re-armed
         main.wait_stream(side)
-        return outs[c].clone() if copy_out else outs[c]
+        return outs[c].clone()
 
-    def serial() -> torch.Tensor:
-        # The same kernels one after the other: the reducer finds every partial in, so this less
-        # the GEMM (cutlass_rs of overlap_cutlass_rs_probe) is the reducer's own speed.
+    def serial(copy_out: bool) -> torch.Tensor:
+        # Not fused: the GEMM (one problem per destination block, all SMs) stores every partial
+        # into its owner's slot, a barrier, then the reducer on serial_ctas CTAs (0: one per
+        # SM) finds every partial in. Less the GEMM (cutlass_rs of overlap_cutlass_rs_probe)
+        # this is the reducer's own speed.
         c = calls[0] % 2
         calls[0] += 1
-        gemm_all(d_remote)
+        gemm1(d_remote1)
         ws.barrier()
-        reduce(c, torch.cuda.current_stream())
+        reduce(c, torch.cuda.current_stream(), cfg["serial_ctas"] or sms, 512, 2)
         ws.barrier()
-        return outs[c]
+        return outs[c].clone() if copy_out else outs[c]
 
     def sequential() -> torch.Tensor:
         y = torch.mm(x, w)
@@ -121,7 +135,8 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
 
     fns = {"cublas": lambda: torch.mm(x, w), "cutlass_full": lambda: gemm_all(d_local),
            "cutlass_less": lambda: gemm_less(d_local), "fused_ar": lambda: fused(True),
-           "fused_ar_view": lambda: fused(False), "serial_ar": serial, "library_ar": symm_call("ar", x, w, (m, n, k)),
+           "fused_ar_rfirst": lambda: fused(False), "serial_ar": lambda: serial(True),
+           "serial_ar_view": lambda: serial(False), "library_ar": symm_call("ar", x, w, (m, n, k)),
            "sequential": sequential}
 
     def poison() -> None:
@@ -133,7 +148,7 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
     row = {"shape": name, "M": m, "K_per_rank": k, "N": n, "chunks": chunks, "reducer_ctas": ctas,
            "reducer_threads": threads, "reducer_unroll": unroll, "rel_diff": diff, "reducer_error": int(error.item()),
            **{f"{nm}_ms": t for nm, t in ms.items()}}
-    for nm in ("fused_ar", "fused_ar_view", "serial_ar", "library_ar"):
+    for nm in ("fused_ar", "fused_ar_rfirst", "serial_ar", "serial_ar_view", "library_ar"):
         row[f"{nm}_speedup"] = row["sequential_ms"] / row[f"{nm}_ms"]
     row["gemm_cost_of_reducer_sms"] = row["cutlass_less_ms"] / row["cutlass_full_ms"]
     return row
@@ -156,7 +171,9 @@ def main(argv=None) -> int:
     from benchmarks.results import probe_main
 
     return probe_main("overlap_cutlass_ar_probe", _worker, argv, __doc__, nproc=4,
-                      options={"rounds": 20, "chunks": 8, "ctas": 16, "threads": 512, "unroll": 1, "shapes": ""}, timeout_s=400, env=ENV)
+                      options={"rounds": 20, "chunks": 8, "ctas": 16, "threads": 512, "unroll": 1, "serial_ctas": 0,
+                               "shapes": ""},
+                      timeout_s=400, env=ENV)
 
 
 if __name__ == "__main__":
