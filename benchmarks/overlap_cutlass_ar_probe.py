@@ -28,7 +28,9 @@ chunked ptr-array GEMM storing locally on all SMs / on ``SMs - ctas``: what the 
 ``fused_ar`` (the above, the GEMM launched first, result copied into new memory),
 ``fused_ar_rfirst`` (the reducer launched first), ``serial_ar`` / ``serial_ar_view`` (not fused:
 one problem per destination block on all SMs, a barrier, then the reducer on one CTA per SM
-(``--serial-ctas``), with / without the copy out), ``library_ar`` (the library's copy-engine all-reduce, forced to overlap, its plan's groups,
+(``--serial-ctas``), with / without the copy out), ``fused_local`` / ``serial_local_view`` (the same with the reducer
+storing into this rank's output only: not an all-reduce, the control for what its NVLink stores
+cost), ``library_ar`` (the library's copy-engine all-reduce, forced to overlap, its plan's groups,
 replayed as a CUDA graph) and ``sequential`` (``torch.mm`` + NCCL's all-reduce). ``fused_ar`` and ``serial_ar`` are
 checked against ``sequential`` with the outputs filled with NaN first; the reducer's error flag
 (a vector that never arrived within its spin limit) is read after every shape.
@@ -90,13 +92,13 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
     dist.barrier()
     calls = [0]
 
-    def reduce(c: int, stream, grid: int = ctas, block: int = threads, step: int = unroll) -> None:
+    def reduce(c: int, stream, grid: int = ctas, block: int = threads, step: int = unroll, peers: bool = True):
         rc = lib.cf_ar_reduce(slots.data_ptr(), out_ptrs[c].data_ptr(), rank, world, mr, n, grid, block, step,
-                              error.data_ptr(), stream.cuda_stream)
+                              int(peers), error.data_ptr(), stream.cuda_stream)
         if rc:
             raise RuntimeError(f"cf_ar_reduce returned {rc}")
 
-    def fused(gemm_first: bool) -> torch.Tensor:
+    def fused(gemm_first: bool, peers: bool = True) -> torch.Tensor:
         c = calls[0] % 2
         calls[0] += 1
         main = torch.cuda.current_stream()
@@ -107,7 +109,7 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
         if gemm_first:
             gemm_less(d_remote)
         with torch.cuda.stream(side):
-            reduce(c, side)
+            reduce(c, side, peers=peers)
         if not gemm_first:
             gemm_less(d_remote)
         with torch.cuda.stream(side):
@@ -115,7 +117,7 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
         main.wait_stream(side)
         return outs[c].clone()
 
-    def serial(copy_out: bool) -> torch.Tensor:
+    def serial(copy_out: bool, peers: bool = True) -> torch.Tensor:
         # Not fused: the GEMM (one problem per destination block, all SMs) stores every partial
         # into its owner's slot, a barrier, then the reducer on serial_ctas CTAs (0: one per
         # SM) finds every partial in. Less the GEMM (cutlass_rs of overlap_cutlass_rs_probe)
@@ -124,7 +126,7 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
         calls[0] += 1
         gemm1(d_remote1)
         ws.barrier()
-        reduce(c, torch.cuda.current_stream(), cfg["serial_ctas"] or sms, 512, 2)
+        reduce(c, torch.cuda.current_stream(), cfg["serial_ctas"] or sms, 512, 2, peers)
         ws.barrier()
         return outs[c].clone() if copy_out else outs[c]
 
@@ -136,7 +138,8 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
     fns = {"cublas": lambda: torch.mm(x, w), "cutlass_full": lambda: gemm_all(d_local),
            "cutlass_less": lambda: gemm_less(d_local), "fused_ar": lambda: fused(True),
            "fused_ar_rfirst": lambda: fused(False), "serial_ar": lambda: serial(True),
-           "serial_ar_view": lambda: serial(False), "library_ar": symm_call("ar", x, w, (m, n, k)),
+           "serial_ar_view": lambda: serial(False), "fused_local": lambda: fused(True, False),
+           "serial_local_view": lambda: serial(False, False), "library_ar": symm_call("ar", x, w, (m, n, k)),
            "sequential": sequential}
 
     def poison() -> None:

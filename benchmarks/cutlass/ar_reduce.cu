@@ -52,8 +52,11 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi) {
 // [R * rows][vecs]; this rank's rows start at row rank * rows of every output. Each thread takes U
 // vectors of a row per step (threadIdx.x + u * blockDim.x), their R * U loads in flight at once:
 // the kernel runs on few SMs, so its speed is its memory-level parallelism.
+// peers = 0 stores only into this rank's output (not an all-reduce: a probe's control for what the
+// stores over NVLink cost).
 template <int R, int U>
-__global__ void ar_reduce_kernel(uint4* slots, uint4* const* outs_in, int rank, int rows, int vecs, int* error) {
+__global__ void ar_reduce_kernel(uint4* slots, uint4* const* outs_in, int rank, int rows, int vecs, int peers,
+                                 int* error) {
   uint4* outs[R];
   for (int q = 0; q < R; ++q) outs[q] = outs_in[(rank + 1 + q) % R];  // the peers first, this rank last
   const size_t slot = static_cast<size_t>(rows) * vecs;
@@ -99,8 +102,12 @@ __global__ void ar_reduce_kernel(uint4* slots, uint4* const* outs_in, int rank, 
         }
         const uint4 o = make_uint4(pack(acc[0], acc[1]), pack(acc[2], acc[3]), pack(acc[4], acc[5]), pack(acc[6], acc[7]));
         const size_t dst = (static_cast<size_t>(rank) * rows + row) * vecs + v;
+        if (peers) {
 #pragma unroll
-        for (int q = 0; q < R; ++q) outs[q][dst] = o;
+          for (int q = 0; q < R; ++q) outs[q][dst] = o;
+        } else {
+          outs[R - 1][dst] = o;
+        }
       }
     }
   }
@@ -108,11 +115,11 @@ __global__ void ar_reduce_kernel(uint4* slots, uint4* const* outs_in, int rank, 
 
 template <int R>
 int launch(int unroll, dim3 grid, dim3 block, cudaStream_t stream, uint4* slots, uint4* const* outs, int rank,
-           int rows, int vecs, int* error) {
+           int rows, int vecs, int peers, int* error) {
   switch (unroll) {
-    case 1: ar_reduce_kernel<R, 1><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, error); break;
-    case 2: ar_reduce_kernel<R, 2><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, error); break;
-    case 4: ar_reduce_kernel<R, 4><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, error); break;
+    case 1: ar_reduce_kernel<R, 1><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, peers, error); break;
+    case 2: ar_reduce_kernel<R, 2><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, peers, error); break;
+    case 4: ar_reduce_kernel<R, 4><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, peers, error); break;
     default: return 1;
   }
   return 0;
@@ -122,15 +129,15 @@ int launch(int unroll, dim3 grid, dim3 block, cudaStream_t stream, uint4* slots,
 // n must be a multiple of 8 (16-byte vectors of bf16), world 2, 4 or 8, unroll 1, 2 or 4; 0 on a
 // clean launch, 1 on bad arguments, 5 on a launch error.
 extern "C" int cf_ar_reduce(void* slots, void* const* outs, int rank, int world, int rows, int n, int ctas,
-                            int threads, int unroll, int* error, void* stream) {
+                            int threads, int unroll, int peers, int* error, void* stream) {
   if (n % 8) return 1;
   auto* sl = static_cast<uint4*>(slots);
   auto* os = reinterpret_cast<uint4* const*>(outs);
   auto* st = static_cast<cudaStream_t>(stream);
   int bad = 1;
-  if (world == 2) bad = launch<2>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, error);
-  if (world == 4) bad = launch<4>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, error);
-  if (world == 8) bad = launch<8>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, error);
+  if (world == 2) bad = launch<2>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, peers, error);
+  if (world == 4) bad = launch<4>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, peers, error);
+  if (world == 8) bad = launch<8>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, peers, error);
   if (bad) return 1;
   return static_cast<int>(cudaGetLastError()) ? 5 : 0;
 }

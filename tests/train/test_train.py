@@ -193,12 +193,14 @@ def test_torchrun_runs_the_module(tmp_path):
 @pytest.mark.gpu
 def test_gpu_bf16_steps_run(tmp_path):
     """On GPUs (NCCL, bf16 autocast, fla/flash kernels): DDP, and FSDP2 with activation
-    checkpointing on LLLS; the loss is finite and falls (LR warm-up then 12 steps)."""
+    checkpointing on LLLS; the loss is finite and falls (LR warm-up then 12 steps). Batch 8
+    and three-step means: a batch of 2 left single-step losses ~0.5 apart, so "last < first"
+    failed on 4 H100s (session 15) though the run learned."""
     from commflow.dist import spawn
 
     n = min(4, torch.cuda.device_count())
     base = {**TINY, "device": "cuda", "dtype": "bfloat16", "sp": n, "dp": 1, "steps": 12, "warmup": 2,
-            "seq_len": 1024 * n, "batch": 2}
+            "seq_len": 1024 * n, "batch": 8}
     cases = [({**base, "pattern": "LS"}, str(tmp_path / "ddp")),
              ({**base, "pattern": "LLLS", "layers": 4, "dp_mode": "fsdp", "activation_checkpoint": True},
               str(tmp_path / "fsdp"))]
@@ -207,7 +209,7 @@ def test_gpu_bf16_steps_run(tmp_path):
     for run in runs:
         losses = [loss for loss, _ in run]
         assert len(losses) == 12 and all(map(math.isfinite, losses))
-        assert losses[-1] < losses[0]
+        assert sum(losses[-3:]) < sum(losses[:3]), losses
 
 
 def _late_kernel_loads(flat: dict, out: str) -> list[str]:
