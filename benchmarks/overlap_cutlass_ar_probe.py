@@ -3,7 +3,7 @@
 Not a registered benchmark; **written in session 14 without a GPU, not run yet**. Build the library
 (``CUTLASS_DIR=... bash benchmarks/cutlass/build.sh``), then ``python -m
 benchmarks.overlap_cutlass_ar_probe --nproc 4 [--rounds 20] [--chunks 8] [--ctas 16] [--threads 512]
-[--unroll 1] [--shapes NAME:M,...] [--out FILE]`` (``--shapes``: substrings of ``name:M``, default all; carry
+[--unroll 1] [--poll-ns 32] [--shapes NAME:M,...] [--out FILE]`` (``--shapes``: substrings of ``name:M``, default all; carry
 ``benchmarks/cutlass/libcf_gemm.so``).
 
 Why: docs/overlap.md "Decisions" bounds what a fused all-reduce could reach (1.11-1.39x on 4 ranks
@@ -94,7 +94,7 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
 
     def reduce(c: int, stream, grid: int = ctas, block: int = threads, step: int = unroll, peers: bool = True):
         rc = lib.cf_ar_reduce(slots.data_ptr(), out_ptrs[c].data_ptr(), rank, world, mr, n, grid, block, step,
-                              int(peers), error.data_ptr(), stream.cuda_stream)
+                              int(peers), cfg["poll_ns"], error.data_ptr(), stream.cuda_stream)
         if rc:
             raise RuntimeError(f"cf_ar_reduce returned {rc}")
 
@@ -149,7 +149,7 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
     diff, ms = checked_times(fns, ["fused_ar", "serial_ar", "library_ar"], sequential, rounds, dev, before_check=poison)
     torch.cuda.synchronize(dev)
     row = {"shape": name, "M": m, "K_per_rank": k, "N": n, "chunks": chunks, "reducer_ctas": ctas,
-           "reducer_threads": threads, "reducer_unroll": unroll, "rel_diff": diff, "reducer_error": int(error.item()),
+           "reducer_threads": threads, "reducer_unroll": unroll, "poll_ns": cfg["poll_ns"], "rel_diff": diff, "reducer_error": int(error.item()),
            **{f"{nm}_ms": t for nm, t in ms.items()}}
     for nm in ("fused_ar", "fused_ar_rfirst", "serial_ar", "serial_ar_view", "library_ar"):
         row[f"{nm}_speedup"] = row["sequential_ms"] / row[f"{nm}_ms"]
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
 
     return probe_main("overlap_cutlass_ar_probe", _worker, argv, __doc__, nproc=4,
                       options={"rounds": 20, "chunks": 8, "ctas": 16, "threads": 512, "unroll": 1, "serial_ctas": 0,
-                               "shapes": ""},
+                               "poll_ns": 32, "shapes": ""},
                       timeout_s=400, env=ENV)
 
 

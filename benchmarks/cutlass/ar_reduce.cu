@@ -12,14 +12,20 @@
 // caller's) says every rank's rows have reached every output.
 //
 // Not safe for inputs holding NaN (a partial could equal kEmpty): the spin gives up after
-// kMaxSpins polls of one vector, sets *error and returns, so a probe fails instead of hanging.
+// kTimeoutNs of waiting for one vector, sets *error and returns, so a probe fails instead of hanging.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
 namespace {
 constexpr uint32_t kEmpty = 0xFFFFu;
-constexpr long long kMaxSpins = 1LL << 22;  // ~8 s at the longest back-off
+constexpr unsigned long long kTimeoutNs = 8000000000ULL;
+
+__device__ __forceinline__ unsigned long long now_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
 
 __device__ __forceinline__ uint4 load_volatile(const uint4* p) {
   uint4 v;
@@ -56,7 +62,7 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi) {
 // stores over NVLink cost).
 template <int R, int U>
 __global__ void ar_reduce_kernel(uint4* slots, uint4* const* outs_in, int rank, int rows, int vecs, int peers,
-                                 int* error) {
+                                 unsigned poll_ns, int* error) {
   uint4* outs[R];
   for (int q = 0; q < R; ++q) outs[q] = outs_in[(rank + 1 + q) % R];  // the peers first, this rank last
   const size_t slot = static_cast<size_t>(rows) * vecs;
@@ -81,17 +87,22 @@ __global__ void ar_reduce_kernel(uint4* slots, uint4* const* outs_in, int rank, 
         for (int s = 0; s < R; ++s) {
           uint4* p = slots + s * slot + at;
           // Back off while waiting: the polls read L2, which the GEMM beside us needs.
-          unsigned sleep = 32;
-          long long spins = 0;
+          // poll_ns: the first back-off, doubled up to 8x (at least 2 us): a probe knob, since
+          // polls beside the GEMM may cost it more than late reduction does.
+          unsigned sleep = poll_ns;
+          const unsigned longest = max(2048u, 8u * poll_ns);
+          unsigned spins = 0;
+          unsigned long long since = 0;
           while (has_empty(x[u][s])) {
             // Give up on a timeout, or at once when another thread already has (else every waiting
             // vector would sit out its own timeout).
-            if (++spins > kMaxSpins || (!(spins & 255) && *static_cast<volatile int*>(error))) {
+            if (!spins++) since = now_ns();
+            if ((!(spins & 63) && (now_ns() - since > kTimeoutNs || *static_cast<volatile int*>(error)))) {
               atomicExch(error, 1);
               return;
             }
             __nanosleep(sleep);
-            sleep = sleep < 2048 ? 2 * sleep : sleep;
+            sleep = sleep < longest ? 2 * sleep : sleep;
             x[u][s] = load_volatile(p);
           }
           add(acc, x[u][s].x, 0);
@@ -115,11 +126,11 @@ __global__ void ar_reduce_kernel(uint4* slots, uint4* const* outs_in, int rank, 
 
 template <int R>
 int launch(int unroll, dim3 grid, dim3 block, cudaStream_t stream, uint4* slots, uint4* const* outs, int rank,
-           int rows, int vecs, int peers, int* error) {
+           int rows, int vecs, int peers, unsigned poll_ns, int* error) {
   switch (unroll) {
-    case 1: ar_reduce_kernel<R, 1><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, peers, error); break;
-    case 2: ar_reduce_kernel<R, 2><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, peers, error); break;
-    case 4: ar_reduce_kernel<R, 4><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, peers, error); break;
+    case 1: ar_reduce_kernel<R, 1><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, peers, poll_ns, error); break;
+    case 2: ar_reduce_kernel<R, 2><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, peers, poll_ns, error); break;
+    case 4: ar_reduce_kernel<R, 4><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, peers, poll_ns, error); break;
     default: return 1;
   }
   return 0;
@@ -129,15 +140,15 @@ int launch(int unroll, dim3 grid, dim3 block, cudaStream_t stream, uint4* slots,
 // n must be a multiple of 8 (16-byte vectors of bf16), world 2, 4 or 8, unroll 1, 2 or 4; 0 on a
 // clean launch, 1 on bad arguments, 5 on a launch error.
 extern "C" int cf_ar_reduce(void* slots, void* const* outs, int rank, int world, int rows, int n, int ctas,
-                            int threads, int unroll, int peers, int* error, void* stream) {
+                            int threads, int unroll, int peers, int poll_ns, int* error, void* stream) {
   if (n % 8) return 1;
   auto* sl = static_cast<uint4*>(slots);
   auto* os = reinterpret_cast<uint4* const*>(outs);
   auto* st = static_cast<cudaStream_t>(stream);
   int bad = 1;
-  if (world == 2) bad = launch<2>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, peers, error);
-  if (world == 4) bad = launch<4>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, peers, error);
-  if (world == 8) bad = launch<8>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, peers, error);
+  if (world == 2) bad = launch<2>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, peers, poll_ns, error);
+  if (world == 4) bad = launch<4>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, peers, poll_ns, error);
+  if (world == 8) bad = launch<8>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, peers, poll_ns, error);
   if (bad) return 1;
   return static_cast<int>(cudaGetLastError()) ? 5 : 0;
 }
