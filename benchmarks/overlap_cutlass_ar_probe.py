@@ -3,7 +3,7 @@
 Not a registered benchmark; **written in session 14 without a GPU, not run yet**. Build the library
 (``CUTLASS_DIR=... bash benchmarks/cutlass/build.sh``), then ``python -m
 benchmarks.overlap_cutlass_ar_probe --nproc 4 [--rounds 20] [--chunks 8] [--ctas 16] [--threads 512]
-[--unroll 1] [--poll-ns 32] [--shapes NAME:M,...] [--out FILE]`` (``--shapes``: substrings of ``name:M``, default all; carry
+[--unroll 1] [--poll-ns 32] [--hold-s 0] [--shapes NAME:M,...] [--out FILE]`` (``--shapes``: substrings of ``name:M``, default all; carry
 ``benchmarks/cutlass/libcf_gemm.so``).
 
 Why: docs/overlap.md "Decisions" bounds what a fused all-reduce could reach (1.11-1.39x on 4 ranks
@@ -154,7 +154,58 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
     for nm in ("fused_ar", "fused_ar_rfirst", "serial_ar", "serial_ar_view", "library_ar"):
         row[f"{nm}_speedup"] = row["sequential_ms"] / row[f"{nm}_ms"]
     row["gemm_cost_of_reducer_sms"] = row["cutlass_less_ms"] / row["cutlass_full_ms"]
+    if cfg["hold_s"] > 0:
+        fns["gemm_remote"] = lambda: gemm_less(d_remote)
+        ms["gemm_remote"] = ms["cutlass_less"]
+        row["held"] = _held(fns, ms, cfg["hold_s"], dev, rearm=lambda: slots.view(torch.int16).fill_(-1))
     return row
+
+
+HELD = ["gemm_remote", "fused_local", "serial_local_view", "fused_ar", "serial_ar_view"]
+
+
+def _held(fns: dict, ms: dict, seconds: float, dev, rearm) -> dict:
+    """Each of HELD back to back for ~``seconds`` (a call count from its median, the same on every
+    rank: the fused forms hold barriers) while rank 0 samples every GPU's SM clock and power
+    (``overlap_power_probe.ClockSampler``): ms per call (slowest rank) and the clocks. Tells
+    whether the fused form loses to the serial one by clock (power) or beside it at the same
+    clock (memory side). ``gemm_remote`` (the chunked GEMM storing into the owners, no reducer)
+    leaves the slots full, so they are re-armed after it."""
+    import time
+
+    import torch.distributed as dist
+
+    from benchmarks.overlap_power_probe import ClockSampler
+    from benchmarks.timing import max_over_ranks
+
+    sampler = ClockSampler() if dist.get_rank() == 0 else None
+    out = {}
+    try:
+        for name in HELD:
+            calls = max(10, int(seconds * 1e3 / ms[name]))
+            torch.cuda.synchronize(dev)
+            dist.barrier()
+            t0 = time.time()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for i in range(calls):
+                fns[name]()
+                if i % 16 == 15:  # keep the host near the GPU, so the sampled window is the loop's
+                    torch.cuda.current_stream().synchronize()
+            end.record()
+            torch.cuda.synchronize(dev)
+            t1 = time.time()
+            out[name] = {"calls": calls, "ms": max_over_ranks(start.elapsed_time(end) / calls),
+                         "gpus": sampler.window(t0, t1) if sampler else None}
+            if name == "gemm_remote":
+                dist.barrier()
+                rearm()
+                torch.cuda.synchronize(dev)
+                dist.barrier()
+    finally:
+        if sampler:
+            sampler.stop()
+    return out
 
 
 def _worker(cfg: dict) -> dict:
@@ -175,7 +226,7 @@ def main(argv=None) -> int:
 
     return probe_main("overlap_cutlass_ar_probe", _worker, argv, __doc__, nproc=4,
                       options={"rounds": 20, "chunks": 8, "ctas": 16, "threads": 512, "unroll": 1, "serial_ctas": 0,
-                               "poll_ns": 32, "shapes": ""},
+                               "poll_ns": 32, "hold_s": 0.0, "shapes": ""},
                       timeout_s=400, env=ENV)
 
 

@@ -46,7 +46,7 @@ COPY_MB = 64
 QUERY = "index,clocks.sm,power.draw,clocks_event_reasons.active"
 
 
-class _Sampler:
+class ClockSampler:
     """``nvidia-smi`` every 50 ms in the background: (host time, gpu, SM MHz, W, reasons)."""
 
     def __init__(self):
@@ -137,7 +137,7 @@ def _worker(cfg: dict) -> dict:
         return max_over_ranks(e0.elapsed_time(e1) / 5)
 
     unit = {name: one_ms(fn) for name, fn in {**kernels, **transfers}.items()}
-    sampler = _Sampler() if rank == 0 else None
+    sampler = ClockSampler() if rank == 0 else None
     phases = ["idle", "gemm", "attn", "ce", "nccl", "gemm+ce", "gemm+nccl", "attn+ce", "attn+nccl"]
     rows = []
     for phase in phases:
