@@ -24,8 +24,8 @@ def load(path: Path = LIB) -> ctypes.CDLL:
     lib.cf_gemm_bf16_array_sms.argtypes = [p, p, p, i, i, i, i, i, p, p]  # a[], b[], d[], m, n, k, L, SMs, ws, stream
     lib.cf_gemm_bf16_array_workspace_sms.argtypes = [i] * 5
     lib.cf_gemm_bf16_array_workspace_sms.restype = ctypes.c_longlong
-    lib.cf_ar_reduce.argtypes = [p, p, i, i, i, i, i, i, i, i, i, p, p]  # slots, outs[], rank, R, rows, n,
-    # ctas, threads, unroll, peers, poll_ns, err, stream
+    lib.cf_ar_reduce.argtypes = [p, p, i, i, i, i, i, i, i, i, i, p, p, p]  # slots, outs[], rank, R, rows,
+    # n, ctas, threads, unroll, peers, poll_ns, err, stamps (None: off), stream
     return lib
 
 

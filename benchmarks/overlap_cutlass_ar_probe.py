@@ -3,7 +3,7 @@
 Not a registered benchmark; **written in session 14 without a GPU, not run yet**. Build the library
 (``CUTLASS_DIR=... bash benchmarks/cutlass/build.sh``), then ``python -m
 benchmarks.overlap_cutlass_ar_probe --nproc 4 [--rounds 20] [--chunks 8] [--ctas 16] [--threads 512]
-[--unroll 1] [--poll-ns 32] [--hold-s 0] [--shapes NAME:M,...] [--out FILE]`` (``--shapes``: substrings of ``name:M``, default all; carry
+[--unroll 1] [--poll-ns 32] [--hold-s 0] [--timeline 0] [--shapes NAME:M,...] [--out FILE]`` (``--shapes``: substrings of ``name:M``, default all; carry
 ``benchmarks/cutlass/libcf_gemm.so``).
 
 Why: docs/overlap.md "Decisions" bounds what a fused all-reduce could reach (1.11-1.39x on 4 ranks
@@ -26,7 +26,8 @@ Variants, timed in alternation (``commflow.overlap.autotune.sample_ms``, medians
 ``cublas`` (``torch.mm`` of the whole ``x [M, K/R] @ w``), ``cutlass_full`` / ``cutlass_less`` (the
 chunked ptr-array GEMM storing locally on all SMs / on ``SMs - ctas``: what the reducer's SMs cost),
 ``fused_ar`` (the above, the GEMM launched first, result copied into new memory),
-``fused_ar_rfirst`` (the reducer launched first), ``serial_ar`` / ``serial_ar_view`` (not fused:
+``fused_ar_split`` (the GEMM as one launch per chunk), ``fused_ar_rfirst`` (the reducer launched
+first), ``serial_ar`` / ``serial_ar_view`` (not fused:
 one problem per destination block on all SMs, a barrier, then the reducer on one CTA per SM
 (``--serial-ctas``), with / without the copy out), ``fused_local`` / ``serial_local_view`` (the same with the reducer
 storing into this rank's output only: not an all-reduce, the control for what its NVLink stores
@@ -76,6 +77,12 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
     b_ptrs = pointers([w.data_ptr()] * len(order), dev)
     gemm_all, gemm_less = (ArrayGemm(lib, a_ptrs, b_ptrs, cr, n, k, s) for s in (0, sms - ctas))
     d_remote = pointers([base[d] + (rank * mr + c * cr) * n * 2 for c, d in order], dev)
+    # The same problems as one launch per chunk (chunk c's R problems), so each chunk is complete,
+    # and flushed by its kernel's end, before the next one starts.
+    per = [order[c * world:(c + 1) * world] for c in range(chunks)]
+    gemm_split = [ArrayGemm(lib, pointers([x.data_ptr() + (d * mr + c * cr) * k * 2 for c, d in o], dev),
+                            pointers([w.data_ptr()] * world, dev), cr, n, k, sms - ctas) for o in per]
+    d_split = [pointers([base[d] + (rank * mr + c * cr) * n * 2 for c, d in o], dev) for o in per]
     # The serial form: one problem per destination block, on all SMs.
     order1 = [(rank + 1 + j) % world for j in range(world)]
     gemm1 = ArrayGemm(lib, pointers([x.data_ptr() + d * mr * k * 2 for d in order1], dev),
@@ -92,13 +99,22 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
     dist.barrier()
     calls = [0]
 
-    def reduce(c: int, stream, grid: int = ctas, block: int = threads, step: int = unroll, peers: bool = True):
+    def reduce(c: int, stream, grid: int = ctas, block: int = threads, step: int = unroll, peers: bool = True,
+               stamps: torch.Tensor | None = None):
         rc = lib.cf_ar_reduce(slots.data_ptr(), out_ptrs[c].data_ptr(), rank, world, mr, n, grid, block, step,
-                              int(peers), cfg["poll_ns"], error.data_ptr(), stream.cuda_stream)
+                              int(peers), cfg["poll_ns"], error.data_ptr(),
+                              None if stamps is None else stamps.data_ptr(), stream.cuda_stream)
         if rc:
             raise RuntimeError(f"cf_ar_reduce returned {rc}")
 
-    def fused(gemm_first: bool, peers: bool = True) -> torch.Tensor:
+    def gemm_chunks(split: bool) -> None:
+        if split:
+            for gemm, d in zip(gemm_split, d_split):
+                gemm(d)
+        else:
+            gemm_less(d_remote)
+
+    def fused(gemm_first: bool, peers: bool = True, split: bool = False, stamps=None) -> torch.Tensor:
         c = calls[0] % 2
         calls[0] += 1
         main = torch.cuda.current_stream()
@@ -107,11 +123,11 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
         # SMs left; launched second, it may find the reducer's CTAs spread so that fewer pairs
         # are free than it has clusters, and its last clusters wait for a second wave.
         if gemm_first:
-            gemm_less(d_remote)
+            gemm_chunks(split)
         with torch.cuda.stream(side):
-            reduce(c, side, peers=peers)
+            reduce(c, side, peers=peers, stamps=stamps)
         if not gemm_first:
-            gemm_less(d_remote)
+            gemm_chunks(split)
         with torch.cuda.stream(side):
             ws.barrier()  # every rank's reducer is done: all rows in all outputs, all slots re-armed
         main.wait_stream(side)
@@ -137,6 +153,7 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
 
     fns = {"cublas": lambda: torch.mm(x, w), "cutlass_full": lambda: gemm_all(d_local),
            "cutlass_less": lambda: gemm_less(d_local), "fused_ar": lambda: fused(True),
+           "fused_ar_split": lambda: fused(True, split=True),
            "fused_ar_rfirst": lambda: fused(False), "serial_ar": lambda: serial(True),
            "serial_ar_view": lambda: serial(False), "fused_local": lambda: fused(True, False),
            "serial_local_view": lambda: serial(False, False), "library_ar": symm_call("ar", x, w, (m, n, k)),
@@ -151,9 +168,22 @@ def _row(lib, g, ws, name: str, k_full: int, n: int, m: int, rounds: int, cfg: d
     row = {"shape": name, "M": m, "K_per_rank": k, "N": n, "chunks": chunks, "reducer_ctas": ctas,
            "reducer_threads": threads, "reducer_unroll": unroll, "poll_ns": cfg["poll_ns"], "rel_diff": diff, "reducer_error": int(error.item()),
            **{f"{nm}_ms": t for nm, t in ms.items()}}
-    for nm in ("fused_ar", "fused_ar_rfirst", "serial_ar", "serial_ar_view", "library_ar"):
+    for nm in ("fused_ar", "fused_ar_split", "fused_ar_rfirst", "serial_ar", "serial_ar_view", "library_ar"):
         row[f"{nm}_speedup"] = row["sequential_ms"] / row[f"{nm}_ms"]
     row["gemm_cost_of_reducer_sms"] = row["cutlass_less_ms"] / row["cutlass_full_ms"]
+    if cfg["timeline"]:
+        row["timeline_us"] = {}
+        for form, split in (("fused_ar", False), ("fused_ar_split", True)):
+            stamps = torch.zeros(1 + 2 * mr, dtype=torch.int64, device=dev)
+            stamps[0] = -1  # all ones: the atomicMin's start
+            torch.cuda.synchronize(dev)
+            dist.barrier()
+            fused(True, split=split, stamps=stamps)
+            torch.cuda.synchronize(dev)
+            t = ((stamps[1:] - stamps[0]).double() / 1e3).view(2, chunks, cr)  # us after the reducer's start
+            # Per chunk: first and last row complete, last row's stores issued.
+            row["timeline_us"][form] = [[round(t[0, c].min().item(), 1), round(t[0, c].max().item(), 1),
+                                         round(t[1, c].max().item(), 1)] for c in range(chunks)]
     if cfg["hold_s"] > 0:
         fns["gemm_remote"] = lambda: gemm_less(d_remote)
         ms["gemm_remote"] = ms["cutlass_less"]
@@ -226,7 +256,8 @@ def main(argv=None) -> int:
 
     return probe_main("overlap_cutlass_ar_probe", _worker, argv, __doc__, nproc=4,
                       options={"rounds": 20, "chunks": 8, "ctas": 16, "threads": 512, "unroll": 1, "serial_ctas": 0,
-                               "poll_ns": 32, "hold_s": 0.0, "shapes": ""},
+                               "poll_ns": 32, "hold_s": 0.0, "timeline": 0,
+                               "shapes": ""},
                       timeout_s=400, env=ENV)
 
 

@@ -7,8 +7,8 @@
 // own arrival signal: a reducer thread reads a 16-byte vector of each slot until none of its eight
 // halves is kEmpty (a half, once written, holds its final value), sums the R partials in fp32 in
 // rank order, rounds once, stores the reduced vector into every rank's output (NVLink stores to
-// the peers), and writes kEmpty back into the slots for the next call. Rows are taken in order,
-// row r by CTA r % gridDim.x, the order in which the chunks land. A barrier after the kernel (the
+// the peers), and writes kEmpty back into the slots for the next call. Rows are taken in order
+// (see the kernel), the order in which the chunks land. A barrier after the kernel (the
 // caller's) says every rank's rows have reached every output.
 //
 // Not safe for inputs holding NaN (a partial could equal kEmpty): the spin gives up after
@@ -55,70 +55,79 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi) {
 }
 
 // slots: this rank's R slots [R][rows][vecs] (16-byte vectors); outs: R pointers, rank p's output
-// [R * rows][vecs]; this rank's rows start at row rank * rows of every output. Each thread takes U
-// vectors of a row per step (threadIdx.x + u * blockDim.x), their R * U loads in flight at once:
-// the kernel runs on few SMs, so its speed is its memory-level parallelism.
+// [R * rows][vecs]; this rank's rows start at row rank * rows of every output. The slot is walked
+// flat, in tiles of blockDim.x * U vectors (tile t by CTA t % gridDim.x, so in row order: the order
+// the chunks land in), each thread taking U vectors of its tile (threadIdx.x + u * blockDim.x),
+// their R * U loads in flight at once: the kernel runs on few SMs, so its speed is its
+// memory-level parallelism, and a tile spans rows when a row is shorter than it.
 // peers = 0 stores only into this rank's output (not an all-reduce: a probe's control for what the
-// stores over NVLink cost).
+// stores over NVLink cost). stamps (nullptr: off) records a timeline on the GPU clock, in ns:
+// stamps[0] the earliest CTA start (atomicMin; the caller sets it to ~0 first), stamps[1 + row]
+// when the row's last vector was seen complete, stamps[1 + rows + row] when its last store was
+// issued (atomicMax; the caller zeroes them).
 template <int R, int U>
 __global__ void ar_reduce_kernel(uint4* slots, uint4* const* outs_in, int rank, int rows, int vecs, int peers,
-                                 unsigned poll_ns, int* error) {
+                                 unsigned poll_ns, int* error, unsigned long long* stamps) {
+  if (stamps && threadIdx.x == 0) atomicMin(stamps, now_ns());
   uint4* outs[R];
   for (int q = 0; q < R; ++q) outs[q] = outs_in[(rank + 1 + q) % R];  // the peers first, this rank last
   const size_t slot = static_cast<size_t>(rows) * vecs;
-  const int step = blockDim.x * U;
-  for (int row = blockIdx.x; row < rows; row += gridDim.x) {
-    for (int v0 = threadIdx.x; v0 < vecs; v0 += step) {
-      uint4 x[U][R];
+  const size_t tile = static_cast<size_t>(blockDim.x) * U;
+  for (size_t base = blockIdx.x * tile; base < slot; base += gridDim.x * tile) {
+    uint4 x[U][R];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int v = v0 + u * blockDim.x;
+    for (int u = 0; u < U; ++u) {
+      const size_t at = base + threadIdx.x + u * blockDim.x;
 #pragma unroll
-        for (int s = 0; s < R; ++s)
-          if (v < vecs) x[u][s] = load_volatile(slots + s * slot + static_cast<size_t>(row) * vecs + v);
-      }
+      for (int s = 0; s < R; ++s)
+        if (at < slot) x[u][s] = load_volatile(slots + s * slot + at);
+    }
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int v = v0 + u * blockDim.x;
-        if (v >= vecs) break;
-        const size_t at = static_cast<size_t>(row) * vecs + v;
-        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int u = 0; u < U; ++u) {
+      const size_t at = base + threadIdx.x + u * blockDim.x;
+      if (at >= slot) break;
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int s = 0; s < R; ++s) {
-          uint4* p = slots + s * slot + at;
-          // Back off while waiting: the polls read L2, which the GEMM beside us needs.
-          // poll_ns: the first back-off, doubled up to 8x (at least 2 us): a probe knob, since
-          // polls beside the GEMM may cost it more than late reduction does.
-          unsigned sleep = poll_ns;
-          const unsigned longest = max(2048u, 8u * poll_ns);
-          unsigned spins = 0;
-          unsigned long long since = 0;
-          while (has_empty(x[u][s])) {
-            // Give up on a timeout, or at once when another thread already has (else every waiting
-            // vector would sit out its own timeout).
-            if (!spins++) since = now_ns();
-            if ((!(spins & 63) && (now_ns() - since > kTimeoutNs || *static_cast<volatile int*>(error)))) {
-              atomicExch(error, 1);
-              return;
-            }
-            __nanosleep(sleep);
-            sleep = sleep < longest ? 2 * sleep : sleep;
-            x[u][s] = load_volatile(p);
+      for (int s = 0; s < R; ++s) {
+        uint4* p = slots + s * slot + at;
+        // Back off while waiting: the polls read L2, which the GEMM beside us needs.
+        // poll_ns: the first back-off, doubled up to 8x (at least 2 us): a probe knob, since
+        // polls beside the GEMM may cost it more than late reduction does.
+        unsigned sleep = poll_ns;
+        const unsigned longest = max(2048u, 8u * poll_ns);
+        unsigned spins = 0;
+        unsigned long long since = 0;
+        while (has_empty(x[u][s])) {
+          // Give up on a timeout, or at once when another thread already has (else every waiting
+          // vector would sit out its own timeout).
+          if (!spins++) since = now_ns();
+          if ((!(spins & 63) && (now_ns() - since > kTimeoutNs || *static_cast<volatile int*>(error)))) {
+            atomicExch(error, 1);
+            return;
           }
-          add(acc, x[u][s].x, 0);
-          add(acc, x[u][s].y, 1);
-          add(acc, x[u][s].z, 2);
-          add(acc, x[u][s].w, 3);
-          *p = make_uint4(0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu);  // re-armed for the next call
+          __nanosleep(sleep);
+          sleep = sleep < longest ? 2 * sleep : sleep;
+          x[u][s] = load_volatile(p);
         }
-        const uint4 o = make_uint4(pack(acc[0], acc[1]), pack(acc[2], acc[3]), pack(acc[4], acc[5]), pack(acc[6], acc[7]));
-        const size_t dst = (static_cast<size_t>(rank) * rows + row) * vecs + v;
-        if (peers) {
+        add(acc, x[u][s].x, 0);
+        add(acc, x[u][s].y, 1);
+        add(acc, x[u][s].z, 2);
+        add(acc, x[u][s].w, 3);
+        *p = make_uint4(0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu);  // re-armed for the next call
+      }
+      const unsigned long long seen = stamps ? now_ns() : 0;
+      const uint4 o = make_uint4(pack(acc[0], acc[1]), pack(acc[2], acc[3]), pack(acc[4], acc[5]), pack(acc[6], acc[7]));
+      const size_t dst = static_cast<size_t>(rank) * slot + at;
+      if (peers) {
 #pragma unroll
-          for (int q = 0; q < R; ++q) outs[q][dst] = o;
-        } else {
-          outs[R - 1][dst] = o;
-        }
+        for (int q = 0; q < R; ++q) outs[q][dst] = o;
+      } else {
+        outs[R - 1][dst] = o;
+      }
+      if (stamps) {
+        const size_t row = at / vecs;
+        atomicMax(stamps + 1 + row, seen);
+        atomicMax(stamps + 1 + rows + row, now_ns());
       }
     }
   }
@@ -126,11 +135,11 @@ __global__ void ar_reduce_kernel(uint4* slots, uint4* const* outs_in, int rank, 
 
 template <int R>
 int launch(int unroll, dim3 grid, dim3 block, cudaStream_t stream, uint4* slots, uint4* const* outs, int rank,
-           int rows, int vecs, int peers, unsigned poll_ns, int* error) {
+           int rows, int vecs, int peers, unsigned poll_ns, int* error, unsigned long long* stamps) {
   switch (unroll) {
-    case 1: ar_reduce_kernel<R, 1><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, peers, poll_ns, error); break;
-    case 2: ar_reduce_kernel<R, 2><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, peers, poll_ns, error); break;
-    case 4: ar_reduce_kernel<R, 4><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, peers, poll_ns, error); break;
+    case 1: ar_reduce_kernel<R, 1><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, peers, poll_ns, error, stamps); break;
+    case 2: ar_reduce_kernel<R, 2><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, peers, poll_ns, error, stamps); break;
+    case 4: ar_reduce_kernel<R, 4><<<grid, block, 0, stream>>>(slots, outs, rank, rows, vecs, peers, poll_ns, error, stamps); break;
     default: return 1;
   }
   return 0;
@@ -140,15 +149,16 @@ int launch(int unroll, dim3 grid, dim3 block, cudaStream_t stream, uint4* slots,
 // n must be a multiple of 8 (16-byte vectors of bf16), world 2, 4 or 8, unroll 1, 2 or 4; 0 on a
 // clean launch, 1 on bad arguments, 5 on a launch error.
 extern "C" int cf_ar_reduce(void* slots, void* const* outs, int rank, int world, int rows, int n, int ctas,
-                            int threads, int unroll, int peers, int poll_ns, int* error, void* stream) {
+                            int threads, int unroll, int peers, int poll_ns, int* error,
+                            unsigned long long* stamps, void* stream) {
   if (n % 8) return 1;
   auto* sl = static_cast<uint4*>(slots);
   auto* os = reinterpret_cast<uint4* const*>(outs);
   auto* st = static_cast<cudaStream_t>(stream);
   int bad = 1;
-  if (world == 2) bad = launch<2>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, peers, poll_ns, error);
-  if (world == 4) bad = launch<4>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, peers, poll_ns, error);
-  if (world == 8) bad = launch<8>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, peers, poll_ns, error);
+  if (world == 2) bad = launch<2>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, peers, poll_ns, error, stamps);
+  if (world == 4) bad = launch<4>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, peers, poll_ns, error, stamps);
+  if (world == 8) bad = launch<8>(unroll, ctas, threads, st, sl, os, rank, rows, n / 8, peers, poll_ns, error, stamps);
   if (bad) return 1;
   return static_cast<int>(cudaGetLastError()) ? 5 : 0;
 }
