@@ -1,14 +1,14 @@
 """Probe: GEMM + all-reduce fused at row-chunk granularity (CUTLASS stores, a reducer beside it).
 
-Not a registered benchmark; **written in session 14 without a GPU, not run yet**. Build the library
-(``CUTLASS_DIR=... bash benchmarks/cutlass/build.sh``), then ``python -m
-benchmarks.overlap_cutlass_ar_probe --nproc 4 [--rounds 20] [--chunks 8] [--ctas 16] [--threads 512]
-[--unroll 1] [--poll-ns 32] [--hold-s 0] [--timeline 0] [--shapes NAME:M,...] [--out FILE]`` (``--shapes``: substrings of ``name:M``, default all; carry
-``benchmarks/cutlass/libcf_gemm.so``).
+Not a registered benchmark. Build the library (``CUTLASS_DIR=... bash benchmarks/cutlass/build.sh``),
+carry ``benchmarks/cutlass/libcf_gemm.so``, then ``python -m benchmarks.overlap_cutlass_ar_probe
+--nproc 4 [--rounds 20] [--chunks 8] [--ctas 16] [--threads 512] [--unroll 1] [--poll-ns 32]
+[--serial-ctas 0] [--hold-s 0] [--timeline 0] [--shapes NAME:M,...] [--out FILE]``
+(``--shapes``: substrings of ``name:M``, default all).
 
-Why: docs/overlap.md "Decisions" bounds what a fused all-reduce could reach (1.11-1.39x on 4 ranks
-against the 1.25x goal) by two unknowns, what the transfers cost the GEMM beside them and the tail
-after it. This measures both with the least new code. Per call, on every rank:
+Why: docs/overlap.md "Decisions" bounded what a fused all-reduce could reach by two unknowns,
+what the transfers cost the GEMM beside them and the tail after it; this measures them with the
+least new code. Per call, on every rank:
 
 * ``gemm_sm90_array.cu``, one persistent launch of ``R * chunks`` problems ordered chunk-major
   (every destination's chunk 0, then chunk 1, ...; this rank's own rows last within a chunk), each
@@ -16,25 +16,34 @@ after it. This measures both with the least new code. Per call, on every rank:
   symmetric buffer, on ``SMs - ctas`` SMs;
 * beside it, on a side stream, ``ar_reduce.cu`` on ``ctas`` CTAs of ``threads`` threads: the
   slots start filled with a NaN pattern no GEMM of finite inputs writes, so it sums each row as
-  soon as all R partials of the row are in (fp32, rank order, one rounding), stores the reduced row into every rank's output buffer
-  over NVLink and re-arms the slots;
+  soon as all R partials of the row are in (fp32, rank order, one rounding), stores the reduced
+  row into every rank's output buffer over NVLink and re-arms the slots;
 * a symmetric-memory barrier after the reducer (every rank's rows are in every output), then the
   caller's stream waits for it; the output buffers alternate between two copies, so a rank still
   copying out one call's result is not overwritten by a faster peer's next call.
 
 Variants, timed in alternation (``commflow.overlap.autotune.sample_ms``, medians, slowest rank):
-``cublas`` (``torch.mm`` of the whole ``x [M, K/R] @ w``), ``cutlass_full`` / ``cutlass_less`` (the
-chunked ptr-array GEMM storing locally on all SMs / on ``SMs - ctas``: what the reducer's SMs cost),
-``fused_ar`` (the above, the GEMM launched first, result copied into new memory),
-``fused_ar_split`` (the GEMM as one launch per chunk), ``fused_ar_rfirst`` (the reducer launched
-first), ``serial_ar`` / ``serial_ar_view`` (not fused:
-one problem per destination block on all SMs, a barrier, then the reducer on one CTA per SM
-(``--serial-ctas``), with / without the copy out), ``fused_local`` / ``serial_local_view`` (the same with the reducer
-storing into this rank's output only: not an all-reduce, the control for what its NVLink stores
-cost), ``library_ar`` (the library's copy-engine all-reduce, forced to overlap, its plan's groups,
-replayed as a CUDA graph) and ``sequential`` (``torch.mm`` + NCCL's all-reduce). ``fused_ar`` and ``serial_ar`` are
-checked against ``sequential`` with the outputs filled with NaN first; the reducer's error flag
-(a vector that never arrived within its spin limit) is read after every shape.
+``cublas`` (``torch.mm`` of the whole ``x [M, K/R] @ w``); ``cutlass_full`` / ``cutlass_less`` (the
+chunked ptr-array GEMM storing locally on all SMs / on ``SMs - ctas``: what the reducer's SMs
+cost); ``fused_ar`` (the above, the GEMM launched first, result copied into new memory);
+``fused_ar_split`` (the GEMM as one launch per chunk); ``fused_ar_rfirst`` (the reducer launched
+first); ``serial_ar`` / ``serial_ar_view`` (not fused: one problem per destination block on all
+SMs, a barrier, then the reducer on one CTA per SM, ``--serial-ctas``, with / without the copy
+out); ``fused_local`` / ``serial_local_view`` (the reducer storing into this rank's output only:
+not an all-reduce, the control for what its NVLink stores cost); ``library_ar`` (the library's
+copy-engine all-reduce, forced to overlap, its plan's groups, replayed as a CUDA graph) and
+``sequential`` (``torch.mm`` + NCCL's all-reduce). ``fused_ar``, ``serial_ar`` and ``library_ar``
+are checked against ``sequential`` with the outputs filled with NaN first; the reducer's error
+flag (a vector that never arrived within 8 s) is read after every shape. ``--timeline 1`` adds
+the reducer's per-chunk timeline on the GPU clock (first and last row complete, last store
+issued, us after its start) for both fused forms; ``--hold-s S`` runs five forms back to back
+for ~S s each while rank 0 samples every GPU's SM clock and power.
+
+Found (session 15, 4x H100, ``overlap_cutlass_ar_probe_4xH100_20261127-s15-*.json``; the table is
+in docs/overlap.md): correct everywhere, but the fused form (0.98x geomean of sequential on the
+six shapes) is slower than its two kernels run one after the other (1.08x with the copy out,
+1.19x without; the library's all-reduce 1.01x in the same run): beside the GEMM the reducer moves
+data at about a quarter of its own rate, while the cards stay at full clock below the power cap.
 """
 
 from __future__ import annotations
