@@ -43,7 +43,7 @@ Found (session 15, 4x H100, ``overlap_cutlass_ar_probe_4xH100_20261127-s15-*.jso
 in docs/overlap.md): correct everywhere, but the fused form (0.98x geomean of sequential on the
 six shapes) is slower than its two kernels run one after the other (1.08x with the copy out,
 1.19x without; the library's all-reduce 1.01x in the same run): beside the GEMM the reducer moves
-data at about a quarter of its own rate, while the cards stay at full clock below the power cap.
+data at about a quarter of its own rate, while the cards run at full clock (they wait).
 """
 
 from __future__ import annotations
